@@ -1,0 +1,72 @@
+"""Training throughput of the engine settings the tiny suite could use, measured side by side.
+
+Trains the tiny-suite teacher (GPT-2 family, ~0.94M parameters) for the same number of optimizer
+steps under each setting, in one process, and prints tokens/s and the ratio to plain accelerate in
+fp32. Writes the numbers as JSON. Run from the repository root:
+
+    python benchmarks/engine_throughput.py --steps 60 --out benchmarks/engine_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kdbench.config import TrainingConfig
+from kdbench.data import TEMPLATE_PIECES, format_prompt, tokenize_records
+from kdbench.engine import train
+from kdbench.tinysuite import TinySuiteOptions, generate
+from kdbench.zoo import build_tiny_model, load_model, load_tokenizer, train_tokenizer
+from kdbench_plugins.families import GPT2, TINY_TEACHER
+from kdbench_plugins.sft import SFT
+
+SETTINGS = {
+    "accelerate-fp32": {"engine": "accelerate", "precision": "fp32"},
+    "accelerate-bf16": {"engine": "accelerate", "precision": "bf16"},
+    "deepspeed-zero1-fp32": {"engine": "deepspeed", "zero_stage": 1, "precision": "fp32"},
+    "deepspeed-zero3-fp32": {"engine": "deepspeed", "zero_stage": 3, "precision": "fp32"},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/engine_throughput.json"))
+    args = parser.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    splits = generate(TinySuiteOptions())
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        train_tokenizer((format_prompt(r) + r["response"] for r in splits["train"]), 1024, root / "tok", TEMPLATE_PIECES)
+        tokenizer = load_tokenizer(str(root / "tok"))
+        build_tiny_model(GPT2, TINY_TEACHER, tokenizer, 64, 0, root / "teacher")
+        examples = tokenize_records(splits["train"], tokenizer, 64, 48)
+        measured: dict[str, dict[str, float]] = {}
+        for label, overrides in SETTINGS.items():
+            config = TrainingConfig(lr=3e-3, batch_size=args.batch_size, max_steps=args.steps, warmup_steps=10, **overrides)
+            _, stats, _ = train(load_model(str(root / "teacher")), SFT, SFT.make_params({}), examples, config, seed=0,
+                                pad_id=tokenizer.pad_token_id)
+            measured[label] = {"tokens_per_second": stats.tokens / stats.seconds, "seconds": stats.seconds,
+                               "final_loss": stats.log[-1]["loss"]}
+    baseline = measured["accelerate-fp32"]["tokens_per_second"]
+    print(f"{'setting':<24}{'tokens/s':>12}{'ratio':>8}{'final loss':>12}")
+    for label, row in measured.items():
+        row["ratio_to_accelerate_fp32"] = row["tokens_per_second"] / baseline
+        print(f"{label:<24}{row['tokens_per_second']:>12.0f}{row['ratio_to_accelerate_fp32']:>8.2f}{row['final_loss']:>12.3f}")
+    payload = {"steps": args.steps, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+               "machine": platform.platform(), "torch": torch.__version__, "results": measured}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The ``kdbench`` command: thin wrappers over library functions.
+
+A mistake the user can fix (``KdbenchError``) prints one paragraph and exits with code 2, never a
+traceback; results already written stay where they are.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdbench.errors import KdbenchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark knowledge-distillation objectives for causal language models under one protocol.")
+stdout = Console()
+stderr = Console(stderr=True)
+
+PluginsDir = Annotated[Optional[Path], typer.Option("--plugins-dir", help="Folder of extra .py plugin files.")]
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+def run(
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated objectives, e.g. sft,kd (default: the experiment's).")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated model families, e.g. gpt2,opt (default: the experiment's).")] = None,
+    experiment: Annotated[Optional[Path], typer.Option("--experiment", "-e", help="Experiment YAML (default: embedded experiments/tiny.yaml).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Results folder (default: results/<experiment name>).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(min=1, help="Number of training seeds per cell (0..N-1; default: the experiment's).")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="Override training.engine: deepspeed or accelerate.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Stage cache (default: $KDBENCH_CACHE_DIR or ~/.cache/kdbench).")] = None,
+    plugins_dir: PluginsDir = None,
+) -> None:
+    """Train and evaluate every (family, student, method, seed) cell, then print the leaderboard."""
+    from kdbench.cache import default_cache_dir
+    from kdbench.config import load_experiment
+    from kdbench.registry import load_registries
+    from kdbench.report import build_leaderboard, load_results, render, rich_table
+    from kdbench.results import atomic_write_json, atomic_write_text
+    from kdbench.runner import Runner, resolve_selection
+
+    config = load_experiment(experiment)
+    if engine is not None:
+        if engine not in ("deepspeed", "accelerate"):
+            raise KdbenchError(f"--engine {engine!r} is not an engine; expected deepspeed or accelerate.")
+        config = config.model_copy(update={
+            "training": config.training.model_copy(update={"engine": engine}),
+            "teacher": config.teacher.model_copy(update={"training": config.teacher_training.model_copy(update={"engine": engine})}),
+        })
+    registries = load_registries(plugins_dir)
+    selection = resolve_selection(config, registries, _split(methods), _split(models), seeds)
+    out_dir = out or Path("results") / config.name
+    Runner(config, registries, out_dir, cache_dir or default_cache_dir()).run(selection)
+    rows = build_leaderboard(load_results(out_dir))
+    atomic_write_json(out_dir / "experiment.json", config.model_dump())
+    for fmt in ("md", "json"):
+        atomic_write_text(out_dir / f"leaderboard.{fmt}", render(rows, fmt) + "\n")
+    stdout.print(rich_table(rows, title=f"kdbench leaderboard: {config.name}"))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A results folder written by `kdbench run`.")] = Path("results/tiny"),
+    format: Annotated[str, typer.Option("--format", "-f", help="table, md, csv or json.")] = "table",
+) -> None:
+    """Leaderboard of a results folder: mean ± std over seeds for every (family, student, method)."""
+    from kdbench.report import build_leaderboard, load_results, render, rich_table
+
+    rows = build_leaderboard(load_results(run_dir))
+    if format == "table":
+        stdout.print(rich_table(rows, title=f"kdbench leaderboard: {run_dir}"))
+    else:
+        sys.stdout.write(render(rows, format) + "\n")
+
+
+@app.command()
+def plugins(plugins_dir: PluginsDir = None) -> None:
+    """Every registered objective, model family, dataset and metric, with the plugin it came from."""
+    from kdbench.registry import load_registries
+
+    registries = load_registries(plugins_dir)
+    table = Table(title="kdbench plugins")
+    for column in ("kind", "name", "description", "origin"):
+        table.add_column(column)
+    for kind, registry in (("objective", registries.objectives), ("model family", registries.families),
+                           ("dataset", registries.datasets), ("metric", registries.metrics)):
+        for name in registry.names():
+            item = registry.get(name)
+            description = getattr(item, "summary", None) or getattr(item, "description", "")
+            table.add_row(kind, name, description, registry.origin(name))
+    stdout.print(table)
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="Experiment YAML files.")],
+    plugins_dir: PluginsDir = None,
+) -> None:
+    """Check experiment files and report every error at once, one line per field."""
+    from kdbench.config import parse_experiment, read_experiment_yaml
+    from kdbench.registry import load_registries
+    from kdbench.runner import semantic_errors
+
+    registries = load_registries(plugins_dir)
+    failures: list[str] = []
+    for path in files:
+        try:
+            raw, source = read_experiment_yaml(path)
+            errors = semantic_errors(parse_experiment(raw, source), registries)
+            if errors:
+                raise KdbenchError(f"{source} has {len(errors)} error(s):\n" + "\n".join(f"  {e}" for e in errors))
+            stdout.print(f"[green]ok[/] {path}")
+        except KdbenchError as error:
+            failures.append(str(error))
+    if failures:
+        raise KdbenchError("\n".join(failures))
+
+
+def _quiet_libraries() -> None:
+    """kdbench draws its own progress; per-file bars from the HF libraries would bury it."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the fast tokenizer
+    _quiet_libraries()
+    try:
+        app(standalone_mode=True)
+    except KdbenchError as error:
+        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(2)

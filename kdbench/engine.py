@@ -1,0 +1,218 @@
+"""The training loop: one function, read top to bottom, the same for every objective.
+
+It runs through accelerate, with DeepSpeed (ZeRO stage from the experiment) or plain accelerate.
+The runner's share of every loss lives here and nowhere else: shifting, masking, the ``kd_ratio``
+mix (``kdbench.objectives.mixed_token_loss``) and normalisation by the global count of response
+tokens in an optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DeepSpeedPlugin
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from kdbench.config import TrainingConfig
+from kdbench.data import TokenizedExample, collate, length_grouped_batches
+from kdbench.objectives import Need, Objective, ObjectiveParams, TokenLossInputs, mixed_token_loss
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    tokens: int = 0  # non-padding tokens the student read, all processes
+    response_tokens: int = 0  # tokens the loss was taken on, all processes
+    student_forwards: int = 0
+    teacher_forwards: int = 0
+    seconds: float = 0.0
+    log: list[dict[str, float]] = field(default_factory=list)  # per optimizer step: step, loss, lr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_distributed_env() -> None:
+    """DeepSpeed always initialises torch.distributed. ``accelerate launch`` and the deepspeed
+    launcher set these variables; a plain single-process ``kdbench run`` gets a world of one."""
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def deepspeed_config(settings: TrainingConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": settings.batch_size,
+        "gradient_accumulation_steps": settings.grad_accum,
+        "gradient_clipping": settings.grad_clip,
+        # ZeRO-3 shards weights; gathering them on save writes an ordinary HF folder.
+        "zero_optimization": {"stage": settings.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": settings.precision == "bf16"},
+        "fp16": {"enabled": settings.precision == "fp16", "auto_cast": False},
+        "zero_allow_untested_optimizer": True,  # our optimizer is plain torch AdamW
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_accelerator(settings: TrainingConfig) -> Accelerator:
+    # A grid trains many models in one process; each gets a fresh engine with its own settings.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    mixed_precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[settings.precision]
+    if settings.engine == "deepspeed":
+        ensure_distributed_env()
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(settings))
+        return Accelerator(deepspeed_plugin=plugin, mixed_precision=mixed_precision,
+                           gradient_accumulation_steps=settings.grad_accum)
+    # An earlier DeepSpeed engine in this process set this flag for good; the experiment decides.
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=settings.grad_accum)
+
+
+def lr_lambda(settings: TrainingConfig, total_steps: int) -> Any:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    warmup = min(settings.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def total_optimizer_steps(settings: TrainingConfig, n_examples: int, world_size: int) -> int:
+    if settings.max_steps is not None:
+        return settings.max_steps
+    assert settings.epochs is not None
+    micro_batches_per_epoch = math.ceil(n_examples / settings.batch_size) // world_size
+    return max(1, math.ceil(settings.epochs * micro_batches_per_epoch / settings.grad_accum))
+
+
+def loss_scale(world_size: int, grad_accum: int, global_response_tokens: int) -> float:
+    """Factor on a micro-batch's summed token loss so that, after the engine divides by
+    ``grad_accum`` and DDP averages over ``world_size`` ranks, the gradient is that of
+    sum(all token losses of the optimizer step) / global_response_tokens."""
+    return world_size * grad_accum / max(global_response_tokens, 1)
+
+
+def batch_token_loss_sum(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
+                         batch: dict[str, torch.Tensor], teacher: torch.nn.Module | None) -> torch.Tensor:
+    """Sum over response tokens of the mixed per-token loss for one micro-batch (a scalar)."""
+    labels = batch["input_ids"][:, 1:]  # (b, t-1): position i predicts token i+1
+    mask = batch["response_mask"][:, 1:]  # (b, t-1)
+    student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    inputs = TokenLossInputs(student_logits, labels, mask, teacher_logits)  # logits (b, t-1, vocab)
+    return mixed_token_loss(objective, params, inputs).sum()
+
+
+def train(
+    student: torch.nn.Module,
+    objective: type[Objective],
+    params: ObjectiveParams,
+    examples: list[TokenizedExample],
+    settings: TrainingConfig,
+    seed: int,
+    pad_id: int,
+    teacher: torch.nn.Module | None = None,
+    observer: Any = None,
+    stage: str = "train",
+) -> tuple[torch.nn.Module, TrainStats, Accelerator]:
+    """Train ``student`` in place with ``objective``; return the unwrapped model, stats and engine."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(seed)
+    accelerator = make_accelerator(settings)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total_steps = total_optimizer_steps(settings, len(examples), world)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, betas=settings.betas,
+                                  weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings, total_steps))
+    # The scheduler stays outside accelerate: prepared, it would advance once per process per step.
+    model, optimizer = accelerator.prepare(student, optimizer)
+    needs_teacher = Need.TEACHER_LOGITS in objective.needs and params.kd_ratio > 0
+    if needs_teacher:
+        assert teacher is not None, f"{objective.name} needs a teacher"
+        teacher = teacher.to(accelerator.device).eval()
+
+    stats = TrainStats()
+    lengths = [len(e.input_ids) for e in examples]
+    generator = torch.Generator().manual_seed(seed)  # same order on every rank; each takes its share
+    micro_batches: list[list[int]] = []
+    if observer is not None:
+        observer.kdbench_on_stage_start(stage=stage, total=total_steps)
+    started = time.perf_counter()
+    model.train()
+    for step in range(total_steps):
+        group: list[dict[str, torch.Tensor]] = []
+        for _ in range(settings.grad_accum):
+            if len(micro_batches) < world:  # a new epoch: reshuffle; every rank gets one batch per turn
+                micro_batches = length_grouped_batches(lengths, settings.batch_size, generator)
+                micro_batches = micro_batches[: len(micro_batches) - len(micro_batches) % world]
+            turn, micro_batches = micro_batches[:world], micro_batches[world:]
+            group.append({k: v.to(accelerator.device) for k, v in collate([examples[i] for i in turn[rank]], pad_id).items()})
+
+        # Normalise by the response tokens of the whole optimizer step, across micro-batches and
+        # ranks, not per micro-batch: otherwise short-response batches get more weight per token.
+        local_count = sum(int(b["response_mask"][:, 1:].sum()) for b in group)
+        global_count = int(accelerator.reduce(torch.tensor(local_count, device=accelerator.device), "sum").item())
+        # accelerate/DeepSpeed divide the loss by grad_accum and DDP averages gradients over ranks;
+        # scaling by both makes the gradient exactly that of sum(token losses) / global_count.
+        scale = loss_scale(world, settings.grad_accum, global_count)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for batch in group:
+            with accelerator.accumulate(model):
+                token_sum = batch_token_loss_sum(model, objective, params, batch, teacher if needs_teacher else None)
+                stats.teacher_forwards += int(needs_teacher)
+                accelerator.backward(token_sum * scale)
+                if accelerator.sync_gradients and settings.engine != "deepspeed":
+                    accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)  # DeepSpeed clips from its config
+                optimizer.step()  # a no-op until the accumulation boundary (DeepSpeed steps in backward)
+                optimizer.zero_grad()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                step_loss += token_sum.detach() / max(global_count, 1)
+                stats.student_forwards += 1
+                stats.tokens += int(batch["attention_mask"].sum())
+        loss = float(accelerator.reduce(step_loss, "sum").item())
+        stats.response_tokens += global_count
+        record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0]}
+        stats.log.append(record)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{stage}: loss became {loss} at step {step + 1}; lower the learning rate")
+        if observer is not None:
+            observer.kdbench_on_step_end(stage=stage, step=step + 1, metrics=record)
+    stats.steps = total_steps
+    stats.tokens = int(accelerator.reduce(torch.tensor(stats.tokens, device=accelerator.device), "sum").item())
+    stats.seconds = time.perf_counter() - started
+    model.eval()
+    # accelerate registers ZeRO-3 with transformers globally; left set, every later from_pretrained in
+    # this process would build partitioned (empty) weights.
+    unset_hf_deepspeed_config()
+    return accelerator.unwrap_model(model), stats, accelerator
+
+
+def save_trained(model: torch.nn.Module, accelerator: Accelerator, tokenizer: Any, directory: Any) -> None:
+    """Write an ordinary HF folder (gathering ZeRO-3 shards first) from the main process only."""
+    state_dict = accelerator.get_state_dict(accelerator._models[0]) if accelerator._models else None
+    if accelerator.is_main_process:
+        model.save_pretrained(directory, state_dict=state_dict)  # type: ignore[operator]
+        tokenizer.save_pretrained(directory)
+    accelerator.wait_for_everyone()

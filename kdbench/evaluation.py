@@ -1,0 +1,110 @@
+"""Evaluation as both papers do it: generate a response per test prompt, cut at EOS, score it.
+
+Generation samples with temperature 1, top-k 0 and top-p 1 (the model's full distribution) once
+per evaluation seed; greedy decoding is an option. Metrics are plugins (``kdbench.scoring`` holds
+ROUGE-L and exact match); each is averaged over examples, ×100, per seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from kdbench.data import Record, format_prompt
+from kdbench.scoring import corpus_score
+
+GREEDY = "greedy"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-example score in [0, 1]; the harness reports its mean over examples × 100."""
+
+    name: str
+    description: str
+    higher_is_better: bool
+    fn: Callable[[str, Sequence[str]], float]
+
+
+def generation_config(seed_label: str, max_new_tokens: int, eos_id: int, pad_id: int) -> GenerationConfig:
+    if seed_label == GREEDY:
+        return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
+    # top_k=0 and top_p=1 switch both filters off: samples come from the model's full distribution.
+    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                            eos_token_id=eos_id, pad_token_id=pad_id)
+
+
+@torch.no_grad()
+def generate_responses(model: Any, tokenizer: Any, records: Sequence[Record], seed_label: str, max_new_tokens: int,
+                       batch_size: int, on_batch: Callable[[], None] | None = None) -> list[str]:
+    """One response per record, in the records' order; text after the first EOS is dropped."""
+    model.eval()
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    config = generation_config(seed_label, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    prompts = [format_prompt(r) for r in records]
+    # Batch prompts of similar length together; results are put back in the original order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    responses: list[str] = [""] * len(prompts)
+    if seed_label != GREEDY:
+        torch.manual_seed(int(seed_label))
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+        output = model.generate(**encoded, generation_config=config)  # (b, prompt + new)
+        new_tokens = output[:, encoded["input_ids"].shape[1]:]
+        for i, row in zip(indices, new_tokens.tolist()):
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            responses[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        if on_batch is not None:
+            on_batch()
+    return responses
+
+
+def score(responses: Sequence[str], records: Sequence[Record], metrics: Sequence[Metric]) -> dict[str, float]:
+    references = [r["references"] for r in records]
+    return {m.name: corpus_score(m.fn, responses, references) for m in metrics}
+
+
+def score_by_task(responses: Sequence[str], records: Sequence[Record], metrics: Sequence[Metric]) -> dict[str, dict[str, float]]:
+    tasks = sorted({str(r.get("task", "")) for r in records})
+    breakdown: dict[str, dict[str, float]] = {}
+    for task in tasks:
+        picked = [i for i, r in enumerate(records) if r.get("task", "") == task]
+        breakdown[task or "all"] = score([responses[i] for i in picked], [records[i] for i in picked], metrics)
+    return breakdown
+
+
+def evaluate(model: Any, tokenizer: Any, records: Sequence[Record], metrics: Sequence[Metric], seeds: Sequence[str],
+             max_new_tokens: int, batch_size: int, observer: Any = None, stage: str = "eval") -> dict[str, Any]:
+    """Scores per seed (``{"rougeL": {"10": 41.2, …}}``), per task and seed, and one sample of outputs."""
+    batches_per_seed = -(-len(records) // batch_size)
+    if observer is not None:
+        observer.kdbench_on_stage_start(stage=stage, total=batches_per_seed * len(seeds))
+    per_seed: dict[str, dict[str, float]] = {m.name: {} for m in metrics}
+    per_task: dict[str, dict[str, dict[str, float]]] = {}
+    samples: list[dict[str, str]] = []
+    step = 0
+    started = time.perf_counter()
+
+    def advance() -> None:
+        nonlocal step
+        step += 1
+        if observer is not None:
+            observer.kdbench_on_step_end(stage=stage, step=step, metrics={})
+
+    for seed_label in seeds:
+        responses = generate_responses(model, tokenizer, records, seed_label, max_new_tokens, batch_size, advance)
+        for name, value in score(responses, records, metrics).items():
+            per_seed[name][seed_label] = value
+        per_task[seed_label] = score_by_task(responses, records, metrics)
+        if not samples:
+            samples = [{"prompt": format_prompt(r), "response": resp, "reference": r["response"]}
+                       for r, resp in zip(records[:20], responses[:20])]
+    return {"metrics": per_seed, "per_task": per_task, "samples": samples, "seconds": time.perf_counter() - started}

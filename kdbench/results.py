@@ -1,0 +1,80 @@
+"""Where a run's results go, written atomically so a killed run never leaves half a file.
+
+``<out>/cells/<family>/<student>/<method>/seed<k>/`` holds ``result.json`` (schema below, read by
+``kdbench.report``), ``config.json`` (the resolved settings of the cell), ``train_log.jsonl`` and
+``samples.json``. ``result.json`` is written last: its presence means the cell is finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def cell_dir(out_dir: Path, family: str, student: str, method: str, seed: int) -> Path:
+    return out_dir / "cells" / family / student / method / f"seed{seed}"
+
+
+def finished_result(directory: Path, config_hash: str) -> dict[str, Any] | None:
+    """The cell's result if it finished with exactly this config; None means (re)run it."""
+    path = directory / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    return result if result.get("config_hash") == config_hash else None
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (CPU), or peak CUDA allocation when a GPU is used."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import deepspeed
+    import torch
+    import transformers
+
+    import kdbench
+
+    return {"kdbench": kdbench.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()}
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,335 @@
+"""The grid: stages, their cache, and one result folder per cell.
+
+Stages, each cached under a key of everything it depends on:
+data → tokenizer (tiny scale) → model init (tiny scale) → teacher SFT → each cell's training →
+evaluation. A cell is (family, student, method, training seed); every cell of one experiment gets
+the same settings except its objective and that objective's parameters. The runner only calls
+hooks and objective classes: it never branches on an objective's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+from kdbench import results
+from kdbench.cache import StageCache
+from kdbench.config import Experiment, TrainingConfig, config_hash
+from kdbench.data import TEMPLATE_PIECES, Record, TokenizedExample, format_prompt, tokenize_records
+from kdbench.engine import save_trained, train
+from kdbench.errors import KdbenchError
+from kdbench.evaluation import GREEDY, evaluate
+from kdbench.objectives import Need, Objective, ObjectiveParams
+from kdbench.registry import Registries
+from kdbench.zoo import (ModelFamily, build_tiny_model, check_same_vocabulary, count_parameters, load_model,
+                         load_tokenizer, train_tokenizer)
+
+TEACHER_METHOD = "teacher"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model folder or hub name, and the cache inputs that identify what it holds."""
+
+    label: str
+    path: str
+    inputs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One leaderboard entry to produce: (family, student, method, training seed) and its resolved settings."""
+
+    family: str
+    student: str
+    method: str
+    seed: int
+    kind: str  # "student", or "teacher" for the teacher's own row
+    config: dict[str, Any]
+    eval_seeds: list[str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}/{self.student}/{self.method}/seed{self.seed}"
+
+    @property
+    def shared_hash(self) -> str:
+        """Hash of everything but the objective: equal across the cells a leaderboard compares."""
+        return config_hash({k: v for k, v in self.config.items() if k not in ("method", "params", "student")})
+
+    def finished(self, out_dir: Path) -> dict[str, Any] | None:
+        directory = results.cell_dir(out_dir, self.family, self.student, self.method, self.seed)
+        return results.finished_result(directory, config_hash(self.config))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The sub-grid a ``kdbench run`` asks for, checked against the registries."""
+
+    methods: list[str]
+    families: list[str]
+    seeds: list[int]
+    eval_seeds: list[str]
+
+
+def resolve_selection(experiment: Experiment, registries: Registries, methods: list[str] | None,
+                      families: list[str] | None, n_seeds: int | None) -> Selection:
+    """Check every name at once, so a typo in --methods and one in --models are reported together."""
+    methods = methods or list(experiment.methods)
+    families = families or list(experiment.models.families)
+    errors = [registries.objectives.unknown_message(m) for m in methods if m not in registries.objectives]
+    errors += [registries.families.unknown_message(f) for f in families if f not in registries.families]
+    errors += semantic_errors(experiment, registries)
+    if errors:
+        raise KdbenchError(" ".join(errors))
+    seeds = list(range(n_seeds)) if n_seeds is not None else list(experiment.seeds)
+    eval_seeds = [str(s) for s in experiment.evaluation.seeds] + ([GREEDY] if experiment.evaluation.greedy else [])
+    return Selection(methods, families, seeds, eval_seeds)
+
+
+def semantic_errors(experiment: Experiment, registries: Registries) -> list[str]:
+    """Problems a schema cannot see: unknown plugin names and bad objective parameters."""
+    errors: list[str] = []
+    if experiment.data.dataset not in registries.datasets:
+        errors.append(f"data.dataset: {registries.datasets.unknown_message(experiment.data.dataset)}")
+    else:
+        accepted = registries.datasets.get(experiment.data.dataset).option_names
+        for option in sorted(set(experiment.data.options) - set(accepted)):
+            errors.append(f"data.options.{option}: not an option of dataset {experiment.data.dataset!r}; "
+                          f"expected some of {list(accepted)}")
+    for family in experiment.models.families:
+        if family not in registries.families:
+            errors.append(f"models.families: {registries.families.unknown_message(family)}")
+    for metric in experiment.evaluation.metrics:
+        if metric not in registries.metrics:
+            errors.append(f"evaluation.metrics: {registries.metrics.unknown_message(metric)}")
+    for method, values in experiment.methods.items():
+        if method not in registries.objectives:
+            errors.append(f"methods.{method}: {registries.objectives.unknown_message(method)}")
+            continue
+        try:
+            registries.objectives.get(method).make_params(values or {}, where=f"methods.{method}.")
+        except KdbenchError as error:
+            errors.append(str(error))
+    return errors
+
+
+def method_params(experiment: Experiment, objective: type[Objective]) -> ObjectiveParams:
+    return objective.make_params(experiment.methods.get(objective.name) or {}, where=f"methods.{objective.name}.")
+
+
+class Runner:
+    def __init__(self, experiment: Experiment, registries: Registries, out_dir: Path, cache_dir: Path) -> None:
+        self.experiment = experiment
+        self.registries = registries
+        self.out_dir = out_dir
+        self.cache = StageCache(cache_dir)
+        self.hook = registries.manager.hook
+        self.metrics = [registries.metrics.get(name) for name in experiment.evaluation.metrics]
+        self._data_key = {"dataset": experiment.data.dataset, "options": experiment.data.options}
+        self._splits: dict[str, list[Record]] | None = None
+
+    # -- stages -------------------------------------------------------------------------------
+    def splits(self) -> dict[str, list[Record]]:
+        if self._splits is None:
+            spec = self.registries.datasets.get(self.experiment.data.dataset)
+            self._splits = spec.load(dict(self.experiment.data.options))
+        return self._splits
+
+    def eval_records(self) -> list[Record]:
+        records = self.splits()[self.experiment.evaluation.split]
+        return records[: self.experiment.evaluation.max_examples] if self.experiment.evaluation.max_examples else records
+
+    def _stage(self, label: str, cache_stage: str, inputs: dict[str, Any], build: Any) -> tuple[Path, bool]:
+        """Reuse or build one cache entry, reporting it to the observers as stage ``label``."""
+        stage = f"{label}: {cache_stage}"
+        self.hook.kdbench_on_stage_start(stage=stage, total=None)
+        started = time.perf_counter()
+        path, cached = self.cache.get_or_build(cache_stage, inputs, build)
+        self.hook.kdbench_on_stage_end(stage=stage, seconds=time.perf_counter() - started, cached=cached)
+        return path, cached
+
+    def tokenizer_dir(self) -> tuple[Path, dict[str, Any]]:
+        inputs = {"data": self._data_key, "vocab_size": self.experiment.data.tokenizer_vocab_size}
+
+        def build(folder: Path) -> None:
+            texts = (format_prompt(r) + r["response"] for r in self.splits()["train"])
+            train_tokenizer(texts, self.experiment.data.tokenizer_vocab_size, folder, TEMPLATE_PIECES)
+
+        path, _ = self._stage("data", "tokenizer", inputs, build)
+        return path, inputs
+
+    def checkpoints(self, family: ModelFamily) -> tuple[ModelRef, list[ModelRef]]:
+        """The teacher and the selected students to start from: hub names or local paths at paper
+        scale, tiny models built (and cached) from the family's config class at tiny scale."""
+        models = self.experiment.models
+        teacher_label, student_labels = family.checkpoints(models.scale)
+        if models.students is not None:
+            unknown = [s for s in models.students if s not in student_labels]
+            if unknown:
+                raise KdbenchError(f"models.students {unknown} are not students of {family.name} at scale "
+                                   f"{models.scale}; available: {sorted(student_labels)}.")
+            student_labels = {s: student_labels[s] for s in models.students}
+        if models.scale == "paper":
+            def named(label: str, path: str) -> ModelRef:
+                return ModelRef(label, path, {"checkpoint": path})
+
+            teacher = named(teacher_label, models.teachers.get(family.name, teacher_label))
+            overrides = models.student_paths.get(family.name, {})
+            return teacher, [named(label, overrides.get(label, name)) for label, name in student_labels.items()]
+
+        tokenizer_path, tokenizer_inputs = self.tokenizer_dir()
+        tokenizer = load_tokenizer(str(tokenizer_path))
+
+        def init(label: str, arch: Any, seed: int) -> ModelRef:
+            inputs = {"family": family.name, "arch": dataclasses.asdict(arch), "tokenizer": tokenizer_inputs,
+                      "max_length": self.experiment.data.max_length, "seed": seed}
+            path, _ = self._stage(f"{family.name}/{label}", "init", inputs, lambda folder: build_tiny_model(
+                family, arch, tokenizer, self.experiment.data.max_length, seed, folder))
+            return ModelRef(label, str(path), inputs)
+
+        teacher = init(teacher_label, family.tiny_teacher, self.experiment.teacher.seed)
+        return teacher, [init(label, family.tiny_students[label], 0) for label in student_labels]
+
+    def tokenized_train(self, tokenizer: Any) -> list[TokenizedExample]:
+        data = self.experiment.data
+        inputs = {"data": self._data_key, "tokenizer": config_hash(tokenizer.backend_tokenizer.to_str()),
+                  "max_length": data.max_length, "max_prompt_length": data.max_prompt_length}
+
+        def build(folder: Path) -> None:
+            examples = tokenize_records(self.splits()["train"], tokenizer, data.max_length, data.max_prompt_length)
+            if not examples:
+                raise KdbenchError(f"no training example fits data.max_prompt_length={data.max_prompt_length}; "
+                                   "raise it or shorten the prompts.")
+            (folder / "train.json").write_text(json.dumps([dataclasses.asdict(e) for e in examples]))
+
+        path, _ = self._stage("data", "tokenize", inputs, build)
+        return [TokenizedExample(**e) for e in json.loads((path / "train.json").read_text())]
+
+    def trained(self, label: str, init: ModelRef, objective: type[Objective], params: ObjectiveParams,
+                settings: TrainingConfig, seed: int, teacher: Any = None,
+                teacher_ref: ModelRef | None = None) -> tuple[ModelRef, dict[str, Any]]:
+        """``init`` trained with ``objective`` (cached): the trained model and its training stats."""
+        data = self.experiment.data
+        inputs = {"init": init.inputs, "objective": objective.name, "params": dataclasses.asdict(params),
+                  "training": settings.model_dump(), "seed": seed,
+                  "teacher": teacher_ref.inputs if teacher_ref and Need.TEACHER_LOGITS in objective.needs else None,
+                  "data": self._data_key, "max_length": data.max_length, "max_prompt_length": data.max_prompt_length}
+
+        def build(folder: Path) -> None:
+            tokenizer = load_tokenizer(init.path)
+            examples = self.tokenized_train(tokenizer)
+            model, stats, accelerator = train(load_model(init.path), objective, params, examples, settings, seed,
+                                              tokenizer.pad_token_id, teacher, self.hook, f"{label}: train")
+            save_trained(model, accelerator, tokenizer, folder)
+            stats_payload = dataclasses.asdict(stats)
+            log = stats_payload.pop("log")
+            (folder / "train_stats.json").write_text(json.dumps(stats_payload))
+            (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+        path, _ = self._stage(label, "train", inputs, build)
+        return ModelRef(init.label, str(path), inputs), json.loads((path / "train_stats.json").read_text())
+
+    # -- cells --------------------------------------------------------------------------------
+    def write_cell(self, cell: Cell, model: ModelRef, train_stats: dict[str, Any], params_count: dict[str, int],
+                   started: float) -> dict[str, Any]:
+        """Evaluate ``model`` and write the cell's folder; ``result.json`` goes last."""
+        directory = results.cell_dir(self.out_dir, cell.family, cell.student, cell.method, cell.seed)
+        evaluation = self.experiment.evaluation
+        scores = evaluate(load_model(model.path), load_tokenizer(model.path), self.eval_records(), self.metrics,
+                          cell.eval_seeds, evaluation.max_new_tokens, evaluation.batch_size, self.hook,
+                          f"{cell.label}: eval")
+        train_seconds = float(train_stats.get("seconds", 0.0))
+        result = {
+            "schema_version": results.SCHEMA_VERSION,
+            "experiment": self.experiment.name,
+            "config_hash": config_hash(cell.config),
+            "shared_config_hash": cell.shared_hash,
+            "family": cell.family, "student": cell.student, "method": cell.method, "kind": cell.kind,
+            "train_seed": cell.seed,
+            "metrics": scores["metrics"],
+            "higher_is_better": {m.name: m.higher_is_better for m in self.metrics},
+            "per_task": scores["per_task"],
+            "wall_seconds": {"train": train_seconds, "eval": scores["seconds"],
+                             "total": train_seconds + scores["seconds"], "this_run": time.perf_counter() - started},
+            "tokens": {"train": train_stats.get("tokens", 0), "response": train_stats.get("response_tokens", 0)},
+            "optimizer_steps": train_stats.get("steps", 0),
+            "forward_passes": {"student": train_stats.get("student_forwards", 0),
+                               "teacher": train_stats.get("teacher_forwards", 0)},
+            "params": params_count,
+            "peak_memory_mb": results.peak_memory_mb(),
+            "versions": results.versions(),
+            "finished_at": results.now_iso(),
+        }
+        results.atomic_write_json(directory / "config.json", cell.config)
+        results.atomic_write_json(directory / "samples.json", scores["samples"])
+        train_log = Path(model.path) / "train_log.jsonl"
+        if train_log.is_file():
+            results.atomic_write_text(directory / "train_log.jsonl", train_log.read_text())
+        results.atomic_write_json(directory / "result.json", result)  # last: marks the cell finished
+        self.hook.kdbench_on_cell_end(cell=cell.label, result=result)
+        return result
+
+    def run(self, selection: Selection) -> list[dict[str, Any]]:
+        experiment = self.experiment
+        started = time.perf_counter()
+        cells = [f"{f}/{m}/seed{s}" for f in selection.families for m in selection.methods for s in selection.seeds]
+        self.hook.kdbench_on_run_start(plan={"experiment": experiment.name, "out_dir": str(self.out_dir), "cells": cells})
+        shared = {"experiment": experiment.name, "data": experiment.data.model_dump(), "scale": experiment.models.scale,
+                  "training": experiment.training.model_dump(), "teacher_training": experiment.teacher_training.model_dump(),
+                  "evaluation": experiment.evaluation.model_dump(), "eval_seeds": selection.eval_seeds}
+        written: list[dict[str, Any]] = []
+        for family in selection.families:
+            written += self.run_family(self.registries.families.get(family), selection, shared)
+        self.hook.kdbench_on_run_end(out_dir=str(self.out_dir), seconds=time.perf_counter() - started)
+        return written
+
+    def run_family(self, family: ModelFamily, selection: Selection, shared: dict[str, Any]) -> list[dict[str, Any]]:
+        """The teacher (SFT first when the experiment says so) and every student cell of one family."""
+        experiment = self.experiment
+        teacher_ref, students = self.checkpoints(family)
+        teacher_tokenizer = load_tokenizer(teacher_ref.path)
+        for student in students:  # before any training: a mismatch is the user's to fix, not a crash later
+            check_same_vocabulary(teacher_tokenizer, load_tokenizer(student.path), teacher_ref.path, student.path)
+        teacher_stats: dict[str, Any] = {}
+        if experiment.teacher.train:
+            sft = self.registries.objectives.get("sft")
+            teacher_ref, teacher_stats = self.trained(f"{family.name}/{teacher_ref.label}", teacher_ref, sft,
+                                                      sft.make_params({}), experiment.teacher_training,
+                                                      experiment.teacher.seed)
+        teacher = load_model(teacher_ref.path)
+        teacher_params = count_parameters(teacher)
+        base = {**shared, "family": family.name, "teacher": {"label": teacher_ref.label, "inputs": teacher_ref.inputs}}
+
+        written: list[dict[str, Any]] = []
+        teacher_cell = Cell(family.name, teacher_ref.label, TEACHER_METHOD, experiment.teacher.seed, "teacher",
+                            {**base, "method": TEACHER_METHOD, "params": {}, "seed": experiment.teacher.seed},
+                            selection.eval_seeds)
+        written.append(teacher_cell.finished(self.out_dir) or self.write_cell(
+            teacher_cell, teacher_ref, teacher_stats, {"teacher": teacher_params}, time.perf_counter()))
+
+        for student in students:
+            for method in selection.methods:
+                objective = self.registries.objectives.get(method)
+                params = method_params(experiment, objective)
+                for seed in selection.seeds:
+                    started = time.perf_counter()
+                    cell = Cell(family.name, student.label, method, seed, "student",
+                                {**base, "student": {"label": student.label, "inputs": student.inputs},
+                                 "method": method, "params": dataclasses.asdict(params), "seed": seed},
+                                selection.eval_seeds)
+                    done = cell.finished(self.out_dir)
+                    if done is not None:  # resumed: this cell finished in an earlier run
+                        written.append(done)
+                        continue
+                    trained, stats = self.trained(cell.label, student, objective, params, experiment.training, seed,
+                                                  teacher, teacher_ref)
+                    student_params = count_parameters(load_model(trained.path))
+                    written.append(self.write_cell(cell, trained, stats,
+                                                   {"student": student_params, "teacher": teacher_params}, started))
+        return written

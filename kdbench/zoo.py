@@ -1,0 +1,126 @@
+"""Model families, the tiny models built from their config classes, and the one loading path.
+
+Every model, tiny or paper scale, is an ordinary Hugging Face folder (or hub name) loaded with
+``from_pretrained``; the tiny ones are simply written by kdbench first, so the rest of the harness
+never knows the difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+
+from kdbench.errors import KdbenchError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<pad>"
+
+
+@dataclass(frozen=True)
+class TinyArch:
+    """Width and depth of a tiny model; ``ffn`` defaults to 4 × ``width``."""
+
+    width: int
+    layers: int
+    heads: int
+    ffn: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """A model family: its tiny architectures (built from the family's HF config class) and its
+    paper-scale checkpoints (hub names or local paths), each as a teacher and named students."""
+
+    name: str
+    description: str
+    make_config: Callable[[TinyArch, int, int, int, int], PretrainedConfig]  # (arch, vocab, positions, eos, pad)
+    tiny_teacher: TinyArch
+    tiny_students: dict[str, TinyArch]
+    paper_teacher: str
+    paper_students: dict[str, str]
+
+    def checkpoints(self, scale: str) -> tuple[str, dict[str, str]]:
+        """Teacher label and student labels for ``scale``; tiny labels name architectures."""
+        if scale == "paper":
+            return self.paper_teacher, dict(self.paper_students)
+        return "teacher", {label: label for label in self.tiny_students}
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: Path,
+                    fixed_pieces: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """GPT-2-style byte-level BPE trained on the suite's own text, saved as a standard HF tokenizer folder.
+
+    ``fixed_pieces`` (the prompt template's constant parts) become single added tokens: the template
+    repeated in every record then costs a few positions, so a CPU spends its time on the text the
+    loss is taken on, while words and numbers keep ordinary word-level BPE.
+    """
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer)
+    core.add_tokens([AddedToken(piece, normalized=False) for piece in fixed_pieces])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=None
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def build_tiny_model(family: ModelFamily, arch: TinyArch, tokenizer: Any, max_positions: int, seed: int,
+                     directory: Path) -> None:
+    """Random-init a model from the family's config class and save it (with its tokenizer) as an HF folder."""
+    config = family.make_config(arch, len(tokenizer), max_positions, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as error:
+        raise KdbenchError(
+            f"could not load a tokenizer from {name_or_path!r}: {error}. Expected a local model folder or a "
+            "hub name available offline (set HF_HUB_OFFLINE=0 and log in to download it)."
+        ) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 and friends ship without a pad token
+    return tokenizer
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    except OSError as error:
+        raise KdbenchError(
+            f"could not load a model from {name_or_path!r}: {error}. Expected a local Hugging Face model folder "
+            "or a hub name available offline."
+        ) from None
+
+
+def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any, teacher: str, student: str) -> None:
+    """KD compares distributions token by token: both sides must index the same vocabulary."""
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        t_size, s_size = len(teacher_tokenizer), len(student_tokenizer)
+        raise KdbenchError(
+            f"teacher {teacher!r} ({t_size} tokens) and student {student!r} ({s_size} tokens) do not share a "
+            "vocabulary, so their next-token distributions cannot be compared. Pick a student of the teacher's "
+            "family, or give both the same tokenizer."
+        )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,53 @@
+"""kd — word-level knowledge distillation (forward KL), Hinton et al. 2015; Kim & Rush 2016.
+
+With the teacher run under teacher forcing on the gold sequence, at every response position:
+``L_kd = Σ_v p(v|x,y<t) · (−log q(v|x,y<t))`` — the soft cross-entropy, equal to the forward
+KL(p‖q) plus the teacher's entropy (constant in the student). A temperature τ divides both
+logits. METHODS.md, "kd".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kdbench import hookimpl
+from kdbench.objectives import Need, Objective, ObjectiveParams, TokenLossInputs
+
+
+@dataclass(frozen=True)
+class KDParams(ObjectiveParams):
+    temperature: float = 1.0
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if not self.temperature > 0:  # also rejects NaN
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        return problems
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``Σ_v p(v)·(−log q(v))`` at every position, (b, t), both distributions at ``temperature``."""
+    teacher_probs = F.softmax(teacher_logits.float() / temperature, dim=-1)  # (b, t, vocab)
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (b, t, vocab)
+    return -(teacher_probs * student_log_probs).sum(-1)
+
+
+class KD(Objective):
+    name = "kd"
+    summary = "word-level KD: soft cross-entropy to the teacher's next-token distribution (forward KL)"
+    paper = "Hinton et al. 2015 (arXiv 1503.02531); word-level KD of Kim & Rush 2016 (arXiv 1606.07947)"
+    needs = frozenset({Need.TEACHER_LOGITS})
+    Params = KDParams
+
+    @staticmethod
+    def token_loss(inputs: TokenLossInputs, params: KDParams) -> torch.Tensor:
+        assert inputs.teacher_logits is not None  # guaranteed by needs
+        return soft_cross_entropy(inputs.student_logits, inputs.teacher_logits, params.temperature)
+
+
+@hookimpl
+def kdbench_register_objectives() -> list[type[Objective]]:
+    return [KD]

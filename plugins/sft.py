@@ -1,0 +1,39 @@
+"""sft — supervised fine-tuning on the gold response, no distillation.
+
+Token-mean cross-entropy on the response (METHODS.md). It makes the teacher, initialises the
+students of methods that start from SFT, and is the baseline row of every leaderboard. By
+definition ``kd_ratio = 0``: the loss is exactly the runner's gold cross-entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdbench import hookimpl
+from kdbench.objectives import Objective, ObjectiveParams, TokenLossInputs, gold_cross_entropy
+
+
+@dataclass(frozen=True)
+class SFTParams(ObjectiveParams):
+    kd_ratio: float = 0.0
+
+    def check(self) -> list[str]:
+        return [] if self.kd_ratio == 0.0 else [f"kd_ratio of sft is 0 by definition, got {self.kd_ratio}"]
+
+
+class SFT(Objective):
+    name = "sft"
+    summary = "fine-tuning on gold responses (cross-entropy), no teacher"
+    paper = "baseline of MiniLLM (arXiv 2306.08543) and DPKD (arXiv 2406.19774)"
+    Params = SFTParams
+
+    @staticmethod
+    def token_loss(inputs: TokenLossInputs, params: SFTParams) -> torch.Tensor:
+        return gold_cross_entropy(inputs.student_logits, inputs.labels, inputs.mask)  # (b, t)
+
+
+@hookimpl
+def kdbench_register_objectives() -> list[type[Objective]]:
+    return [SFT]

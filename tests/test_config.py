@@ -1,0 +1,238 @@
+"""Experiment files: schema, semantic checks against the registries, config hashes, and `kdbench validate`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kdbench.cli import app
+from kdbench.config import Experiment, config_hash, load_experiment, parse_experiment
+from kdbench.errors import KdbenchError
+from kdbench.registry import Registries, load_registries
+from kdbench.runner import semantic_errors
+
+REPO = Path(__file__).resolve().parents[1]
+KDBENCH = Path("/work/venv/bin/kdbench")
+MANY_MISTAKES = {
+    "name": "bad",
+    "colour": "blue",  # unknown top-level key
+    "training": {"lr": -1, "zero_stage": 7, "epochs": 1},
+    "evaluation": {"seeds": []},
+}
+MISTAKE_PATHS = ("training.lr", "training.zero_stage", "colour", "evaluation.seeds")
+
+
+@pytest.fixture(scope="module")
+def registries() -> Registries:
+    """The built-in registries (entry points only)."""
+    return load_registries()
+
+
+def _minimal(**overrides: Any) -> dict[str, Any]:
+    """The smallest valid experiment mapping, with top-level overrides."""
+    raw: dict[str, Any] = {"name": "t", "training": {"epochs": 1}}
+    raw.update(overrides)
+    return raw
+
+
+def _write(path: Path, raw: dict[str, Any]) -> Path:
+    """Dump ``raw`` as YAML to ``path``."""
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def _error_lines(raw: dict[str, Any]) -> list[str]:
+    """The lines of the KdbenchError that parsing ``raw`` raises."""
+    with pytest.raises(KdbenchError) as info:
+        parse_experiment(raw, "test.yaml")
+    return str(info.value).splitlines()
+
+
+def _subprocess_env() -> dict[str, str]:
+    """A quiet offline environment for the CLI subprocess."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "300"}
+
+
+# -- schema -------------------------------------------------------------------------------------
+
+def test_embedded_default_loads_and_matches_repo_file() -> None:
+    """load_experiment(None) is the packaged experiments/tiny.yaml."""
+    default = load_experiment(None)
+    assert isinstance(default, Experiment)
+    assert default.name == "tiny"
+    assert default == load_experiment(REPO / "experiments" / "tiny.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_repo_experiment_validates(path: Path, registries: Registries) -> None:
+    """Schema and semantic checks pass for every shipped experiment file."""
+    experiment = load_experiment(path)
+    assert semantic_errors(experiment, registries) == []
+
+
+def test_repo_has_experiment_files() -> None:
+    """The parametrised test above is not vacuous."""
+    assert (REPO / "experiments" / "tiny.yaml").is_file()
+
+
+def test_every_schema_mistake_is_reported_at_once_one_line_each() -> None:
+    """lr, zero_stage, an unknown key and an empty seed list all appear, each on its own line."""
+    lines = _error_lines(MANY_MISTAKES)
+    assert "4 error(s)" in lines[0]
+    for path in MISTAKE_PATHS:
+        matching = [line for line in lines if line.strip().startswith(f"{path}:")]
+        assert len(matching) == 1, (path, lines)
+
+
+def test_missing_required_field_is_named() -> None:
+    """An experiment without `training` or `name` says which fields are missing."""
+    lines = _error_lines({"description": "x"})
+    assert any(line.strip().startswith("name:") for line in lines)
+    assert any(line.strip().startswith("training:") for line in lines)
+
+
+def test_non_mapping_yaml_is_a_kdbench_error(tmp_path: Path) -> None:
+    """A YAML list or invalid YAML is a KdbenchError, not a crash."""
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(KdbenchError, match="mapping"):
+        load_experiment(listing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n", encoding="utf-8")
+    with pytest.raises(KdbenchError, match="not valid YAML"):
+        load_experiment(broken)
+    with pytest.raises(KdbenchError, match="does not exist"):
+        load_experiment(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("lengths", [(64, 64), (64, 80)])
+def test_prompt_length_must_be_below_max_length(lengths: tuple[int, int]) -> None:
+    """max_prompt_length >= max_length is an error on `data`; one below is fine."""
+    max_length, max_prompt = lengths
+    lines = _error_lines(_minimal(data={"max_length": max_length, "max_prompt_length": max_prompt}))
+    assert any(line.strip().startswith("data:") and "max_prompt_length" in line for line in lines)
+    ok = parse_experiment(_minimal(data={"max_length": max_length, "max_prompt_length": max_length - 1}), "t")
+    assert ok.data.max_prompt_length == max_length - 1
+
+
+@pytest.mark.parametrize("training", [{"epochs": 1, "max_steps": 10}, {}, {"lr": 1e-3}])
+def test_exactly_one_of_epochs_or_max_steps(training: dict[str, Any]) -> None:
+    """Both, or neither, of epochs and max_steps is an error."""
+    lines = _error_lines(_minimal(training=training))
+    assert any("exactly one of epochs or max_steps" in line for line in lines)
+
+
+def test_epochs_or_max_steps_alone_are_valid() -> None:
+    """Either length alone parses; the teacher falls back to the student's training block."""
+    by_epochs = parse_experiment(_minimal(training={"epochs": 2}), "t")
+    by_steps = parse_experiment(_minimal(training={"max_steps": 5}), "t")
+    assert by_epochs.training.epochs == 2 and by_epochs.training.max_steps is None
+    assert by_steps.training.max_steps == 5 and by_steps.training.epochs is None
+    assert by_steps.teacher_training == by_steps.training
+
+
+def test_teacher_training_block_is_validated_too() -> None:
+    """A teacher training block with neither length is reported under teacher.training."""
+    lines = _error_lines(_minimal(teacher={"training": {"lr": 1e-3}}))
+    assert any(line.strip().startswith("teacher.training:") for line in lines)
+
+
+# -- semantic checks -----------------------------------------------------------------------------
+
+def test_unknown_method_suggests_kd(registries: Registries) -> None:
+    """methods: {kdd: {}} → an error under methods.kdd suggesting 'kd'."""
+    experiment = parse_experiment(_minimal(methods={"kdd": {}}), "t")
+    errors = semantic_errors(experiment, registries)
+    assert len(errors) == 1
+    assert errors[0].startswith("methods.kdd:")
+    assert "did you mean 'kd'" in errors[0].lower()
+
+
+def test_bad_method_parameter_has_its_path(registries: Registries) -> None:
+    """A misspelt or out-of-range kd parameter is reported as methods.kd.<field>."""
+    experiment = parse_experiment(_minimal(methods={"kd": {"temprature": 2.0}, "sft": {}}), "t")
+    errors = semantic_errors(experiment, registries)
+    assert len(errors) == 1
+    assert "methods.kd.temprature" in errors[0]
+    experiment = parse_experiment(_minimal(methods={"kd": {"kd_ratio": 2.0}}), "t")
+    (error,) = semantic_errors(experiment, registries)
+    assert error.startswith("methods.kd.") and "kd_ratio" in error
+
+
+def test_unknown_plugin_names_everywhere_are_all_reported(registries: Registries) -> None:
+    """Unknown dataset, family, metric and method are reported together, each under its own field."""
+    raw = _minimal(data={"dataset": "tinny"}, models={"families": ["gpt3"]}, evaluation={"metrics": ["rouge"]},
+                   methods={"kdd": {}})
+    errors = semantic_errors(parse_experiment(raw, "t"), registries)
+    prefixes = sorted(error.split(":", 1)[0] for error in errors)
+    assert prefixes == ["data.dataset", "evaluation.metrics", "methods.kdd", "models.families"]
+
+
+def test_unknown_dataset_option_is_a_semantic_error(registries: Registries) -> None:
+    """A misspelt data option (seeed) should be reported by validation, not only when the run loads data."""
+    experiment = parse_experiment(_minimal(data={"dataset": "tiny", "options": {"seeed": 1}}), "t")
+    errors = semantic_errors(experiment, registries)
+    assert any(error.startswith("data.options") for error in errors)
+
+
+# -- config_hash ---------------------------------------------------------------------------------
+
+def test_config_hash_ignores_key_order_and_tracks_values() -> None:
+    """Same content in another key order hashes the same; any changed value changes the hash."""
+    a = {"x": 1, "nested": {"p": [1, 2], "q": "s"}, "y": 0.5}
+    b = {"y": 0.5, "nested": {"q": "s", "p": [1, 2]}, "x": 1}
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash({**a, "y": 0.25})
+    assert config_hash(a) != config_hash({**a, "nested": {"p": [2, 1], "q": "s"}})
+    assert len(config_hash(a)) == 16
+
+
+def test_config_hash_of_experiment_dump_is_stable() -> None:
+    """Hashing the dumped default experiment twice agrees, and a changed lr changes it."""
+    experiment = load_experiment(None)
+    dumped = experiment.model_dump(mode="json")
+    assert config_hash(dumped) == config_hash(load_experiment(None).model_dump(mode="json"))
+    changed = experiment.model_copy(update={"training": experiment.training.model_copy(update={"lr": 1e-4})})
+    assert config_hash(changed.model_dump(mode="json")) != config_hash(dumped)
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+
+def test_cli_runner_validate_ok() -> None:
+    """`kdbench validate experiments/tiny.yaml` through typer succeeds and says ok."""
+    result = CliRunner().invoke(app, ["validate", str(REPO / "experiments" / "tiny.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "ok" in result.output
+
+
+def test_cli_runner_validate_bad_raises_kdbench_error(tmp_path: Path) -> None:
+    """Through typer (no main wrapper) a bad file surfaces as a KdbenchError naming every path."""
+    bad = _write(tmp_path / "bad.yaml", MANY_MISTAKES)
+    result = CliRunner().invoke(app, ["validate", str(bad)])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, KdbenchError)
+    for path in MISTAKE_PATHS:
+        assert f"{path}:" in str(result.exception)
+
+
+def test_validate_subprocess_exit_codes(tmp_path: Path) -> None:
+    """The installed command: bad file → exit 2, paths on stderr, no traceback; tiny.yaml → exit 0."""
+    bad = _write(tmp_path / "bad.yaml", MANY_MISTAKES)
+    semantic = _write(tmp_path / "semantic.yaml", _minimal(methods={"kdd": {}, "kd": {"temprature": 2}}))
+    result = subprocess.run([str(KDBENCH), "validate", str(bad), str(semantic)], capture_output=True, text=True,
+                            env=_subprocess_env(), cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for path in (*MISTAKE_PATHS, "methods.kdd", "methods.kd.temprature"):
+        assert f"{path}:" in result.stderr, (path, result.stderr)
+
+    good = subprocess.run([str(KDBENCH), "validate", str(REPO / "experiments" / "tiny.yaml")], capture_output=True,
+                          text=True, env=_subprocess_env(), cwd=REPO, timeout=300)
+    assert good.returncode == 0, good.stderr
+    assert "Traceback" not in good.stderr

@@ -1,0 +1,372 @@
+"""The tiny suite generator, the prompt template, JSONL loading, tokenisation and batching."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kdbench.data import (
+    PROMPT_NO_INPUT,
+    PROMPT_WITH_INPUT,
+    TEMPLATE_PIECES,
+    TokenizedExample,
+    collate,
+    format_prompt,
+    length_grouped_batches,
+    load_jsonl_splits,
+    read_jsonl,
+    tokenize_records,
+)
+from kdbench.errors import KdbenchError
+from kdbench.tinysuite import TASKS, TinySuiteOptions, generate
+
+Splits = dict[str, list[dict[str, Any]]]
+
+
+@pytest.fixture(scope="module")
+def suite() -> Splits:
+    """The default (benchmark) tiny suite."""
+    return generate(TinySuiteOptions())
+
+
+@pytest.fixture(scope="module")
+def small_suite() -> Splits:
+    """A small suite for tokenizer tests."""
+    return generate(TinySuiteOptions(n_train=300, n_validation=20, n_test=60))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(small_suite: Splits, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A 400-token BPE trained by kdbench.zoo on a few hundred generated records."""
+    from kdbench.zoo import train_tokenizer
+
+    texts = [format_prompt(r) + str(r["response"]) for r in small_suite["train"]]
+    return train_tokenizer(texts, 400, tmp_path_factory.mktemp("tok"), TEMPLATE_PIECES)
+
+
+def _key(record: dict[str, Any]) -> tuple[str, str]:
+    """The (instruction, context) prompt identity of a record."""
+    return str(record["instruction"]), str(record["context"])
+
+
+def _eval_records(suite: Splits) -> list[dict[str, Any]]:
+    """Validation and test records together."""
+    return suite["validation"] + suite["test"]
+
+
+# -- tiny suite ----------------------------------------------------------------------------------
+
+def test_generate_is_deterministic_and_seeded(suite: Splits) -> None:
+    """Same options give identical splits; another seed gives different ones."""
+    assert generate(TinySuiteOptions()) == suite
+    other = generate(TinySuiteOptions(seed=99))
+    assert other["train"] != suite["train"]
+    assert other["test"] != suite["test"]
+
+
+def test_split_sizes_follow_options(suite: Splits) -> None:
+    """Split lengths equal n_train, n_validation and n_test, default or not."""
+    defaults = TinySuiteOptions()
+    assert [len(suite[s]) for s in ("train", "validation", "test")] == [defaults.n_train, defaults.n_validation,
+                                                                        defaults.n_test]
+    small = generate(TinySuiteOptions(n_train=50, n_validation=7, n_test=11))
+    assert [len(small[s]) for s in ("train", "validation", "test")] == [50, 7, 11]
+
+
+def test_unknown_task_weight_is_rejected() -> None:
+    """task_weights naming a task that does not exist is an error."""
+    with pytest.raises(ValueError, match="unknown tiny-suite tasks"):
+        generate(TinySuiteOptions(task_weights={"fact": 1.0, "poem": 1.0}))
+
+
+def test_every_task_in_train_and_test(suite: Splits) -> None:
+    """All seven tasks occur in both train and test."""
+    for split in ("train", "test"):
+        assert {r["task"] for r in suite[split]} == set(TASKS), split
+
+
+def test_references_multiplicity_and_membership(suite: Splits) -> None:
+    """example/pick have several references with the response among them; other tasks exactly one."""
+    for record in suite["train"] + _eval_records(suite):
+        references = record["references"]
+        assert record["response"] in references
+        assert len(references) == len(set(references))
+        if record["task"] in ("example", "pick"):
+            assert len(references) > 1
+        else:
+            assert references == [record["response"]]
+
+
+def test_response_lengths_vary(suite: Splits) -> None:
+    """Responses range from one word to whole sentences."""
+    lengths = [len(str(r["response"]).split()) for r in suite["train"]]
+    assert min(lengths) <= 1
+    assert max(lengths) >= 15
+
+
+def test_algorithmic_eval_prompts_never_in_train(suite: Splits) -> None:
+    """No reverse/sort (instruction, context) of validation or test occurs in train. (The small
+    addition table is memorised like the facts, so add prompts may repeat.)"""
+    train_keys = {_key(r) for r in suite["train"]}
+    algorithmic = [r for r in _eval_records(suite) if r["task"] in ("reverse", "sort")]
+    assert len(algorithmic) > 20
+    leaked = [r for r in algorithmic if _key(r) in train_keys]
+    assert leaked == []
+
+
+def test_fact_questions_are_held_out_but_answer_is_learnable(suite: Splits) -> None:
+    """Each eval fact question text is absent from train, yet a train describe record of that person states it."""
+    train_questions = {r["instruction"] for r in suite["train"] if r["task"] == "fact"}
+    descriptions: dict[str, list[str]] = {}
+    for record in suite["train"]:
+        if record["task"] == "describe":
+            name = re.fullmatch(r"Describe (\w+) in one sentence\.", record["instruction"])
+            assert name is not None
+            descriptions.setdefault(name.group(1), []).append(str(record["response"]))
+    facts = [r for r in suite["test"] if r["task"] == "fact"]
+    assert len(facts) > 20
+    for record in facts:
+        question = str(record["instruction"])
+        assert question not in train_questions
+        names = [name for name in descriptions if re.search(rf"\b{name}\b", question)]
+        assert len(names) == 1, question
+        answer = str(record["response"])
+        assert any(re.search(rf"\b{re.escape(answer)}\b", text) for text in descriptions[names[0]]), (question, answer)
+
+
+def test_fact_phrasings_pair_people_with_several_wordings(suite: Splits) -> None:
+    """A held-out fact still has its person asked about in train under another phrasing or attribute."""
+    train_fact_text = " ".join(r["instruction"] for r in suite["train"] if r["task"] == "fact")
+    for record in (r for r in suite["test"] if r["task"] == "fact"):
+        name = next(word for word in re.findall(r"[A-Z][a-z]+", record["instruction"])
+                    if word not in ("What", "Where", "Which", "In"))
+        assert name in train_fact_text
+
+
+def test_algorithmic_references_are_correct(suite: Splits) -> None:
+    """reverse, sort and add answers recomputed from the prompt text."""
+    checked = 0
+    for record in suite["train"] + _eval_records(suite):
+        task, context, answer = record["task"], str(record["context"]), record["response"]
+        if task == "reverse":
+            assert answer == " ".join(context.split()[::-1])
+            assert 2 <= len(context.split()) <= 4
+        elif task == "sort":
+            assert answer == " ".join(str(n) for n in sorted(int(x) for x in context.split()))
+        elif task == "add":
+            match = re.fullmatch(r"What is (\d+) plus (\d+)\?", record["instruction"])
+            assert match is not None and context == ""
+            assert answer == str(int(match.group(1)) + int(match.group(2)))
+        else:
+            continue
+        checked += 1
+    assert checked > 1000
+
+
+def test_multi_answer_references_are_valid(suite: Splits) -> None:
+    """pick answers are two distinct alphabetically ordered words; example answers are single words."""
+    for record in suite["train"]:
+        if record["task"] == "pick":
+            for reference in record["references"]:
+                first, second = reference.split(" and ")
+                assert first < second
+        elif record["task"] == "example":
+            assert all(len(reference.split()) == 1 for reference in record["references"])
+
+
+# -- prompt template -----------------------------------------------------------------------------
+
+def test_format_prompt_without_input() -> None:
+    """The Alpaca template of METHODS.md, character for character, when the context is empty."""
+    expected = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                "request.\n\n### Instruction:\nSay hi.\n\n### Response:\n")
+    assert format_prompt({"instruction": "Say hi.", "context": ""}) == expected
+    assert format_prompt({"instruction": "Say hi."}) == expected
+    assert format_prompt({"instruction": "Say hi.", "context": "   "}) == expected
+    assert PROMPT_NO_INPUT.format(instruction="Say hi.") == expected
+
+
+def test_format_prompt_with_input() -> None:
+    """The with-input template: '... paired with an input ...' and an Input section."""
+    expected = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n### Instruction:\nSort.\n\n"
+                "### Input:\n3 1 2\n\n### Response:\n")
+    assert format_prompt({"instruction": "Sort.", "context": "3 1 2"}) == expected
+    assert PROMPT_WITH_INPUT.format(instruction="Sort.", input="3 1 2") == expected
+
+
+def test_template_pieces_cover_the_constant_text() -> None:
+    """Removing the pieces from a formatted prompt leaves only the instruction and input."""
+    prompt = format_prompt({"instruction": "INSTR", "context": "CTX"})
+    assert prompt == TEMPLATE_PIECES[1] + "INSTR" + TEMPLATE_PIECES[2] + "CTX" + TEMPLATE_PIECES[3]
+    prompt = format_prompt({"instruction": "INSTR"})
+    assert prompt == TEMPLATE_PIECES[0] + "INSTR" + TEMPLATE_PIECES[3]
+
+
+# -- JSONL ---------------------------------------------------------------------------------------
+
+def _write_jsonl(path: Path, rows: list[Any]) -> Path:
+    """Write one JSON value (or raw string) per line."""
+    path.write_text("\n".join(row if isinstance(row, str) else json.dumps(row) for row in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_read_jsonl_accepts_context_or_input(tmp_path: Path) -> None:
+    """Dolly's `context` and Alpaca's `input` both land in `context`; references default to [response]."""
+    path = _write_jsonl(tmp_path / "d.jsonl", [
+        {"instruction": "a", "context": "ctx", "response": "r1"},
+        "",
+        {"instruction": "b", "input": "inp", "response": "r2", "references": ["r2", "R2"]},
+        {"instruction": "c", "response": "r3", "category": "open_qa"},
+    ])
+    records = read_jsonl(path)
+    assert [r["context"] for r in records] == ["ctx", "inp", ""]
+    assert [r["references"] for r in records] == [["r1"], ["r2", "R2"], ["r3"]]
+    assert records[2]["task"] == "open_qa"
+
+
+def test_read_jsonl_missing_response_names_file_and_line(tmp_path: Path) -> None:
+    """A record without `response` is an error naming path:line."""
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "response": "r"}, {"instruction": "b"}])
+    with pytest.raises(KdbenchError, match=re.escape(f"{path}:2")) as info:
+        read_jsonl(path)
+    assert "response" in str(info.value)
+
+
+def test_read_jsonl_bad_json_and_bad_references(tmp_path: Path) -> None:
+    """Malformed JSON, non-string references, an empty file and a missing file are KdbenchErrors."""
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "response": "r"}, "{not json"])
+    with pytest.raises(KdbenchError, match=re.escape(f"{bad}:2")):
+        read_jsonl(bad)
+    refs = _write_jsonl(tmp_path / "refs.jsonl", [{"instruction": "a", "response": "r", "references": [1]}])
+    with pytest.raises(KdbenchError, match="references"):
+        read_jsonl(refs)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(KdbenchError, match="no records"):
+        read_jsonl(empty)
+    with pytest.raises(KdbenchError, match="does not exist"):
+        read_jsonl(tmp_path / "absent.jsonl")
+
+
+def test_load_jsonl_splits_dir_and_paths(tmp_path: Path) -> None:
+    """A `dir` option or one path per split both load; a missing split is an error naming it."""
+    for split in ("train", "validation", "test"):
+        _write_jsonl(tmp_path / f"{split}.jsonl", [{"instruction": split, "response": "r"}])
+    by_dir = load_jsonl_splits({"dir": str(tmp_path)})
+    assert {s: [r["instruction"] for r in rs] for s, rs in by_dir.items()} == {
+        "train": ["train"], "validation": ["validation"], "test": ["test"]}
+    by_path = load_jsonl_splits({s: str(tmp_path / f"{s}.jsonl") for s in ("train", "validation", "test")})
+    assert by_path == by_dir
+    with pytest.raises(KdbenchError, match="validation"):
+        load_jsonl_splits({"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")})
+    (tmp_path / "test.jsonl").unlink()
+    with pytest.raises(KdbenchError, match="does not exist"):
+        load_jsonl_splits({"dir": str(tmp_path)})
+
+
+# -- tokenisation ----------------------------------------------------------------------------------
+
+def test_template_pieces_are_single_tokens(tokenizer: Any) -> None:
+    """Each constant template piece encodes to exactly one token."""
+    for piece in TEMPLATE_PIECES:
+        assert len(tokenizer(piece, add_special_tokens=False)["input_ids"]) == 1, repr(piece)
+
+
+def test_decode_encode_round_trip(tokenizer: Any, small_suite: Splits) -> None:
+    """decode(encode(text)) gives the text back for prompts and responses of every task."""
+    for record in small_suite["test"]:
+        text = format_prompt(record) + str(record["response"])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+
+
+def test_response_mask_covers_response_and_eos(tokenizer: Any, small_suite: Splits) -> None:
+    """The mask marks exactly the response tokens plus EOS; the prompt and padding are not masked in."""
+    records = small_suite["test"][:12]
+    examples = tokenize_records(records, tokenizer, max_length=128, max_prompt_length=100)
+    assert len(examples) == len(records)
+    batch = collate(examples, tokenizer.pad_token_id)
+    ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    assert ids.shape == attention.shape == mask.shape
+    assert mask.dtype == torch.bool
+    for row, record in enumerate(records):
+        response_ids = tokenizer(record["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt_ids = tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
+        assert ids[row][mask[row]].tolist() == response_ids
+        assert ids[row, : len(prompt_ids)].tolist() == prompt_ids
+        assert not mask[row, : len(prompt_ids)].any()
+        n = len(prompt_ids) + len(response_ids)
+        assert attention[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
+        assert (ids[row, n:] == tokenizer.pad_token_id).all()
+        assert not mask[row, n:].any()
+        assert tokenizer.decode(ids[row][mask[row]].tolist()[:-1]) == record["response"]
+
+
+def test_long_prompts_dropped_and_sequences_truncated(tokenizer: Any, small_suite: Splits) -> None:
+    """Prompts longer than max_prompt_length are dropped, not cut; whole sequences are cut to max_length."""
+    records = small_suite["test"]
+    prompt_lengths = [len(tokenizer(format_prompt(r), add_special_tokens=False)["input_ids"]) for r in records]
+    bound = sorted(prompt_lengths)[len(prompt_lengths) // 2]
+    assert min(prompt_lengths) <= bound < max(prompt_lengths)
+    examples = tokenize_records(records, tokenizer, max_length=bound + 3, max_prompt_length=bound)
+    kept = [length for length in prompt_lengths if length <= bound]
+    assert [e.prompt_length for e in examples] == kept
+    assert all(len(e.input_ids) <= bound + 3 for e in examples)
+    assert any(len(e.input_ids) == bound + 3 for e in examples)
+
+
+def test_collate_uses_example_prompt_length() -> None:
+    """With hand-built examples the mask starts at prompt_length and stops at the last real token."""
+    batch = collate([TokenizedExample([5, 6, 7, 8], 2), TokenizedExample([9, 10], 1)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["response_mask"].tolist() == [[False, False, True, True], [False, True, False, False]]
+
+
+# -- batching ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,batch_size", [(1000, 16), (37, 5), (3, 8)])
+def test_length_grouped_batches_cover_every_index_once(n: int, batch_size: int) -> None:
+    """Every index exactly once, each batch non-empty and at most batch_size."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 200, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    batches = length_grouped_batches(lengths, batch_size, generator)
+    flat = [i for batch in batches for i in batch]
+    assert sorted(flat) == list(range(n))
+    assert all(1 <= len(batch) <= batch_size for batch in batches)
+
+
+def test_length_grouped_batches_group_lengths_and_reshuffle() -> None:
+    """Batches hold similar lengths (far less spread than random), and another epoch gives another order."""
+    n, batch_size = 1024, 16
+    lengths = torch.randint(1, 500, (n,), generator=torch.Generator().manual_seed(2)).tolist()
+    generator = torch.Generator().manual_seed(0)
+    epoch1 = length_grouped_batches(lengths, batch_size, generator)
+    epoch2 = length_grouped_batches(lengths, batch_size, generator)
+    assert epoch1 != epoch2
+
+    def mean_spread(batches: list[list[int]]) -> float:
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    random_order = torch.randperm(n, generator=torch.Generator().manual_seed(3)).tolist()
+    random_batches = [random_order[i:i + batch_size] for i in range(0, n, batch_size)]
+    assert mean_spread(epoch1) < 0.25 * mean_spread(random_batches)
+
+
+def test_options_dataclass_matches_dataset_plugin() -> None:
+    """The tiny dataset plugin accepts exactly the TinySuiteOptions fields and loads the same records."""
+    from kdbench_plugins.datasets import TINY_OPTIONS, load_tiny
+
+    assert set(TINY_OPTIONS) == {f.name for f in dataclasses.fields(TinySuiteOptions)}
+    splits = load_tiny({"n_train": 20, "n_validation": 3, "n_test": 4})
+    raw = generate(TinySuiteOptions(n_train=20, n_validation=3, n_test=4))
+    assert [r["response"] for r in splits["train"]] == [r["response"] for r in raw["train"]]
+    with pytest.raises(KdbenchError, match="seeed"):
+        load_tiny({"seeed": 1})

@@ -1,0 +1,97 @@
+"""One real run of the whole harness, as a user runs it: the `kdbench` command on tiny models.
+
+Tokenizer training, model building, teacher SFT and student training through DeepSpeed, sampled
+generation, ROUGE-L / exact match, result files and the report, then a second run that must reuse
+the cache and the finished cells instead of training again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXPERIMENT = """
+name: e2e
+data: {dataset: tiny, options: {n_train: 300, n_validation: 10, n_test: 24}, max_length: 64, max_prompt_length: 48}
+models: {scale: tiny, families: [gpt2, opt]}
+teacher: {training: {engine: deepspeed, zero_stage: 1, lr: 3.0e-3, batch_size: 32, max_steps: 30}}
+training: {engine: deepspeed, zero_stage: 1, lr: 5.0e-3, batch_size: 32, max_steps: 8}
+methods: {sft: {}, kd: {kd_ratio: 0.5}}
+evaluation: {seeds: [10, 20], max_new_tokens: 16, batch_size: 24}
+"""
+
+KDBENCH = [sys.executable, "-m", "kdbench"]
+
+
+def kdbench(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KDBENCH, *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("e2e")
+    (root / "e2e.yaml").write_text(EXPERIMENT)
+    env = {**os.environ, "KDBENCH_CACHE_DIR": str(root / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = ("run", "--methods", "sft,kd", "--models", "gpt2,opt", "-e", str(root / "e2e.yaml"), "--out", str(root / "out"))
+    completed = kdbench(*args, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return {"root": root, "env": env, "args": args, "completed": completed}
+
+
+def test_run_writes_a_result_per_cell_and_prints_the_leaderboard(first_run: dict) -> None:
+    out = first_run["root"] / "out"
+    results = sorted(out.glob("cells/**/result.json"))
+    # 2 families × (teacher + 1 student × 2 methods)
+    assert len(results) == 6
+    for path in results:
+        result = json.loads(path.read_text())
+        assert result["schema_version"] == 1
+        assert set(result["metrics"]) == {"rougeL", "exact_match"}
+        assert set(result["metrics"]["rougeL"]) == {"10", "20"}
+        assert all(0.0 <= v <= 100.0 for v in result["metrics"]["rougeL"].values())
+        assert (path.parent / "config.json").is_file() and len(result["config_hash"]) == 16
+    kd = json.loads((out / "cells/gpt2/s1/kd/seed0/result.json").read_text())
+    sft = json.loads((out / "cells/gpt2/s1/sft/seed0/result.json").read_text())
+    assert kd["forward_passes"]["teacher"] == 8 and sft["forward_passes"]["teacher"] == 0
+    assert kd["shared_config_hash"] == sft["shared_config_hash"]  # like is compared with like
+    assert kd["config_hash"] != sft["config_hash"]
+    assert kd["params"]["teacher"] > 10 * kd["params"]["student"]
+    assert "leaderboard" in first_run["completed"].stdout
+
+
+def test_report_json_has_one_row_per_family_student_method(first_run: dict) -> None:
+    completed = kdbench("report", str(first_run["root"] / "out"), "--format", "json", env=first_run["env"])
+    assert completed.returncode == 0, completed.stderr
+    rows = json.loads(completed.stdout)
+    keys = {(r["family"], r["student"], r["method"]) for r in rows}
+    assert keys == {(f, s, m) for f in ("gpt2", "opt") for s, m in (("teacher", "teacher"), ("s1", "sft"), ("s1", "kd"))}
+    for row in rows:
+        for key in ("rougeL_mean", "rougeL_std", "exact_match_mean", "n_seeds", "wall_seconds"):
+            assert key in row
+        assert row["n_seeds"] == 2 and row["wall_seconds"] > 0
+
+
+def test_second_run_reuses_teacher_and_finished_cells(first_run: dict) -> None:
+    root = first_run["root"]
+    trained_before = sorted(p.name for p in (root / "cache" / "train").iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "out").glob("cells/**/result.json")}
+    (root / "out/cells/opt/s1/kd/seed0/result.json").unlink()  # as if the run had been killed there
+    completed = kdbench(*first_run["args"], env=first_run["env"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert sorted(p.name for p in (root / "cache" / "train").iterdir()) == trained_before  # nothing retrained
+    for path, stamp in stamps.items():
+        if "opt/s1/kd" not in str(path):
+            assert path.stat().st_mtime_ns == stamp, f"{path} was rewritten"
+    assert (root / "out/cells/opt/s1/kd/seed0/result.json").is_file()
+
+
+def test_user_errors_exit_2_without_traceback(first_run: dict) -> None:
+    completed = kdbench("run", "--methods", "kdd", "-e", str(first_run["root"] / "e2e.yaml"), env=first_run["env"])
+    assert completed.returncode == 2
+    assert "did you mean 'kd'" in completed.stderr.lower() and "Traceback" not in completed.stderr
+    completed = kdbench("report", str(first_run["root"] / "nowhere"), env=first_run["env"])
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr

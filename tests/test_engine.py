@@ -1,0 +1,146 @@
+"""The training engine: loss normalisation, the kd_ratio mix and real (tiny) training runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from kdbench.config import TrainingConfig
+from kdbench.data import TEMPLATE_PIECES, collate, format_prompt, tokenize_records
+from kdbench.engine import batch_token_loss_sum, loss_scale, lr_lambda, total_optimizer_steps, train
+from kdbench.tinysuite import TinySuiteOptions, generate
+from kdbench.zoo import TinyArch, build_tiny_model, load_model, load_tokenizer, train_tokenizer
+from kdbench_plugins.families import GPT2, OPT
+from kdbench_plugins.kd import KD
+from kdbench_plugins.sft import SFT
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real tokenizer, a tiny teacher and student (GPT-2 family) saved as HF folders, and data."""
+    root = tmp_path_factory.mktemp("engine")
+    splits = generate(TinySuiteOptions(n_train=300, n_validation=10, n_test=10))
+    train_tokenizer((format_prompt(r) + r["response"] for r in splits["train"]), 400, root / "tok", TEMPLATE_PIECES)
+    tokenizer = load_tokenizer(str(root / "tok"))
+    build_tiny_model(GPT2, TinyArch(32, 2, 2), tokenizer, 64, 0, root / "teacher")
+    build_tiny_model(GPT2, TinyArch(16, 1, 1), tokenizer, 64, 1, root / "student")
+    examples = tokenize_records(splits["train"], tokenizer, 64, 48)
+    return {"root": root, "tokenizer": tokenizer, "examples": examples}
+
+
+def settings(**overrides: object) -> TrainingConfig:
+    values: dict = {"engine": "accelerate", "lr": 3e-3, "batch_size": 16, "max_steps": 4, "warmup_steps": 1}
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def test_loss_scale_makes_accumulated_gradient_equal_global_token_mean(tiny_setup: dict) -> None:
+    """Two micro-batches with different response lengths: after the engine's ÷grad_accum, the
+    accumulated gradient equals that of the token mean over both batches together (not the mean of
+    per-batch means, which over-weights the short batch)."""
+    tokenizer, examples = tiny_setup["tokenizer"], tiny_setup["examples"]
+    by_length = sorted(examples, key=lambda e: len(e.input_ids) - e.prompt_length)
+    short, long = by_length[:4], by_length[-4:]
+    model = load_model(str(tiny_setup["root"] / "student"))
+    params = SFT.make_params({})
+    batches = [collate(short, tokenizer.pad_token_id), collate(long, tokenizer.pad_token_id)]
+    counts = [int(b["response_mask"][:, 1:].sum()) for b in batches]
+    assert counts[0] != counts[1]
+
+    model.zero_grad()
+    scale = loss_scale(world_size=1, grad_accum=2, global_response_tokens=sum(counts))
+    for batch in batches:
+        (batch_token_loss_sum(model, SFT, params, batch, None) * scale / 2).backward()  # /2: accelerate's ÷grad_accum
+    accumulated = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    total = sum(batch_token_loss_sum(model, SFT, params, b, None) for b in batches) / sum(counts)
+    total.backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    for got, want in zip(accumulated, reference):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+    model.zero_grad()  # the per-micro-batch mean is measurably different: the test can fail
+    per_batch = sum(batch_token_loss_sum(model, SFT, params, b, None) / c for b, c in zip(batches, counts)) / 2
+    per_batch.backward()
+    assert any(not torch.allclose(p.grad, r, rtol=1e-3) for p, r in zip(model.parameters(), reference))
+
+
+def test_loss_scale_accounts_for_ranks_and_accumulation() -> None:
+    assert loss_scale(4, 2, 100) == pytest.approx(0.08)
+    assert loss_scale(1, 1, 0) == 1.0  # an all-prompt step gives zero loss, not a division error
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor() -> None:
+    config = settings(warmup_steps=10, min_lr_ratio=0.1, max_steps=100)
+    factor = lr_lambda(config, 100)
+    assert factor(0) < factor(5) < factor(9) <= 1.0
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(99) == pytest.approx(0.1, abs=0.01)
+    assert all(factor(s) >= factor(s + 1) for s in range(10, 99))
+
+
+def test_total_steps_from_epochs_counts_accumulation_and_ranks() -> None:
+    config = settings(max_steps=None, epochs=2.0, batch_size=10, grad_accum=2)
+    assert total_optimizer_steps(config, n_examples=100, world_size=1) == 10
+    assert total_optimizer_steps(config, n_examples=100, world_size=2) == 5
+
+
+@pytest.mark.parametrize("engine,zero_stage", [("accelerate", 0), ("deepspeed", 1), ("deepspeed", 3)])
+def test_kd_training_runs_and_lowers_the_loss(tiny_setup: dict, tmp_path: Path, engine: str, zero_stage: int) -> None:
+    """Real training through accelerate and DeepSpeed (ZeRO 1 and 3 on CPU/gloo): the loss falls,
+    the teacher is run once per micro-batch, and the trained model reloads with from_pretrained."""
+    from kdbench.engine import save_trained
+
+    tokenizer = tiny_setup["tokenizer"]
+    student = load_model(str(tiny_setup["root"] / "student"))
+    teacher = load_model(str(tiny_setup["root"] / "teacher"))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    config = settings(engine=engine, zero_stage=zero_stage, max_steps=12, batch_size=16, grad_accum=2, lr=1e-2)
+    model, stats, accelerator = train(student, KD, KD.make_params({}), tiny_setup["examples"], config, seed=0,
+                                      pad_id=tokenizer.pad_token_id, teacher=teacher)
+    losses = [r["loss"] for r in stats.log]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert stats.student_forwards == 24 and stats.teacher_forwards == 24
+    assert stats.response_tokens > 0 and stats.tokens > stats.response_tokens
+    save_trained(model, accelerator, tokenizer, tmp_path / "trained")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
+    changed = [n for n, p in reloaded.named_parameters() if not torch.allclose(p, before[n])]
+    assert changed, "training did not change any saved weight"
+
+
+def test_sft_never_runs_the_teacher(tiny_setup: dict) -> None:
+    tokenizer = tiny_setup["tokenizer"]
+    student = load_model(str(tiny_setup["root"] / "student"))
+    teacher = load_model(str(tiny_setup["root"] / "teacher"))
+    _, stats, _ = train(student, SFT, SFT.make_params({}), tiny_setup["examples"], settings(max_steps=2), seed=0,
+                        pad_id=tokenizer.pad_token_id, teacher=teacher)
+    assert stats.teacher_forwards == 0 and stats.student_forwards == 2
+
+
+def test_opt_family_builds_and_trains(tiny_setup: dict, tmp_path: Path) -> None:
+    tokenizer = tiny_setup["tokenizer"]
+    build_tiny_model(OPT, TinyArch(16, 1, 1), tokenizer, 64, 0, tmp_path / "opt")
+    student = load_model(str(tmp_path / "opt"))
+    assert student.config.model_type == "opt"
+    _, stats, _ = train(student, SFT, SFT.make_params({}), tiny_setup["examples"], settings(max_steps=3), seed=0,
+                        pad_id=tokenizer.pad_token_id)
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in stats.log])))
+
+
+def test_deepspeed_and_plain_accelerate_follow_the_same_trajectory(tiny_setup: dict) -> None:
+    """ZeRO-1 in fp32 on one process is plain AdamW: the same seed must give the same losses step for
+    step (clipping, LR schedule and normalisation included), so the engine choice changes no result."""
+    tokenizer = tiny_setup["tokenizer"]
+    losses = {}
+    for engine in ("accelerate", "deepspeed"):
+        student = load_model(str(tiny_setup["root"] / "student"))
+        config = settings(engine=engine, zero_stage=1, max_steps=15, batch_size=16, grad_accum=2, lr=1e-2, grad_clip=0.5)
+        _, stats, _ = train(student, SFT, SFT.make_params({}), tiny_setup["examples"], config, seed=3,
+                            pad_id=tokenizer.pad_token_id)
+        losses[engine] = [r["loss"] for r in stats.log]
+    torch.testing.assert_close(torch.tensor(losses["deepspeed"]), torch.tensor(losses["accelerate"]), rtol=2e-3, atol=2e-3)

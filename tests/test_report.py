@@ -1,0 +1,232 @@
+"""Leaderboards from result.json files: loading, pooled aggregation, ordering and rendering."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+from rich.text import Text
+
+from kdbench.errors import KdbenchError
+from kdbench.report import (
+    LeaderboardRow,
+    build_leaderboard,
+    leaderboard_records,
+    load_results,
+    render,
+    rich_table,
+)
+
+
+def write_result(
+    run_dir: Path,
+    *,
+    family: str,
+    student: str,
+    method: str,
+    train_seed: int,
+    rouge: dict[str, float],
+    em: dict[str, float],
+    wall_total: float,
+    kind: str = "student",
+    config_hash: str = "hash-a",
+    schema_version: int = 1,
+) -> Path:
+    result: dict[str, Any] = {
+        "schema_version": schema_version,
+        "experiment": "tiny",
+        "config_hash": config_hash,
+        "family": family,
+        "student": student,
+        "method": method,
+        "kind": kind,
+        "train_seed": train_seed,
+        "metrics": {"rougeL": rouge, "exact_match": em},
+        "higher_is_better": {"rougeL": True, "exact_match": True},
+        "wall_seconds": {"train": wall_total / 2, "eval": wall_total / 2, "total": wall_total},
+        "tokens": {"train": 1000},
+        "forward_passes": {"student": 10, "teacher": 10},
+        "params": {"student": 5000 if kind == "student" else 90000, "teacher": 90000},
+        "peak_memory_mb": 100.0,
+        "versions": {"kdbench": "0.1.0", "torch": "2.3.0"},
+        "finished_at": "2026-11-25T16:00:00+00:00",
+    }
+    path = run_dir / "cells" / family / student / method / f"seed{train_seed}" / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    # gpt2: a teacher whose label sorts after its students, kd over two train seeds, sft over one.
+    write_result(tmp_path, family="gpt2", student="zz-teacher", method="teacher", kind="teacher",
+                 train_seed=0, rouge={"greedy": 50.0}, em={"greedy": 35.0}, wall_total=8.0)
+    write_result(tmp_path, family="gpt2", student="s1", method="kd", train_seed=0,
+                 rouge={"10": 40.0, "20": 42.0}, em={"10": 20.0, "20": 22.0}, wall_total=10.0,
+                 config_hash="hash-a")
+    write_result(tmp_path, family="gpt2", student="s1", method="kd", train_seed=1,
+                 rouge={"10": 44.0, "20": 46.0}, em={"10": 24.0, "20": 26.0}, wall_total=20.0,
+                 config_hash="hash-b")
+    write_result(tmp_path, family="gpt2", student="s1", method="sft", train_seed=0,
+                 rouge={"10": 45.0, "20": 47.0}, em={"10": 10.0, "20": 12.0}, wall_total=6.0)
+    # bloom sorts before gpt2 and has a single value per metric.
+    write_result(tmp_path, family="bloom", student="s1", method="kd", train_seed=0,
+                 rouge={"greedy": 30.0}, em={"greedy": 5.0}, wall_total=3.0)
+    return tmp_path
+
+
+def rows_by_key(rows: list[LeaderboardRow]) -> dict[tuple[str, str, str], LeaderboardRow]:
+    return {(row.family, row.student, row.method): row for row in rows}
+
+
+def test_load_results_reads_every_cell(run_dir: Path) -> None:
+    results = load_results(run_dir)
+    assert len(results) == 5
+    assert {r["method"] for r in results} == {"teacher", "kd", "sft"}
+
+
+def test_aggregation_pools_eval_values_across_train_seeds(run_dir: Path) -> None:
+    rows = rows_by_key(build_leaderboard(load_results(run_dir)))
+    kd = rows[("gpt2", "s1", "kd")]
+    # rougeL pooled = [40, 42, 44, 46]: mean 43, sample variance (9+1+1+9)/3 = 20/3.
+    assert kd.metrics_mean["rougeL"] == pytest.approx(43.0)
+    assert kd.metrics_std["rougeL"] == pytest.approx(math.sqrt(20 / 3))
+    assert kd.metrics_mean["exact_match"] == pytest.approx(23.0)
+    assert kd.metrics_std["exact_match"] == pytest.approx(math.sqrt(20 / 3))
+    assert kd.n_seeds == 4
+    assert kd.n_train_seeds == 2
+    assert kd.wall_seconds == pytest.approx(15.0)  # mean of totals 10 and 20
+    assert kd.params == 5000
+    assert kd.config_hashes == ["hash-a", "hash-b"]
+
+    sft = rows[("gpt2", "s1", "sft")]
+    assert sft.metrics_std["rougeL"] == pytest.approx(math.sqrt(2))  # [45, 47]
+    assert sft.n_seeds == 2 and sft.n_train_seeds == 1
+
+    bloom = rows[("bloom", "s1", "kd")]
+    assert bloom.metrics_std["rougeL"] == 0.0  # one value -> 0.0, not NaN
+    assert bloom.n_seeds == 1
+
+    teacher = rows[("gpt2", "zz-teacher", "teacher")]
+    assert teacher.kind == "teacher"
+    assert teacher.params == 90000
+
+
+def test_ordering_family_then_teacher_then_student_then_rouge_desc(run_dir: Path) -> None:
+    rows = build_leaderboard(load_results(run_dir))
+    assert [(r.family, r.student, r.method) for r in rows] == [
+        ("bloom", "s1", "kd"),
+        ("gpt2", "zz-teacher", "teacher"),  # teacher first despite sorting after "s1"
+        ("gpt2", "s1", "sft"),  # rougeL 46 beats kd's 43
+        ("gpt2", "s1", "kd"),
+    ]
+
+
+def test_ordering_falls_back_to_first_metric_alphabetically() -> None:
+    def result(method: str, accuracy: float, bleu: float) -> dict[str, Any]:
+        return {"family": "f", "student": "s", "method": method, "kind": "student",
+                "train_seed": 0, "metrics": {"bleu": {"0": bleu}, "accuracy": {"0": accuracy}}}
+
+    rows = build_leaderboard([result("low", 10.0, 90.0), result("high", 20.0, 1.0)])
+    assert [r.method for r in rows] == ["high", "low"]  # ranked by "accuracy", not "bleu"
+
+
+def test_json_output_has_required_keys_and_rounding(run_dir: Path) -> None:
+    records = json.loads(render(build_leaderboard(load_results(run_dir)), "json"))
+    assert len(records) == 4
+    required = {"family", "student", "method", "kind", "n_seeds", "n_train_seeds", "wall_seconds",
+                "params", "rougeL_mean", "rougeL_std", "exact_match_mean", "exact_match_std"}
+    for record in records:
+        assert required <= set(record)
+    kd = records[3]
+    assert kd["method"] == "kd"
+    assert kd["rougeL_std"] == round(math.sqrt(20 / 3), 4)
+    assert kd["rougeL_mean"] == 43.0
+
+
+def test_leaderboard_records_match_json_render(run_dir: Path) -> None:
+    rows = build_leaderboard(load_results(run_dir))
+    assert json.loads(render(rows, "json")) == leaderboard_records(rows)
+
+
+def test_csv_output_has_header_and_one_line_per_row(run_dir: Path) -> None:
+    text = render(build_leaderboard(load_results(run_dir)), "csv")
+    parsed = list(csv.DictReader(io.StringIO(text)))
+    assert len(parsed) == 4
+    assert parsed[0]["family"] == "bloom"
+    assert float(parsed[3]["rougeL_mean"]) == pytest.approx(43.0)
+    assert "exact_match_std" in parsed[0]
+
+
+def test_markdown_output_is_a_table_with_mean_pm_std(run_dir: Path) -> None:
+    text = render(build_leaderboard(load_results(run_dir)), "md")
+    lines = text.strip().splitlines()
+    assert len(lines) == 2 + 4  # header, separator, one per row
+    assert all(line.startswith("|") and line.endswith("|") for line in lines)
+    assert "43.00 ± 2.58" in lines[5]
+    assert "50.00 ± 0.00" in lines[3]
+
+
+def test_render_rejects_unknown_format(run_dir: Path) -> None:
+    rows = build_leaderboard(load_results(run_dir))
+    with pytest.raises(KdbenchError, match="md, csv, json"):
+        render(rows, "html")
+
+
+def test_rich_table_styles_teacher_and_bolds_best_student(run_dir: Path) -> None:
+    rows = build_leaderboard(load_results(run_dir))
+    table = rich_table(rows, title="tiny")
+    headers = [str(column.header) for column in table.columns]
+    assert headers == ["family", "student", "method", "rougeL", "exact_match", "seeds", "wall s"]  # primary first
+    assert table.rows[1].style == "dim italic"  # the gpt2 teacher
+    assert table.rows[2].style is None
+
+    def cell(column: str, row_index: int) -> Text:
+        value = list(table.columns[headers.index(column)].cells)[row_index]
+        assert isinstance(value, Text)
+        return value
+
+    # gpt2/s1: sft (row 2) wins rougeL, kd (row 3) wins exact_match; the teacher never competes.
+    assert cell("rougeL", 2).style == "bold" and cell("rougeL", 3).style == ""
+    assert cell("exact_match", 3).style == "bold" and cell("exact_match", 2).style == ""
+    assert cell("rougeL", 1).style == ""
+    assert cell("rougeL", 0).style == "bold"  # bloom/s1 has one method, so it is best
+    Console(file=io.StringIO(), width=200).print(table)  # renders without error
+
+
+def test_load_results_missing_dir_names_it_and_suggests_run(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(KdbenchError, match="kdbench run") as info:
+        load_results(missing)
+    assert str(missing) in str(info.value)
+
+
+def test_load_results_empty_dir_names_it_and_suggests_run(tmp_path: Path) -> None:
+    (tmp_path / "cells").mkdir()
+    with pytest.raises(KdbenchError, match="kdbench run") as info:
+        load_results(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_load_results_rejects_bad_schema_version(run_dir: Path) -> None:
+    bad = write_result(run_dir, family="gpt2", student="s1", method="kd", train_seed=7,
+                       rouge={"0": 1.0}, em={"0": 1.0}, wall_total=1.0, schema_version=2)
+    with pytest.raises(KdbenchError, match="schema_version 2") as info:
+        load_results(run_dir)
+    assert str(bad) in str(info.value)
+
+
+def test_load_results_rejects_invalid_json(run_dir: Path) -> None:
+    broken = run_dir / "cells" / "gpt2" / "s1" / "kd" / "seed9" / "result.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("{not json", encoding="utf-8")
+    with pytest.raises(KdbenchError, match="not valid JSON") as info:
+        load_results(run_dir)
+    assert str(broken) in str(info.value)
