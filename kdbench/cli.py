@@ -143,3 +143,6 @@ def main() -> None:
     except KdbenchError as error:
         stderr.print(f"[bold red]error:[/] {error}", highlight=False)
         sys.exit(2)
+    except KeyboardInterrupt:
+        stderr.print("interrupted: finished cells are kept; run the same command again to resume the rest.")
+        sys.exit(130)

@@ -16,14 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DeepSpeedPlugin
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from kdbench.config import TrainingConfig
-from kdbench.data import TokenizedExample, collate, length_grouped_batches
-from kdbench.objectives import Need, Objective, ObjectiveParams, TokenLossInputs, mixed_token_loss
+if not torch.cuda.is_available():
+    # Tell DeepSpeed up front instead of letting it probe and warn on every CPU-only run.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from accelerate import Accelerator  # noqa: E402  (after DS_ACCELERATOR is settled)
+from accelerate.state import AcceleratorState  # noqa: E402
+from accelerate.utils import DeepSpeedPlugin  # noqa: E402
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: E402
+
+from kdbench.config import TrainingConfig  # noqa: E402
+from kdbench.data import TokenizedExample, collate, length_grouped_batches  # noqa: E402
+from kdbench.objectives import Need, Objective, ObjectiveParams, TokenLossInputs, mixed_token_loss  # noqa: E402
 
 
 @dataclass
