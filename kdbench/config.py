@@ -76,6 +76,15 @@ class TeacherConfig(Strict):
     seed: int = 0
 
 
+class TeacherGenerationConfig(Strict):
+    """Stored teacher samples for methods that need them (seqkd, dpkd): one per training prompt,
+    sampled at temperature 1 with top-k 0 and top-p 1, generated once and cached."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(100, ge=1)
+    seed: int = 0
+
+
 class EvaluationConfig(Strict):
     split: Literal["validation", "test"] = "test"
     metrics: list[str] = Field(default_factory=lambda: ["rougeL", "exact_match"], min_length=1)
@@ -95,6 +104,7 @@ class Experiment(Strict):
     training: TrainingConfig
     methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"sft": {}, "kd": {}}, min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="training seeds; one cell each")
+    teacher_generations: TeacherGenerationConfig = Field(default_factory=TeacherGenerationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @property

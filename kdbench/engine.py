@@ -2,7 +2,7 @@
 
 It runs through accelerate, with DeepSpeed (ZeRO stage from the experiment) or plain accelerate.
 The runner's share of every loss lives here and nowhere else: shifting, masking, the ``kd_ratio``
-mix (``kdbench.objectives.mixed_token_loss``) and normalisation by the global count of response
+mix ``(1 - kd_ratio)·CE_gold + kd_ratio·L_objective`` and normalisation by the global count of response
 tokens in an optimizer step.
 """
 
@@ -28,7 +28,8 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noq
 
 from kdbench.config import TrainingConfig  # noqa: E402
 from kdbench.data import TokenizedExample, collate, length_grouped_batches  # noqa: E402
-from kdbench.objectives import Need, Objective, ObjectiveParams, TokenLossInputs, mixed_token_loss  # noqa: E402
+from kdbench.objectives import (Need, Objective, ObjectiveParams, TokenLossInputs,  # noqa: E402
+                                gold_cross_entropy, objective_token_loss)
 
 
 @dataclass
@@ -114,18 +115,35 @@ def loss_scale(world_size: int, grad_accum: int, global_response_tokens: int) ->
     return world_size * grad_accum / max(global_response_tokens, 1)
 
 
-def batch_token_loss_sum(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
-                         batch: dict[str, torch.Tensor], teacher: torch.nn.Module | None) -> torch.Tensor:
-    """Sum over response tokens of the mixed per-token loss for one micro-batch (a scalar)."""
-    labels = batch["input_ids"][:, 1:]  # (b, t-1): position i predicts token i+1
-    mask = batch["response_mask"][:, 1:]  # (b, t-1)
+def response_token_count(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["response_mask"][:, 1:].sum())
+
+
+def _token_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  teacher: torch.nn.Module | None) -> TokenLossInputs:
+    """Student (and teacher) logits shifted so position i predicts token i+1. Logits (b, t-1, vocab)."""
     student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     teacher_logits = None
     if teacher is not None:
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    inputs = TokenLossInputs(student_logits, labels, mask, teacher_logits)  # logits (b, t-1, vocab)
-    return mixed_token_loss(objective, params, inputs).sum()
+    return TokenLossInputs(student_logits, batch["input_ids"][:, 1:], batch["response_mask"][:, 1:], teacher_logits)
+
+
+def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
+                    gold: dict[str, torch.Tensor], target: dict[str, torch.Tensor] | None,
+                    teacher: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ gold CE, Σ objective loss) over the response tokens of one micro-batch.
+
+    ``target`` is the batch the objective reads (teacher generations for seqkd); None means the gold
+    batch, whose forward pass is then shared by both terms. With ``kd_ratio = 0`` the objective term
+    is not computed at all (sft, and the teacher's own training)."""
+    gold_inputs = _token_inputs(model, gold, teacher if target is None else None)
+    ce_sum = gold_cross_entropy(gold_inputs.student_logits, gold_inputs.labels, gold_inputs.mask).sum()
+    if params.kd_ratio == 0.0:
+        return ce_sum, torch.zeros_like(ce_sum)
+    inputs = gold_inputs if target is None else _token_inputs(model, target, teacher)
+    return ce_sum, objective_token_loss(objective, params, inputs).sum()
 
 
 def train(
@@ -139,8 +157,12 @@ def train(
     teacher: torch.nn.Module | None = None,
     observer: Any = None,
     stage: str = "train",
+    target_examples: list[TokenizedExample] | None = None,
 ) -> tuple[torch.nn.Module, TrainStats, Accelerator]:
-    """Train ``student`` in place with ``objective``; return the unwrapped model, stats and engine."""
+    """Train ``student`` in place with ``objective``; return the unwrapped model, stats and engine.
+
+    ``examples`` are the gold sequences; ``target_examples`` (same prompts, same order) are the
+    sequences the objective reads when it does not read the gold ones (teacher generations)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(seed)
@@ -152,10 +174,12 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings, total_steps))
     # The scheduler stays outside accelerate: prepared, it would advance once per process per step.
     model, optimizer = accelerator.prepare(student, optimizer)
-    needs_teacher = Need.TEACHER_LOGITS in objective.needs and params.kd_ratio > 0
+    needs_teacher = Need.TEACHER_LOGITS in objective.needs_for(params) and params.kd_ratio > 0
     if needs_teacher:
         assert teacher is not None, f"{objective.name} needs a teacher"
         teacher = teacher.to(accelerator.device).eval()
+    if target_examples is not None:
+        assert len(target_examples) == len(examples), "target sequences must pair with the gold ones"
 
     stats = TrainStats()
     lengths = [len(e.input_ids) for e in examples]
@@ -165,47 +189,60 @@ def train(
         observer.kdbench_on_stage_start(stage=stage, total=total_steps)
     started = time.perf_counter()
     model.train()
+
+    def batch_of(source: list[TokenizedExample], indices: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(accelerator.device) for k, v in collate([source[i] for i in indices], pad_id).items()}
+
+    def global_sum(value: int) -> int:
+        return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum").item())
+
     for step in range(total_steps):
-        group: list[dict[str, torch.Tensor]] = []
+        group: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]] = []
         for _ in range(settings.grad_accum):
             if len(micro_batches) < world:  # a new epoch: reshuffle; every rank gets one batch per turn
                 micro_batches = length_grouped_batches(lengths, settings.batch_size, generator)
                 micro_batches = micro_batches[: len(micro_batches) - len(micro_batches) % world]
             turn, micro_batches = micro_batches[:world], micro_batches[world:]
-            group.append({k: v.to(accelerator.device) for k, v in collate([examples[i] for i in turn[rank]], pad_id).items()})
+            target = batch_of(target_examples, turn[rank]) if target_examples is not None else None
+            group.append((batch_of(examples, turn[rank]), target))
 
         # Normalise by the response tokens of the whole optimizer step, across micro-batches and
         # ranks, not per micro-batch: otherwise short-response batches get more weight per token.
-        local_count = sum(int(b["response_mask"][:, 1:].sum()) for b in group)
-        global_count = int(accelerator.reduce(torch.tensor(local_count, device=accelerator.device), "sum").item())
+        # Each term by its own count: the objective may read other sequences than the gold ones.
+        gold_count = global_sum(sum(response_token_count(gold) for gold, _ in group))
+        target_count = gold_count if target_examples is None else global_sum(
+            sum(response_token_count(target) for _, target in group if target is not None))
         # accelerate/DeepSpeed divide the loss by grad_accum and DDP averages gradients over ranks;
-        # scaling by both makes the gradient exactly that of sum(token losses) / global_count.
-        scale = loss_scale(world, settings.grad_accum, global_count)
+        # the scales undo both, so the gradient is exactly that of the step's token means.
+        ce_scale = loss_scale(world, settings.grad_accum, gold_count)
+        objective_scale = loss_scale(world, settings.grad_accum, target_count)
         step_loss = torch.zeros((), device=accelerator.device)
-        for batch in group:
+        for gold, target in group:
             with accelerator.accumulate(model):
-                token_sum = batch_token_loss_sum(model, objective, params, batch, teacher if needs_teacher else None)
+                ce_sum, objective_sum = batch_loss_sums(model, objective, params, gold, target,
+                                                        teacher if needs_teacher else None)
                 stats.teacher_forwards += int(needs_teacher)
-                accelerator.backward(token_sum * scale)
+                stats.student_forwards += 1 + int(target is not None and params.kd_ratio > 0)
+                loss = (1 - params.kd_ratio) * ce_sum * ce_scale + params.kd_ratio * objective_sum * objective_scale
+                accelerator.backward(loss)
                 if accelerator.sync_gradients and settings.engine != "deepspeed":
                     accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)  # DeepSpeed clips from its config
                 optimizer.step()  # a no-op until the accumulation boundary (DeepSpeed steps in backward)
                 optimizer.zero_grad()
                 if accelerator.sync_gradients:
                     scheduler.step()
-                step_loss += token_sum.detach() / max(global_count, 1)
-                stats.student_forwards += 1
-                stats.tokens += int(batch["attention_mask"].sum())
-        loss = float(accelerator.reduce(step_loss, "sum").item())
-        stats.response_tokens += global_count
-        record = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0]}
+                step_loss += loss.detach() / (world * settings.grad_accum)
+                stats.tokens += int(gold["attention_mask"].sum())
+        loss_value = float(accelerator.reduce(step_loss, "sum").item())
+        stats.response_tokens += gold_count
+        record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
         stats.log.append(record)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"{stage}: loss became {loss} at step {step + 1}; lower the learning rate")
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"{stage}: loss became {loss_value} at step {step + 1}; lower the learning rate")
         if observer is not None:
             observer.kdbench_on_step_end(stage=stage, step=step + 1, metrics=record)
     stats.steps = total_steps
-    stats.tokens = int(accelerator.reduce(torch.tensor(stats.tokens, device=accelerator.device), "sum").item())
+    stats.tokens = global_sum(stats.tokens)
     stats.seconds = time.perf_counter() - started
     model.eval()
     # accelerate registers ZeRO-3 with transformers globally; left set, every later from_pretrained in

@@ -24,7 +24,16 @@ from kdbench.errors import KdbenchError
 class Need(str, Enum):
     """What the runner must provide before an objective's loss can be computed."""
 
-    TEACHER_LOGITS = "teacher_logits"  # the teacher under teacher forcing on the gold sequence
+    TEACHER_LOGITS = "teacher_logits"  # the teacher under teacher forcing on the sequences the loss reads
+    TEACHER_GENERATIONS = "teacher_generations"  # one stored, sampled teacher response per training prompt
+    SFT_INIT = "sft_init"  # start from the student fine-tuned with sft (same student, same seed)
+
+
+class Sequence(str, Enum):
+    """Which response of a training prompt an objective's token loss is taken on."""
+
+    GOLD = "gold"  # the data set's response
+    TEACHER = "teacher"  # the stored teacher generation (needs TEACHER_GENERATIONS)
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,13 @@ class Objective:
     summary: ClassVar[str]  # one line for `kdbench plugins` and the README
     paper: ClassVar[str]  # where the formula comes from
     needs: ClassVar[frozenset[Need]] = frozenset()
+    sequence: ClassVar[Sequence] = Sequence.GOLD
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
+
+    @classmethod
+    def needs_for(cls, params: ObjectiveParams) -> frozenset[Need]:
+        """What this objective needs with these parameters (an option may add a need)."""
+        return cls.needs
 
     @staticmethod
     def token_loss(inputs: TokenLossInputs, params: Any) -> torch.Tensor:
@@ -99,9 +114,6 @@ def gold_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask:
     return -log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) * mask
 
 
-def mixed_token_loss(objective: type[Objective], params: ObjectiveParams, inputs: TokenLossInputs) -> torch.Tensor:
-    """``(1 - kd_ratio)·CE_gold + kd_ratio·L_objective`` per token, zero outside the mask. (b, t)"""
-    ce = gold_cross_entropy(inputs.student_logits, inputs.labels, inputs.mask)
-    if params.kd_ratio == 0.0:
-        return ce
-    return (1.0 - params.kd_ratio) * ce + params.kd_ratio * objective.token_loss(inputs, params) * inputs.mask
+def objective_token_loss(objective: type[Objective], params: ObjectiveParams, inputs: TokenLossInputs) -> torch.Tensor:
+    """The objective's per-token loss, exactly zero outside the mask. (b, t)"""
+    return torch.where(inputs.mask, objective.token_loss(inputs, params), torch.zeros((), device=inputs.mask.device))

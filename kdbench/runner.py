@@ -23,7 +23,7 @@ from kdbench.config import Experiment, TrainingConfig, config_hash
 from kdbench.data import TEMPLATE_PIECES, Record, TokenizedExample, format_prompt, tokenize_records
 from kdbench.engine import save_trained, train
 from kdbench.errors import KdbenchError
-from kdbench.evaluation import GREEDY, evaluate
+from kdbench.evaluation import GREEDY, evaluate, generate_responses
 from kdbench.objectives import Need, Objective, ObjectiveParams
 from kdbench.registry import Registries
 from kdbench.zoo import (ModelFamily, build_tiny_model, check_same_vocabulary, count_parameters, load_model,
@@ -211,21 +211,56 @@ class Runner:
         path, _ = self._stage("data", "tokenize", inputs, build)
         return [TokenizedExample(**e) for e in json.loads((path / "train.json").read_text())]
 
-    def trained(self, label: str, init: ModelRef, objective: type[Objective], params: ObjectiveParams,
-                settings: TrainingConfig, seed: int, teacher: Any = None,
-                teacher_ref: ModelRef | None = None) -> tuple[ModelRef, dict[str, Any]]:
-        """``init`` trained with ``objective`` (cached): the trained model and its training stats."""
+    def teacher_generations(self, teacher_ref: ModelRef, teacher: Any) -> tuple[list[TokenizedExample], dict[str, Any]]:
+        """One sampled teacher response per training prompt, generated once and cached by teacher,
+        data and generation settings; tokenised in the order of ``tokenized_train``."""
+        settings = self.experiment.teacher_generations
+        tokenizer = load_tokenizer(teacher_ref.path)
+        inputs = {"teacher": teacher_ref.inputs, "data": self._data_key, "generation": settings.model_dump()}
+        stage = f"{teacher_ref.label}: generate"
+
+        def build(folder: Path) -> None:
+            records = self.splits()["train"]
+            batches = -(-len(records) // settings.batch_size)
+            self.hook.kdbench_on_stage_start(stage=stage, total=batches)
+            done = 0
+
+            def advance() -> None:
+                nonlocal done
+                done += 1
+                self.hook.kdbench_on_step_end(stage=stage, step=done, metrics={})
+
+            responses = generate_responses(teacher, tokenizer, records, str(settings.seed), settings.max_new_tokens,
+                                           settings.batch_size, advance)
+            (folder / "generations.json").write_text(json.dumps(responses))
+
+        path, _ = self._stage(teacher_ref.label, "generate", inputs, build)
+        responses = json.loads((path / "generations.json").read_text())
+        records = [{**record, "response": response} for record, response in zip(self.splits()["train"], responses)]
         data = self.experiment.data
+        # Prompts are the gold ones, so the same records survive the prompt-length filter: index i of
+        # both lists is the same prompt.
+        return tokenize_records(records, tokenizer, data.max_length, data.max_prompt_length), inputs
+
+    def trained(self, label: str, init: ModelRef, objective: type[Objective], params: ObjectiveParams,
+                settings: TrainingConfig, seed: int, teacher: Any = None, teacher_ref: ModelRef | None = None,
+                target: tuple[list[TokenizedExample], dict[str, Any]] | None = None) -> tuple[ModelRef, dict[str, Any]]:
+        """``init`` trained with ``objective`` (cached): the trained model and its training stats.
+        ``target`` is the sequences the objective reads instead of the gold ones, with their cache inputs."""
+        data = self.experiment.data
+        needs = objective.needs_for(params)
         inputs = {"init": init.inputs, "objective": objective.name, "params": dataclasses.asdict(params),
                   "training": settings.model_dump(), "seed": seed,
-                  "teacher": teacher_ref.inputs if teacher_ref and Need.TEACHER_LOGITS in objective.needs else None,
+                  "teacher": teacher_ref.inputs if teacher_ref and Need.TEACHER_LOGITS in needs else None,
+                  "target": target[1] if target else None,
                   "data": self._data_key, "max_length": data.max_length, "max_prompt_length": data.max_prompt_length}
 
         def build(folder: Path) -> None:
             tokenizer = load_tokenizer(init.path)
             examples = self.tokenized_train(tokenizer)
             model, stats, accelerator = train(load_model(init.path), objective, params, examples, settings, seed,
-                                              tokenizer.pad_token_id, teacher, self.hook, f"{label}: train")
+                                              tokenizer.pad_token_id, teacher, self.hook, f"{label}: train",
+                                              target_examples=target[0] if target else None)
             save_trained(model, accelerator, tokenizer, folder)
             stats_payload = dataclasses.asdict(stats)
             log = stats_payload.pop("log")
@@ -234,6 +269,20 @@ class Runner:
 
         path, _ = self._stage(label, "train", inputs, build)
         return ModelRef(init.label, str(path), inputs), json.loads((path / "train_stats.json").read_text())
+
+    def train_cell(self, cell: Cell, student: ModelRef, objective: type[Objective], params: ObjectiveParams,
+                   teacher: Any, teacher_ref: ModelRef) -> tuple[ModelRef, dict[str, Any]]:
+        """Provide what the objective declares it needs, then train. Never branches on its name."""
+        needs = objective.needs_for(params)
+        experiment = self.experiment
+        init = student
+        if Need.SFT_INIT in needs:  # the very cache entry the sft cell of this student and seed trains
+            sft = self.registries.objectives.get("sft")
+            init, _ = self.trained(f"{cell.family}/{student.label}/sft/seed{cell.seed}", student, sft,
+                                   sft.make_params({}), experiment.training, cell.seed)
+        target = self.teacher_generations(teacher_ref, teacher) if Need.TEACHER_GENERATIONS in needs else None
+        return self.trained(cell.label, init, objective, params, experiment.training, cell.seed, teacher,
+                            teacher_ref, target)
 
     # -- cells --------------------------------------------------------------------------------
     def write_cell(self, cell: Cell, model: ModelRef, train_stats: dict[str, Any], params_count: dict[str, int],
@@ -282,7 +331,8 @@ class Runner:
         self.hook.kdbench_on_run_start(plan={"experiment": experiment.name, "out_dir": str(self.out_dir), "cells": cells})
         shared = {"experiment": experiment.name, "data": experiment.data.model_dump(), "scale": experiment.models.scale,
                   "training": experiment.training.model_dump(), "teacher_training": experiment.teacher_training.model_dump(),
-                  "evaluation": experiment.evaluation.model_dump(), "eval_seeds": selection.eval_seeds}
+                  "evaluation": experiment.evaluation.model_dump(), "eval_seeds": selection.eval_seeds,
+                  "teacher_generations": experiment.teacher_generations.model_dump()}
         written: list[dict[str, Any]] = []
         for family in selection.families:
             written += self.run_family(self.registries.families.get(family), selection, shared)
@@ -327,8 +377,7 @@ class Runner:
                     if done is not None:  # resumed: this cell finished in an earlier run
                         written.append(done)
                         continue
-                    trained, stats = self.trained(cell.label, student, objective, params, experiment.training, seed,
-                                                  teacher, teacher_ref)
+                    trained, stats = self.train_cell(cell, student, objective, params, teacher, teacher_ref)
                     student_params = count_parameters(load_model(trained.path))
                     written.append(self.write_cell(cell, trained, stats,
                                                    {"student": student_params, "teacher": teacher_params}, started))

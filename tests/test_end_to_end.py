@@ -20,9 +20,29 @@ data: {dataset: tiny, options: {n_train: 300, n_validation: 10, n_test: 24}, max
 models: {scale: tiny, families: [gpt2, opt]}
 teacher: {training: {engine: deepspeed, zero_stage: 1, lr: 3.0e-3, batch_size: 32, max_steps: 30}}
 training: {engine: deepspeed, zero_stage: 1, lr: 5.0e-3, batch_size: 32, max_steps: 8}
-methods: {sft: {}, kd: {kd_ratio: 0.5}}
+methods: {sft: {}, kd: {kd_ratio: 0.5}, seqkd: {}, dpkd-token: {beta: 0.1}}
+teacher_generations: {max_new_tokens: 16, batch_size: 100}
 evaluation: {seeds: [10, 20], max_new_tokens: 16, batch_size: 24}
 """
+
+# A third-party objective that asks to start from the SFT student: the runner must train from the
+# very model the sft cell trained, not from scratch.
+SFT_INIT_PLUGIN = """
+from kdbench import hookimpl
+from kdbench.objectives import Need
+from kdbench_plugins.kd import KD
+
+
+class KDFromSFT(KD):
+    name = "kd-from-sft"
+    needs = KD.needs | {Need.SFT_INIT}
+
+
+@hookimpl
+def kdbench_register_objectives():
+    return [KDFromSFT]
+"""
+METHODS = "sft,kd,seqkd,dpkd-token"
 
 KDBENCH = [sys.executable, "-m", "kdbench"]
 
@@ -36,7 +56,7 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("e2e")
     (root / "e2e.yaml").write_text(EXPERIMENT)
     env = {**os.environ, "KDBENCH_CACHE_DIR": str(root / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    args = ("run", "--methods", "sft,kd", "--models", "gpt2,opt", "-e", str(root / "e2e.yaml"), "--out", str(root / "out"))
+    args = ("run", "--methods", METHODS, "--models", "gpt2,opt", "-e", str(root / "e2e.yaml"), "--out", str(root / "out"))
     completed = kdbench(*args, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return {"root": root, "env": env, "args": args, "completed": completed}
@@ -45,8 +65,8 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_run_writes_a_result_per_cell_and_prints_the_leaderboard(first_run: dict) -> None:
     out = first_run["root"] / "out"
     results = sorted(out.glob("cells/**/result.json"))
-    # 2 families × (teacher + 1 student × 2 methods)
-    assert len(results) == 6
+    # 2 families × (teacher + 1 student × 4 methods)
+    assert len(results) == 10
     for path in results:
         result = json.loads(path.read_text())
         assert result["schema_version"] == 1
@@ -68,11 +88,43 @@ def test_report_json_has_one_row_per_family_student_method(first_run: dict) -> N
     assert completed.returncode == 0, completed.stderr
     rows = json.loads(completed.stdout)
     keys = {(r["family"], r["student"], r["method"]) for r in rows}
-    assert keys == {(f, s, m) for f in ("gpt2", "opt") for s, m in (("teacher", "teacher"), ("s1", "sft"), ("s1", "kd"))}
+    methods = ("teacher", *METHODS.split(","))
+    assert keys == {(f, "teacher" if m == "teacher" else "s1", m) for f in ("gpt2", "opt") for m in methods}
     for row in rows:
         for key in ("rougeL_mean", "rougeL_std", "exact_match_mean", "n_seeds", "wall_seconds"):
             assert key in row
         assert row["n_seeds"] == 2 and row["wall_seconds"] > 0
+
+
+def test_seqkd_trains_on_stored_teacher_generations(first_run: dict) -> None:
+    """One generation entry per family teacher, read by seqkd; its cell records no teacher forward
+    (the teacher's text is data) while dpkd-token runs the teacher on every micro-batch."""
+    root = first_run["root"]
+    entries = sorted((root / "cache" / "generate").iterdir())
+    assert len(entries) == 2
+    generations = json.loads((entries[0] / "generations.json").read_text())
+    assert len(generations) == 300 and sum(bool(g) for g in generations) > 150
+    seqkd = json.loads((root / "out/cells/gpt2/s1/seqkd/seed0/result.json").read_text())
+    dpkd_token = json.loads((root / "out/cells/gpt2/s1/dpkd-token/seed0/result.json").read_text())
+    assert seqkd["forward_passes"]["teacher"] == 0 and seqkd["forward_passes"]["student"] == 16  # gold + teacher text
+    assert dpkd_token["forward_passes"]["teacher"] == 8
+
+
+def test_sft_init_objective_starts_from_the_sft_student(first_run: dict) -> None:
+    root = first_run["root"]
+    (root / "plugins").mkdir()
+    (root / "plugins" / "kd_from_sft.py").write_text(SFT_INIT_PLUGIN)
+    args = ("run", "--methods", "kd-from-sft", "--models", "gpt2", "-e", str(root / "e2e.yaml"),
+            "--out", str(root / "out-sft-init"), "--plugins-dir", str(root / "plugins"))
+    completed = kdbench(*args, env=first_run["env"])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    entries = [json.loads((p / "inputs.json").read_text()) for p in (root / "cache" / "train").iterdir()]
+    new = [e for e in entries if e["objective"] == "kd-from-sft"]
+    # the gpt2 student's sft cell (the teachers' SFT runs 30 steps, the students' 8)
+    sft = [e for e in entries if e["objective"] == "sft" and e["init"]["family"] == "gpt2"
+           and e["training"]["max_steps"] == 8]
+    assert len(new) == 1 and len(sft) == 1
+    assert new[0]["init"] == sft[0]  # initialised from exactly the sft cell's trained model
 
 
 def test_second_run_reuses_teacher_and_finished_cells(first_run: dict) -> None:

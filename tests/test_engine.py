@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from kdbench.config import TrainingConfig
 from kdbench.data import TEMPLATE_PIECES, collate, format_prompt, tokenize_records
-from kdbench.engine import batch_token_loss_sum, loss_scale, lr_lambda, total_optimizer_steps, train
+from kdbench.engine import batch_loss_sums, loss_scale, lr_lambda, total_optimizer_steps, train
 from kdbench.tinysuite import TinySuiteOptions, generate
 from kdbench.zoo import TinyArch, build_tiny_model, load_model, load_tokenizer, train_tokenizer
 from kdbench_plugins.families import GPT2, OPT
@@ -53,20 +53,49 @@ def test_loss_scale_makes_accumulated_gradient_equal_global_token_mean(tiny_setu
     model.zero_grad()
     scale = loss_scale(world_size=1, grad_accum=2, global_response_tokens=sum(counts))
     for batch in batches:
-        (batch_token_loss_sum(model, SFT, params, batch, None) * scale / 2).backward()  # /2: accelerate's ÷grad_accum
+        (batch_loss_sums(model, SFT, params, batch, None, None)[0] * scale / 2).backward()  # /2: accelerate's ÷grad_accum
     accumulated = [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()
-    total = sum(batch_token_loss_sum(model, SFT, params, b, None) for b in batches) / sum(counts)
+    total = sum(batch_loss_sums(model, SFT, params, b, None, None)[0] for b in batches) / sum(counts)
     total.backward()
     reference = [p.grad.clone() for p in model.parameters()]
     for got, want in zip(accumulated, reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
     model.zero_grad()  # the per-micro-batch mean is measurably different: the test can fail
-    per_batch = sum(batch_token_loss_sum(model, SFT, params, b, None) / c for b, c in zip(batches, counts)) / 2
+    per_batch = sum(batch_loss_sums(model, SFT, params, b, None, None)[0] / c for b, c in zip(batches, counts)) / 2
     per_batch.backward()
     assert any(not torch.allclose(p.grad, r, rtol=1e-3) for p, r in zip(model.parameters(), reference))
+
+
+def test_batch_loss_sums_split_gold_ce_and_objective_term(tiny_setup: dict) -> None:
+    """Σ gold CE and Σ objective loss over response tokens, each computed independently here; with
+    kd_ratio 0 the objective term is skipped; with a target batch the objective reads that batch."""
+    import torch.nn.functional as F
+
+    tokenizer, examples = tiny_setup["tokenizer"], tiny_setup["examples"]
+    student = load_model(str(tiny_setup["root"] / "student"))
+    teacher = load_model(str(tiny_setup["root"] / "teacher"))
+    gold, other = collate(examples[:6], tokenizer.pad_token_id), collate(examples[6:12], tokenizer.pad_token_id)
+
+    def sums(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch["response_mask"][:, 1:]
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        target_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        ce = F.cross_entropy(logits[mask], batch["input_ids"][:, 1:][mask], reduction="sum")
+        kd = -(F.softmax(target_logits[mask], -1) * F.log_softmax(logits[mask], -1)).sum()
+        return ce, kd
+
+    with torch.no_grad():
+        ce, kd = batch_loss_sums(student, KD, KD.make_params({}), gold, None, teacher)
+        want_ce, want_kd = sums(gold)
+        torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(kd, want_kd, rtol=1e-5, atol=1e-4)
+        ce_t, kd_t = batch_loss_sums(student, KD, KD.make_params({}), gold, other, teacher)
+        torch.testing.assert_close(ce_t, want_ce, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(kd_t, sums(other)[1], rtol=1e-5, atol=1e-4)
+        assert batch_loss_sums(student, KD, KD.make_params({"kd_ratio": 0.0}), gold, None, None)[1] == 0
 
 
 def test_loss_scale_accounts_for_ranks_and_accumulation() -> None:
@@ -144,3 +173,23 @@ def test_deepspeed_and_plain_accelerate_follow_the_same_trajectory(tiny_setup: d
                             pad_id=tokenizer.pad_token_id)
         losses[engine] = [r["loss"] for r in stats.log]
     torch.testing.assert_close(torch.tensor(losses["deepspeed"]), torch.tensor(losses["accelerate"]), rtol=2e-3, atol=2e-3)
+
+
+def test_logged_loss_is_the_kd_ratio_mix_of_token_means(tiny_setup: dict) -> None:
+    """One step over exactly one batch: the logged loss (taken before the update) equals
+    (1 − r)·mean CE + r·mean KD over all response tokens, computed here independently."""
+    import torch.nn.functional as F
+
+    tokenizer, examples = tiny_setup["tokenizer"], tiny_setup["examples"][:16]
+    student = load_model(str(tiny_setup["root"] / "student"))
+    teacher = load_model(str(tiny_setup["root"] / "teacher"))
+    batch = collate(examples, tokenizer.pad_token_id)
+    mask = batch["response_mask"][:, 1:]
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+        target = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+    ce = F.cross_entropy(logits, batch["input_ids"][:, 1:][mask])
+    kd = -(F.softmax(target, -1) * F.log_softmax(logits, -1)).sum(-1).mean()
+    _, stats, _ = train(student, KD, KD.make_params({"kd_ratio": 0.3}), examples, settings(max_steps=1), seed=0,
+                        pad_id=tokenizer.pad_token_id, teacher=teacher)
+    assert stats.log[0]["loss"] == pytest.approx(float(0.7 * ce + 0.3 * kd), rel=1e-4)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
-from kdbench.objectives import Need, ObjectiveParams, TokenLossInputs, gold_cross_entropy, mixed_token_loss
+from kdbench.objectives import Need, ObjectiveParams, TokenLossInputs, gold_cross_entropy, objective_token_loss
 from kdbench_plugins.kd import KD, KDParams, soft_cross_entropy
 from kdbench_plugins.sft import SFT
 
@@ -128,28 +128,18 @@ def _kd_inputs() -> TokenLossInputs:
     return TokenLossInputs(_logits(10), labels, mask, teacher_logits=_logits(11))
 
 
-def test_mixed_loss_with_zero_ratio_is_gold_ce() -> None:
-    """kd_ratio = 0 gives exactly the gold CE, whatever the objective."""
+def test_objective_token_loss_is_the_objective_inside_the_mask_and_zero_outside() -> None:
+    """The runner's masking: the objective's own value at response positions, exactly 0 elsewhere
+    (even where the unmasked value would be NaN, e.g. padding with -inf logits)."""
     inputs = _kd_inputs()
-    got = mixed_token_loss(KD, KDParams(kd_ratio=0.0), inputs)
-    torch.testing.assert_close(got, gold_cross_entropy(inputs.student_logits, inputs.labels, inputs.mask))
-
-
-@pytest.mark.parametrize("ratio", [0.25, 0.5, 1.0])
-def test_mixed_loss_interpolates_ce_and_kd_inside_mask(ratio: float) -> None:
-    """(1−r)·CE + r·KD at response positions, 0 elsewhere."""
-    inputs = _kd_inputs()
-    got = mixed_token_loss(KD, KDParams(kd_ratio=ratio), inputs)
     assert inputs.teacher_logits is not None
-    ce = gold_cross_entropy(inputs.student_logits, inputs.labels, inputs.mask)
-    kd = soft_cross_entropy(inputs.student_logits, inputs.teacher_logits)
-    expected = (1 - ratio) * ce + ratio * kd
-    mask = inputs.mask
-    torch.testing.assert_close(got[mask].double(), expected[mask].double(), rtol=1e-5, atol=1e-6)
-    assert (got[~mask] == 0).all()
-    # The mix really moves away from CE (KD and CE differ here).
-    assert not torch.allclose(got[mask], ce[mask])
-
+    poisoned = inputs.teacher_logits.clone()
+    poisoned[~inputs.mask] = float("nan")
+    inputs = TokenLossInputs(inputs.student_logits, inputs.labels, inputs.mask, poisoned)
+    got = objective_token_loss(KD, KDParams(), inputs)
+    expected = soft_cross_entropy(inputs.student_logits, poisoned)
+    torch.testing.assert_close(got[inputs.mask], expected[inputs.mask])
+    assert (got[~inputs.mask] == 0).all()
 
 def test_sft_token_loss_is_gold_ce_and_default_params() -> None:
     """SFT's loss is the gold CE; its kd_ratio defaults to 0 and may not be set to anything else."""

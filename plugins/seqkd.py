@@ -1,0 +1,57 @@
+"""seqkd — sequence-level KD (Kim & Rush 2016, arXiv 1606.07947).
+
+The teacher samples one response per training prompt once (temperature 1, top-p 1, top-k 0, a
+max-new-tokens bound); the runner stores and reuses them. The objective is cross-entropy on the
+teacher's response instead of the gold one. With ``word_kd`` (as in the released MiniLLM scripts)
+word-level KD on the teacher text joins it: ``½·CE(ŷ) + ½·Σ_v p(v)·(−log q(v))`` on ŷ. METHODS.md, "seqkd".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdbench import hookimpl
+from kdbench.objectives import Need, Objective, ObjectiveParams, Sequence, TokenLossInputs, gold_cross_entropy
+from kdbench_plugins.kd import soft_cross_entropy
+
+
+@dataclass(frozen=True)
+class SeqKDParams(ObjectiveParams):
+    word_kd: bool = False
+    temperature: float = 1.0  # of the word-level KD term only
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        return problems
+
+
+class SeqKD(Objective):
+    name = "seqkd"
+    summary = "sequence-level KD: cross-entropy on stored teacher samples (option: plus word-level KD on them)"
+    paper = "Kim & Rush 2016, Sequence-Level Knowledge Distillation (arXiv 1606.07947)"
+    needs = frozenset({Need.TEACHER_GENERATIONS})
+    sequence = Sequence.TEACHER
+    Params = SeqKDParams
+
+    @classmethod
+    def needs_for(cls, params: ObjectiveParams) -> frozenset[Need]:
+        assert isinstance(params, SeqKDParams)
+        return cls.needs | {Need.TEACHER_LOGITS} if params.word_kd else cls.needs
+
+    @staticmethod
+    def token_loss(inputs: TokenLossInputs, params: SeqKDParams) -> torch.Tensor:
+        # Here ``labels`` are the teacher's sampled tokens: the runner hands over the teacher sequence.
+        ce = gold_cross_entropy(inputs.student_logits, inputs.labels, inputs.mask)  # (b, t)
+        if not params.word_kd:
+            return ce
+        assert inputs.teacher_logits is not None  # needs_for asks for them
+        return 0.5 * ce + 0.5 * soft_cross_entropy(inputs.student_logits, inputs.teacher_logits, params.temperature)
+
+
+@hookimpl
+def kdbench_register_objectives() -> list[type[Objective]]:
+    return [SeqKD]
