@@ -28,8 +28,9 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noq
 
 from kdbench.config import TrainingConfig  # noqa: E402
 from kdbench.data import TokenizedExample, collate, length_grouped_batches  # noqa: E402
-from kdbench.objectives import (Need, Objective, ObjectiveParams, TokenLossInputs,  # noqa: E402
-                                gold_cross_entropy, objective_token_loss)
+from kdbench.generation import Rollout, sample_continuations, sample_mixture  # noqa: E402
+from kdbench.objectives import (Need, Objective, ObjectiveParams, PreferencePair, RolloutInputs,  # noqa: E402
+                                Sequence, TokenLossInputs, gold_cross_entropy, objective_token_loss)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TrainStats:
     response_tokens: int = 0  # tokens the loss was taken on, all processes
     student_forwards: int = 0
     teacher_forwards: int = 0
+    student_samples: int = 0  # responses sampled from the student during training (on-policy objectives)
     seconds: float = 0.0
     log: list[dict[str, float]] = field(default_factory=list)  # per optimizer step: step, loss, lr
 
@@ -119,31 +121,94 @@ def response_token_count(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["response_mask"][:, 1:].sum())
 
 
+def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits shifted so position i predicts token i+1, (b, t-1, vocab). Left-padded batches (rollouts)
+    carry their own ``position_ids``."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch.get("position_ids")).logits[:, :-1]
+
+
 def _token_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                   teacher: torch.nn.Module | None) -> TokenLossInputs:
     """Student (and teacher) logits shifted so position i predicts token i+1. Logits (b, t-1, vocab)."""
-    student_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    student_logits = forward_logits(model, batch)
     teacher_logits = None
     if teacher is not None:
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            teacher_logits = forward_logits(teacher, batch)
     return TokenLossInputs(student_logits, batch["input_ids"][:, 1:], batch["response_mask"][:, 1:], teacher_logits)
 
 
-def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
-                    gold: dict[str, torch.Tensor], target: dict[str, torch.Tensor] | None,
-                    teacher: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ gold CE, Σ objective loss) over the response tokens of one micro-batch.
+@dataclass
+class MicroBatch:
+    """The sequences of one micro-batch: the gold ones (for CE), and what the objective reads when it
+    is not the gold ones — the teacher's text (seqkd), the preferred side of a pair and a fresh student
+    sample as the other side (dpkd), or a batch of teacher-mixed rollouts (minillm)."""
 
-    ``target`` is the batch the objective reads (teacher generations for seqkd); None means the gold
-    batch, whose forward pass is then shared by both terms. With ``kd_ratio = 0`` the objective term
-    is not computed at all (sft, and the teacher's own training)."""
-    gold_inputs = _token_inputs(model, gold, teacher if target is None else None)
+    gold: dict[str, torch.Tensor]
+    target: dict[str, torch.Tensor] | None = None
+    rejected: dict[str, torch.Tensor] | None = None
+    rollout: Rollout | None = None
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each response (b,) and its length in tokens (b,)."""
+    logits = forward_logits(model, batch)
+    mask = batch["response_mask"][:, 1:]  # (b, t-1)
+    token_logp = -gold_cross_entropy(logits, batch["input_ids"][:, 1:], mask)  # (b, t-1), 0 off the mask
+    return token_logp.sum(-1), mask.sum(-1)
+
+
+def objective_count(objective: type[Objective], micro: MicroBatch) -> int:
+    """What the objective term is averaged over: pairs for pair objectives, else response tokens."""
+    if objective.sequence is Sequence.PAIR:
+        return int(micro.gold["input_ids"].shape[0])
+    if micro.rollout is not None:
+        return int(micro.rollout.response_mask.sum())
+    return response_token_count(micro.target if micro.target is not None else micro.gold)
+
+
+def rollout_loss_sum(model: torch.nn.Module, teacher: torch.nn.Module, objective: type[Objective],
+                     params: ObjectiveParams, rollout: Rollout) -> torch.Tensor:
+    """Σ of the objective's per-token loss over the sampled tokens of one batch of rollouts."""
+    position_ids = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "position_ids": position_ids}
+    student_logits = forward_logits(model, batch)  # (b, t-1, vocab)
+    with torch.no_grad():
+        teacher_logits = forward_logits(teacher, batch)
+    inputs = RolloutInputs(student_logits, teacher_logits, rollout.input_ids[:, 1:], rollout.response_mask,
+                           rollout.student_logp, rollout.teacher_logp, rollout.mixture_logp)
+    loss = objective.rollout_loss(inputs, params)  # (b, t-1)
+    return torch.where(rollout.response_mask, loss, torch.zeros((), device=loss.device)).sum()
+
+
+def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
+                    micro: MicroBatch, teacher: torch.nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ gold CE over response tokens, Σ objective loss) of one micro-batch.
+
+    When the objective reads the gold sequences, one forward pass serves both terms. With
+    ``kd_ratio = 0`` the objective term is not computed at all (sft, and the teacher's own training)."""
+    token_objective = objective.sequence in (Sequence.GOLD, Sequence.TEACHER)
+    shares_gold = token_objective and micro.target is None
+    gold_inputs = _token_inputs(model, micro.gold, teacher if shares_gold else None)
     ce_sum = gold_cross_entropy(gold_inputs.student_logits, gold_inputs.labels, gold_inputs.mask).sum()
     if params.kd_ratio == 0.0:
         return ce_sum, torch.zeros_like(ce_sum)
-    inputs = gold_inputs if target is None else _token_inputs(model, target, teacher)
-    return ce_sum, objective_token_loss(objective, params, inputs).sum()
+    if token_objective:
+        inputs = gold_inputs if shares_gold else _token_inputs(model, micro.target, teacher)  # type: ignore[arg-type]
+        return ce_sum, objective_token_loss(objective, params, inputs).sum()
+    if objective.sequence is Sequence.ROLLOUT:
+        assert micro.rollout is not None and teacher is not None
+        return ce_sum, rollout_loss_sum(model, teacher, objective, params, micro.rollout)
+    assert micro.target is not None and micro.rejected is not None and teacher is not None
+    student_chosen, chosen_length = sequence_logprobs(model, micro.target)
+    student_rejected, rejected_length = sequence_logprobs(model, micro.rejected)
+    with torch.no_grad():
+        teacher_chosen, _ = sequence_logprobs(teacher, micro.target)
+        teacher_rejected, _ = sequence_logprobs(teacher, micro.rejected)
+    pair = PreferencePair(student_chosen, teacher_chosen, chosen_length, student_rejected, teacher_rejected,
+                          rejected_length)
+    return ce_sum, objective.pair_loss(pair, params).sum()
 
 
 def train(
@@ -158,11 +223,15 @@ def train(
     observer: Any = None,
     stage: str = "train",
     target_examples: list[TokenizedExample] | None = None,
+    sample_max_new_tokens: int = 64,
+    eos_id: int | None = None,
 ) -> tuple[torch.nn.Module, TrainStats, Accelerator]:
     """Train ``student`` in place with ``objective``; return the unwrapped model, stats and engine.
 
     ``examples`` are the gold sequences; ``target_examples`` (same prompts, same order) are the
-    sequences the objective reads when it does not read the gold ones (teacher generations)."""
+    sequences the objective reads when it does not read the gold ones (teacher generations). Objectives
+    that need student samples get, for every micro-batch, one fresh sample per prompt from the student
+    as it is at that step (up to ``sample_max_new_tokens`` tokens, ending at ``eos_id``)."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(seed)
@@ -180,6 +249,10 @@ def train(
         teacher = teacher.to(accelerator.device).eval()
     if target_examples is not None:
         assert len(target_examples) == len(examples), "target sequences must pair with the gold ones"
+    samples_student = Need.STUDENT_SAMPLES in objective.needs_for(params) and params.kd_ratio > 0
+    uses_rollouts = Need.ROLLOUTS in objective.needs_for(params) and params.kd_ratio > 0
+    max_length = max(len(e.input_ids) for e in examples)
+    rollout_queue: list[tuple[list[int], Rollout]] = []  # (prompt indices, their rollouts), in training order
 
     stats = TrainStats()
     lengths = [len(e.input_ids) for e in examples]
@@ -196,33 +269,70 @@ def train(
     def global_sum(value: int) -> int:
         return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum").item())
 
+    def next_prompts() -> list[int]:
+        """This rank's next micro-batch of training prompts; a new epoch reshuffles."""
+        nonlocal micro_batches
+        if len(micro_batches) < world:  # every rank gets one batch per turn
+            micro_batches = length_grouped_batches(lengths, settings.batch_size, generator)
+            micro_batches = micro_batches[: len(micro_batches) - len(micro_batches) % world]
+        turn, micro_batches = micro_batches[:world], micro_batches[world:]
+        return turn[rank]
+
+    def collect_rollouts() -> None:
+        """Sample rollouts for the next prompts with the student as it is now, then queue them for the
+        objective's inner epochs (each pass in a new order)."""
+        spec = objective.rollout_spec(params)
+        assert teacher is not None and eos_id is not None, "rollouts need the teacher and the EOS id"
+        collected = []
+        for _ in range(spec.batches):
+            indices = next_prompts()
+            prompts = [examples[i].input_ids[: examples[i].prompt_length] for i in indices]
+            collected.append((indices, sample_mixture(accelerator.unwrap_model(model), teacher, prompts,
+                                                      spec.teacher_mix, sample_max_new_tokens, eos_id, pad_id)))
+            stats.student_samples += len(indices)
+        for _ in range(spec.inner_epochs):
+            order = torch.randperm(len(collected), generator=generator).tolist()
+            rollout_queue.extend(collected[i] for i in order)
+
     for step in range(total_steps):
-        group: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]] = []
+        group: list[MicroBatch] = []
         for _ in range(settings.grad_accum):
-            if len(micro_batches) < world:  # a new epoch: reshuffle; every rank gets one batch per turn
-                micro_batches = length_grouped_batches(lengths, settings.batch_size, generator)
-                micro_batches = micro_batches[: len(micro_batches) - len(micro_batches) % world]
-            turn, micro_batches = micro_batches[:world], micro_batches[world:]
-            target = batch_of(target_examples, turn[rank]) if target_examples is not None else None
-            group.append((batch_of(examples, turn[rank]), target))
+            rollout = None
+            if uses_rollouts:
+                if not rollout_queue:
+                    collect_rollouts()
+                indices, rollout = rollout_queue.pop(0)
+            else:
+                indices = next_prompts()
+            micro = MicroBatch(batch_of(examples, indices), rollout=rollout)
+            if target_examples is not None:
+                micro.target = batch_of(target_examples, indices)
+            if samples_student:
+                assert eos_id is not None, "student samples need the EOS id"
+                fresh = sample_continuations(accelerator.unwrap_model(model), [examples[i] for i in indices],
+                                             sample_max_new_tokens, eos_id, pad_id, max_length)
+                micro.rejected = batch_of(fresh, list(range(len(fresh))))
+                stats.student_samples += len(fresh)
+            group.append(micro)
 
         # Normalise by the response tokens of the whole optimizer step, across micro-batches and
         # ranks, not per micro-batch: otherwise short-response batches get more weight per token.
-        # Each term by its own count: the objective may read other sequences than the gold ones.
-        gold_count = global_sum(sum(response_token_count(gold) for gold, _ in group))
-        target_count = gold_count if target_examples is None else global_sum(
-            sum(response_token_count(target) for _, target in group if target is not None))
+        # Each term by its own count: the objective may read other sequences, or average over pairs.
+        gold_count = global_sum(sum(response_token_count(micro.gold) for micro in group))
+        target_count = global_sum(sum(objective_count(objective, micro) for micro in group))
         # accelerate/DeepSpeed divide the loss by grad_accum and DDP averages gradients over ranks;
         # the scales undo both, so the gradient is exactly that of the step's token means.
         ce_scale = loss_scale(world, settings.grad_accum, gold_count)
         objective_scale = loss_scale(world, settings.grad_accum, target_count)
         step_loss = torch.zeros((), device=accelerator.device)
-        for gold, target in group:
+        for micro in group:
             with accelerator.accumulate(model):
-                ce_sum, objective_sum = batch_loss_sums(model, objective, params, gold, target,
+                ce_sum, objective_sum = batch_loss_sums(model, objective, params, micro,
                                                         teacher if needs_teacher else None)
-                stats.teacher_forwards += int(needs_teacher)
-                stats.student_forwards += 1 + int(target is not None and params.kd_ratio > 0)
+                extra_sequences = int(micro.target is not None) + int(micro.rejected is not None) + int(
+                    micro.rollout is not None)
+                stats.teacher_forwards += max(1, extra_sequences) if needs_teacher else 0
+                stats.student_forwards += 1 + (extra_sequences if params.kd_ratio > 0 else 0)
                 loss = (1 - params.kd_ratio) * ce_sum * ce_scale + params.kd_ratio * objective_sum * objective_scale
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and settings.engine != "deepspeed":
@@ -232,7 +342,7 @@ def train(
                 if accelerator.sync_gradients:
                     scheduler.step()
                 step_loss += loss.detach() / (world * settings.grad_accum)
-                stats.tokens += int(gold["attention_mask"].sum())
+                stats.tokens += int(micro.gold["attention_mask"].sum())
         loss_value = float(accelerator.reduce(step_loss, "sum").item())
         stats.response_tokens += gold_count
         record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}

@@ -12,13 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from transformers import GenerationConfig
-
 from kdbench.data import Record, format_prompt
+from kdbench.generation import generate_responses
 from kdbench.scoring import corpus_score
-
-GREEDY = "greedy"
 
 
 @dataclass(frozen=True)
@@ -29,42 +25,6 @@ class Metric:
     description: str
     higher_is_better: bool
     fn: Callable[[str, Sequence[str]], float]
-
-
-def generation_config(seed_label: str, max_new_tokens: int, eos_id: int, pad_id: int) -> GenerationConfig:
-    if seed_label == GREEDY:
-        return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
-    # top_k=0 and top_p=1 switch both filters off: samples come from the model's full distribution.
-    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                            eos_token_id=eos_id, pad_token_id=pad_id)
-
-
-@torch.no_grad()
-def generate_responses(model: Any, tokenizer: Any, records: Sequence[Record], seed_label: str, max_new_tokens: int,
-                       batch_size: int, on_batch: Callable[[], None] | None = None) -> list[str]:
-    """One response per record, in the records' order; text after the first EOS is dropped."""
-    model.eval()
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
-    config = generation_config(seed_label, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    prompts = [format_prompt(r) for r in records]
-    # Batch prompts of similar length together; results are put back in the original order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    responses: list[str] = [""] * len(prompts)
-    if seed_label != GREEDY:
-        torch.manual_seed(int(seed_label))
-    for start in range(0, len(order), batch_size):
-        indices = order[start:start + batch_size]
-        encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
-        output = model.generate(**encoded, generation_config=config)  # (b, prompt + new)
-        new_tokens = output[:, encoded["input_ids"].shape[1]:]
-        for i, row in zip(indices, new_tokens.tolist()):
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            responses[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-        if on_batch is not None:
-            on_batch()
-    return responses
 
 
 def score(responses: Sequence[str], records: Sequence[Record], metrics: Sequence[Metric]) -> dict[str, float]:

@@ -27,9 +27,11 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def kdbench_register_objectives() -> list[type[Objective]]:
     """Return objective classes (subclasses of ``kdbench.objectives.Objective``).
 
-    Each class names itself (``name``), declares what the runner must provide (``needs``), its
-    parameters (``Params``, a dataclass with defaults) and a pure per-token loss. All results are
-    collected; a name registered twice is an error naming both plugins.
+    Each class names itself (``name``), declares what the runner must provide (``needs``), which
+    sequences its loss reads (``sequence``: gold, teacher text, a preference pair or its own
+    rollouts), its parameters (``Params``, a dataclass with defaults) and a pure loss: per token
+    (``token_loss``), per pair (``pair_loss``) or per rollout token (``rollout_loss``). All results
+    are collected; a name registered twice is an error naming both plugins.
     """
 
 

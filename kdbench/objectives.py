@@ -1,10 +1,11 @@
 """What an objective is, and the parts of every loss the runner owns.
 
-An objective is one short module: a class naming itself, declaring what it needs and its
-parameters, and a *pure* per-token loss. The runner (``kdbench.engine``) does the rest the same way
+An objective is one short module: a class naming itself, declaring what it needs, the sequences
+it reads and its parameters, and a *pure* loss (per token, per preference pair, or per rollout
+token). The runner (``kdbench.engine``) does the rest the same way
 for every objective — shifting, masking prompt and padding, the ``kd_ratio`` mix with gold
-cross-entropy, and normalising by the global count of response tokens in an optimizer step — so no
-two objectives can differ in those details by accident.
+cross-entropy, and normalising by the global count of response tokens (or pairs) in an optimizer
+step — so no two objectives can differ in those details by accident.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class Need(str, Enum):
     TEACHER_LOGITS = "teacher_logits"  # the teacher under teacher forcing on the sequences the loss reads
     TEACHER_GENERATIONS = "teacher_generations"  # one stored, sampled teacher response per training prompt
     SFT_INIT = "sft_init"  # start from the student fine-tuned with sft (same student, same seed)
+    STUDENT_SAMPLES = "student_samples"  # responses sampled from the current student as training goes
+    ROLLOUTS = "rollouts"  # samples of (1 − α)·student + α·teacher with per-token probabilities: ``rollout_spec``
 
 
 class Sequence(str, Enum):
@@ -34,6 +37,8 @@ class Sequence(str, Enum):
 
     GOLD = "gold"  # the data set's response
     TEACHER = "teacher"  # the stored teacher generation (needs TEACHER_GENERATIONS)
+    PAIR = "pair"  # the stored teacher generation preferred over a fresh student sample: ``pair_loss``
+    ROLLOUT = "rollout"  # the objective's own rollouts, reused for several inner epochs: ``rollout_loss``
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,42 @@ class TokenLossInputs:
     teacher_logits: torch.Tensor | None = None  # (b, t, vocab) when the objective needs them
 
 
+@dataclass(frozen=True)
+class PreferencePair:
+    """Summed response log-probabilities, (b,) each, of a preferred and a dispreferred response to the
+    same prompts, under the student (q) and the teacher (p), with the response lengths in tokens."""
+
+    student_logp_chosen: torch.Tensor  # log q(y_w|x)
+    teacher_logp_chosen: torch.Tensor  # log p(y_w|x)
+    chosen_length: torch.Tensor
+    student_logp_rejected: torch.Tensor  # log q(y_l|x)
+    teacher_logp_rejected: torch.Tensor  # log p(y_l|x)
+    rejected_length: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """How the runner collects rollouts: ``batches`` micro-batches of prompts are sampled from
+    ``(1 − teacher_mix)·q + teacher_mix·p``, then trained on for ``inner_epochs`` passes."""
+
+    teacher_mix: float
+    batches: int
+    inner_epochs: int
+
+
+@dataclass(frozen=True)
+class RolloutInputs:
+    """Rollout tensors aligned so position ``i`` holds the sampled token ``i + 1``; all (b, t) unless noted."""
+
+    student_logits: torch.Tensor  # (b, t, vocab) the student being trained
+    teacher_logits: torch.Tensor  # (b, t, vocab)
+    actions: torch.Tensor  # sampled token ids
+    mask: torch.Tensor  # bool: sampled response tokens (through EOS)
+    old_logp: torch.Tensor  # log q_old(y_t) of the student that sampled
+    teacher_logp: torch.Tensor  # log p(y_t)
+    mixture_logp: torch.Tensor  # log of the sampling distribution at y_t
+
+
 class Objective:
     """Base class of objective plugins. Subclasses set the class variables and ``token_loss``."""
 
@@ -75,6 +116,23 @@ class Objective:
     @staticmethod
     def token_loss(inputs: TokenLossInputs, params: Any) -> torch.Tensor:
         """The objective's loss at every position, shape (b, t), before masking and reduction."""
+        raise NotImplementedError
+
+    @staticmethod
+    def pair_loss(pair: PreferencePair, params: Any) -> torch.Tensor:
+        """For ``sequence = PAIR`` objectives: the loss of every pair, shape (b,), averaged by the runner
+        over all pairs of the optimizer step."""
+        raise NotImplementedError
+
+    @staticmethod
+    def rollout_loss(inputs: RolloutInputs, params: Any) -> torch.Tensor:
+        """For ``sequence = ROLLOUT`` objectives: the loss at every rollout position, (b, t), averaged by
+        the runner over all rollout tokens of the optimizer step."""
+        raise NotImplementedError
+
+    @classmethod
+    def rollout_spec(cls, params: Any) -> RolloutSpec:
+        """For ``sequence = ROLLOUT`` objectives: how the runner collects rollouts."""
         raise NotImplementedError
 
     @classmethod

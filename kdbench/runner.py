@@ -23,7 +23,8 @@ from kdbench.config import Experiment, TrainingConfig, config_hash
 from kdbench.data import TEMPLATE_PIECES, Record, TokenizedExample, format_prompt, tokenize_records
 from kdbench.engine import save_trained, train
 from kdbench.errors import KdbenchError
-from kdbench.evaluation import GREEDY, evaluate, generate_responses
+from kdbench.evaluation import evaluate
+from kdbench.generation import GREEDY, generate_responses
 from kdbench.objectives import Need, Objective, ObjectiveParams
 from kdbench.registry import Registries
 from kdbench.zoo import (ModelFamily, build_tiny_model, check_same_vocabulary, count_parameters, load_model,
@@ -253,6 +254,8 @@ class Runner:
                   "training": settings.model_dump(), "seed": seed,
                   "teacher": teacher_ref.inputs if teacher_ref and Need.TEACHER_LOGITS in needs else None,
                   "target": target[1] if target else None,
+                  "sample_max_new_tokens": self.experiment.teacher_generations.max_new_tokens
+                  if needs & {Need.STUDENT_SAMPLES, Need.ROLLOUTS} else None,
                   "data": self._data_key, "max_length": data.max_length, "max_prompt_length": data.max_prompt_length}
 
         def build(folder: Path) -> None:
@@ -260,7 +263,9 @@ class Runner:
             examples = self.tokenized_train(tokenizer)
             model, stats, accelerator = train(load_model(init.path), objective, params, examples, settings, seed,
                                               tokenizer.pad_token_id, teacher, self.hook, f"{label}: train",
-                                              target_examples=target[0] if target else None)
+                                              target_examples=target[0] if target else None,
+                                              sample_max_new_tokens=self.experiment.teacher_generations.max_new_tokens,
+                                              eos_id=tokenizer.eos_token_id)
             save_trained(model, accelerator, tokenizer, folder)
             stats_payload = dataclasses.asdict(stats)
             log = stats_payload.pop("log")

@@ -20,7 +20,7 @@ data: {dataset: tiny, options: {n_train: 300, n_validation: 10, n_test: 24}, max
 models: {scale: tiny, families: [gpt2, opt]}
 teacher: {training: {engine: deepspeed, zero_stage: 1, lr: 3.0e-3, batch_size: 32, max_steps: 30}}
 training: {engine: deepspeed, zero_stage: 1, lr: 5.0e-3, batch_size: 32, max_steps: 8}
-methods: {sft: {}, kd: {kd_ratio: 0.5}, seqkd: {}, dpkd-token: {beta: 0.1}}
+methods: {sft: {}, kd: {kd_ratio: 0.5}, seqkd: {}, dpkd-token: {beta: 0.1}, dpkd: {}, minillm: {rollout_batches: 2}}
 teacher_generations: {max_new_tokens: 16, batch_size: 100}
 evaluation: {seeds: [10, 20], max_new_tokens: 16, batch_size: 24}
 """
@@ -42,7 +42,7 @@ class KDFromSFT(KD):
 def kdbench_register_objectives():
     return [KDFromSFT]
 """
-METHODS = "sft,kd,seqkd,dpkd-token"
+METHODS = "sft,kd,seqkd,dpkd-token,dpkd,minillm"
 
 KDBENCH = [sys.executable, "-m", "kdbench"]
 
@@ -65,8 +65,8 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_run_writes_a_result_per_cell_and_prints_the_leaderboard(first_run: dict) -> None:
     out = first_run["root"] / "out"
     results = sorted(out.glob("cells/**/result.json"))
-    # 2 families × (teacher + 1 student × 4 methods)
-    assert len(results) == 10
+    # 2 families × (teacher + 1 student × 6 methods)
+    assert len(results) == 14
     for path in results:
         result = json.loads(path.read_text())
         assert result["schema_version"] == 1
@@ -108,6 +108,26 @@ def test_seqkd_trains_on_stored_teacher_generations(first_run: dict) -> None:
     dpkd_token = json.loads((root / "out/cells/gpt2/s1/dpkd-token/seed0/result.json").read_text())
     assert seqkd["forward_passes"]["teacher"] == 0 and seqkd["forward_passes"]["student"] == 16  # gold + teacher text
     assert dpkd_token["forward_passes"]["teacher"] == 8
+
+
+def test_on_policy_methods_start_from_sft_and_sample_the_student(first_run: dict) -> None:
+    """dpkd and minillm train from the sft cell's model (the same cache entry) and draw samples."""
+    root = first_run["root"]
+    entries = {p.name: json.loads((p / "inputs.json").read_text()) for p in (root / "cache" / "train").iterdir()}
+    by_objective = {(e["objective"], e["init"].get("family") or e["init"]["init"]["family"]): e for e in entries.values()
+                    if e["training"]["max_steps"] == 8}
+    for method in ("dpkd", "minillm"):
+        for family in ("gpt2", "opt"):
+            assert by_objective[(method, family)]["init"] == by_objective[("sft", family)]
+    # one sample per prompt of every micro-batch (dpkd: 8 of them), or per prompt of the one collection
+    # of 2 micro-batches that minillm reuses for 4 inner epochs; one micro-batch may be the short last one
+    for method, batches in (("dpkd", 8), ("minillm", 2)):
+        stats = json.loads((root / f"out/cells/opt/s1/{method}/seed0/train_log.jsonl").read_text().splitlines()[-1])
+        assert stats["step"] == 8
+        train_stats = [p for p in (root / "cache" / "train").iterdir()
+                       if entries[p.name]["objective"] == method and by_objective[(method, "opt")] == entries[p.name]]
+        samples = json.loads((train_stats[0] / "train_stats.json").read_text())["student_samples"]
+        assert (batches - 1) * 32 + 300 % 32 <= samples <= batches * 32
 
 
 def test_sft_init_objective_starts_from_the_sft_student(first_run: dict) -> None:

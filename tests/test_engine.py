@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kdbench.config import TrainingConfig
-from kdbench.data import TEMPLATE_PIECES, collate, format_prompt, tokenize_records
-from kdbench.engine import batch_loss_sums, loss_scale, lr_lambda, total_optimizer_steps, train
+from kdbench.data import TEMPLATE_PIECES, TokenizedExample, collate, format_prompt, tokenize_records
+from kdbench.engine import MicroBatch, batch_loss_sums, loss_scale, lr_lambda, total_optimizer_steps, train
 from kdbench.tinysuite import TinySuiteOptions, generate
 from kdbench.zoo import TinyArch, build_tiny_model, load_model, load_tokenizer, train_tokenizer
 from kdbench_plugins.families import GPT2, OPT
@@ -53,18 +54,18 @@ def test_loss_scale_makes_accumulated_gradient_equal_global_token_mean(tiny_setu
     model.zero_grad()
     scale = loss_scale(world_size=1, grad_accum=2, global_response_tokens=sum(counts))
     for batch in batches:
-        (batch_loss_sums(model, SFT, params, batch, None, None)[0] * scale / 2).backward()  # /2: accelerate's ÷grad_accum
+        (batch_loss_sums(model, SFT, params, MicroBatch(batch), None)[0] * scale / 2).backward()  # /2: accelerate's ÷grad_accum
     accumulated = [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()
-    total = sum(batch_loss_sums(model, SFT, params, b, None, None)[0] for b in batches) / sum(counts)
+    total = sum(batch_loss_sums(model, SFT, params, MicroBatch(b), None)[0] for b in batches) / sum(counts)
     total.backward()
     reference = [p.grad.clone() for p in model.parameters()]
     for got, want in zip(accumulated, reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
     model.zero_grad()  # the per-micro-batch mean is measurably different: the test can fail
-    per_batch = sum(batch_loss_sums(model, SFT, params, b, None, None)[0] / c for b, c in zip(batches, counts)) / 2
+    per_batch = sum(batch_loss_sums(model, SFT, params, MicroBatch(b), None)[0] / c for b, c in zip(batches, counts)) / 2
     per_batch.backward()
     assert any(not torch.allclose(p.grad, r, rtol=1e-3) for p, r in zip(model.parameters(), reference))
 
@@ -88,14 +89,14 @@ def test_batch_loss_sums_split_gold_ce_and_objective_term(tiny_setup: dict) -> N
         return ce, kd
 
     with torch.no_grad():
-        ce, kd = batch_loss_sums(student, KD, KD.make_params({}), gold, None, teacher)
+        ce, kd = batch_loss_sums(student, KD, KD.make_params({}), MicroBatch(gold), teacher)
         want_ce, want_kd = sums(gold)
         torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(kd, want_kd, rtol=1e-5, atol=1e-4)
-        ce_t, kd_t = batch_loss_sums(student, KD, KD.make_params({}), gold, other, teacher)
+        ce_t, kd_t = batch_loss_sums(student, KD, KD.make_params({}), MicroBatch(gold, other), teacher)
         torch.testing.assert_close(ce_t, want_ce, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(kd_t, sums(other)[1], rtol=1e-5, atol=1e-4)
-        assert batch_loss_sums(student, KD, KD.make_params({"kd_ratio": 0.0}), gold, None, None)[1] == 0
+        assert batch_loss_sums(student, KD, KD.make_params({"kd_ratio": 0.0}), MicroBatch(gold), None)[1] == 0
 
 
 def test_loss_scale_accounts_for_ranks_and_accumulation() -> None:
@@ -193,3 +194,58 @@ def test_logged_loss_is_the_kd_ratio_mix_of_token_means(tiny_setup: dict) -> Non
     _, stats, _ = train(student, KD, KD.make_params({"kd_ratio": 0.3}), examples, settings(max_steps=1), seed=0,
                         pad_id=tokenizer.pad_token_id, teacher=teacher)
     assert stats.log[0]["loss"] == pytest.approx(float(0.7 * ce + 0.3 * kd), rel=1e-4)
+
+
+def test_student_samples_continue_the_prompt_and_end_with_eos(tiny_setup: dict) -> None:
+    from kdbench.generation import sample_continuations
+
+    tokenizer, examples = tiny_setup["tokenizer"], tiny_setup["examples"][:8]
+    student = load_model(str(tiny_setup["root"] / "student"))
+    student.train()
+    samples = sample_continuations(student, examples, 6, tokenizer.eos_token_id, tokenizer.pad_token_id, 64)
+    assert student.training  # the training mode is given back
+    for example, sample in zip(examples, samples):
+        assert sample.prompt_length == example.prompt_length
+        assert sample.input_ids[: sample.prompt_length] == example.input_ids[: example.prompt_length]
+        response = sample.input_ids[sample.prompt_length:]
+        assert 1 <= len(response) <= 7 and response[-1] == tokenizer.eos_token_id
+        assert tokenizer.eos_token_id not in response[:-1]
+
+
+def test_dpkd_pairs_teacher_text_with_fresh_student_samples(tiny_setup: dict) -> None:
+    """A real dpkd run: each micro-batch samples the student anew, the teacher scores both sides, and
+    the loss is finite; with 2 steps × 2 micro-batches of 8 prompts, 32 samples are drawn."""
+    from kdbench_plugins.dpkd import DPKD
+
+    tokenizer, examples = tiny_setup["tokenizer"], tiny_setup["examples"]
+    # Stand-ins for stored teacher samples: each prompt with another example's response.
+    teacher_text = [TokenizedExample((e.input_ids[: e.prompt_length] + other.input_ids[other.prompt_length:])[:64],
+                                     e.prompt_length) for e, other in zip(examples, reversed(examples))]
+    student = load_model(str(tiny_setup["root"] / "student"))
+    teacher = load_model(str(tiny_setup["root"] / "teacher"))
+    _, stats, _ = train(student, DPKD, DPKD.make_params({}), examples, settings(max_steps=2, batch_size=8, grad_accum=2),
+                        seed=0, pad_id=tokenizer.pad_token_id, teacher=teacher, target_examples=teacher_text,
+                        sample_max_new_tokens=6, eos_id=tokenizer.eos_token_id)
+    assert stats.student_samples == 32
+    assert stats.teacher_forwards == 8 and stats.student_forwards == 12
+    assert all(math.isfinite(r["loss"]) for r in stats.log)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"teacher_mix": 0.0, "ppo_clip": 0.0, "single_step": False}])
+def test_minillm_collects_rollouts_and_reuses_them_for_inner_epochs(tiny_setup: dict, overrides: dict) -> None:
+    """A real minillm run: one collection of 2 micro-batches of rollouts serves 2 inner epochs
+    (4 micro-batches = 2 steps with grad_accum 2), then a second collection; the loss is finite and
+    moves, including with the ablation switches off."""
+    from kdbench_plugins.minillm import MiniLLM
+
+    tokenizer = tiny_setup["tokenizer"]
+    student = load_model(str(tiny_setup["root"] / "student"))
+    teacher = load_model(str(tiny_setup["root"] / "teacher"))
+    params = MiniLLM.make_params({"inner_epochs": 2, "rollout_batches": 2, **overrides})
+    _, stats, _ = train(student, MiniLLM, params, tiny_setup["examples"], settings(max_steps=4, batch_size=8, grad_accum=2),
+                        seed=0, pad_id=tokenizer.pad_token_id, teacher=teacher, sample_max_new_tokens=6,
+                        eos_id=tokenizer.eos_token_id)
+    assert stats.student_samples == 2 * 2 * 8  # two collections of 2 micro-batches of 8 prompts
+    losses = [r["loss"] for r in stats.log]
+    assert all(math.isfinite(v) for v in losses) and len(set(losses)) == 4
+    assert stats.teacher_forwards == 8

@@ -1,0 +1,167 @@
+"""Generation: sampled or greedy responses for evaluation and stored teacher samples, and on-policy
+samples of the student during training (plain, or from the teacher-mixed distribution of MiniLLM).
+
+Sampling is always from the full distribution: temperature 1, top-k 0, top-p 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from kdbench.data import Record, TokenizedExample, format_prompt
+
+GREEDY = "greedy"
+
+
+def new_token_budget(model: Any, max_new_tokens: int, prompt_width: int) -> int:
+    """``max_new_tokens``, capped so prompt + response fit the model's learned positions."""
+    limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    return max_new_tokens if limit is None else max(0, min(max_new_tokens, int(limit) - prompt_width))
+
+
+def generation_config(greedy: bool, max_new_tokens: int, eos_id: int, pad_id: int) -> GenerationConfig:
+    if greedy:
+        return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
+    # top_k=0 and top_p=1 switch both filters off: samples come from the model's full distribution.
+    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                            eos_token_id=eos_id, pad_token_id=pad_id)
+
+
+@torch.no_grad()
+def generate_responses(model: Any, tokenizer: Any, records: Sequence[Record], seed_label: str, max_new_tokens: int,
+                       batch_size: int, on_batch: Callable[[], None] | None = None) -> list[str]:
+    """One response per record, in the records' order; text after the first EOS is dropped."""
+    model.eval()
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    prompts = [format_prompt(r) for r in records]
+    # Batch prompts of similar length together; results are put back in the original order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    responses: list[str] = [""] * len(prompts)
+    if seed_label != GREEDY:
+        torch.manual_seed(int(seed_label))
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+        width = encoded["input_ids"].shape[1]
+        budget = new_token_budget(model, max_new_tokens, width)
+        config = generation_config(seed_label == GREEDY, budget, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        new_tokens = model.generate(**encoded, generation_config=config)[:, width:] if budget else encoded["input_ids"][:, :0]
+        for i, row in zip(indices, new_tokens.tolist()):
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            responses[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        if on_batch is not None:
+            on_batch()
+    return responses
+
+
+def _left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding: generation continues every row from the right edge."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.tensor(prompt, device=device)
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def sample_continuations(model: Any, examples: Sequence[TokenizedExample], max_new_tokens: int, eos_id: int,
+                         pad_id: int, max_length: int) -> list[TokenizedExample]:
+    """One sampled response (temperature 1, top-k 0, top-p 1) per example's prompt, from ``model`` as it
+    is now: on-policy samples for objectives such as dpkd. Returned as prompt + response + EOS."""
+    was_training = model.training
+    model.eval()
+    prompts = [e.input_ids[: e.prompt_length] for e in examples]
+    input_ids, attention_mask = _left_pad(prompts, pad_id, next(model.parameters()).device)
+    width = input_ids.shape[1]
+    # Training prompts are shorter than the model's positions (max_prompt_length < max_length).
+    config = generation_config(False, max(1, new_token_budget(model, max_new_tokens, width)), eos_id, pad_id)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    samples: list[TokenizedExample] = []
+    for prompt, row in zip(prompts, output[:, width:].tolist()):
+        response = row[: row.index(eos_id)] if eos_id in row else row
+        samples.append(TokenizedExample((prompt + response + [eos_id])[:max_length], len(prompt)))
+    model.train(was_training)
+    return samples
+
+
+
+
+@dataclass
+class Rollout:
+    """Sampled responses with what the policy gradient needs per response token, each (b, t) and aligned
+    with ``input_ids[:, 1:]`` (position i holds the token at i+1 and its probabilities)."""
+
+    input_ids: torch.Tensor  # (b, t) left-padded prompt + sampled response
+    attention_mask: torch.Tensor  # (b, t)
+    response_mask: torch.Tensor  # (b, t-1) bool: sampled tokens up to and including EOS
+    student_logp: torch.Tensor  # (b, t-1) log q_old(y_t) of the student that sampled
+    teacher_logp: torch.Tensor  # (b, t-1) log p(y_t)
+    mixture_logp: torch.Tensor  # (b, t-1) log of the sampling distribution (1−α)·q + α·p at y_t
+
+
+@torch.no_grad()
+def sample_mixture(student: Any, teacher: Any, prompts: Sequence[list[int]], alpha: float, max_new_tokens: int,
+                   eos_id: int, pad_id: int) -> Rollout:
+    """Sample token by token from ``(1 − α)·q + α·p`` (MiniLLM's teacher-mixed sampling; α = 0 is plain
+    student sampling), with KV caches for both models, recording each token's probabilities."""
+    was_training = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    input_ids, attention_mask = _left_pad(prompts, pad_id, device)
+    b = input_ids.shape[0]
+    max_new_tokens = max(1, new_token_budget(student, max_new_tokens, input_ids.shape[1]))
+    caches: list[Any] = [None, None]
+    step_ids = input_ids  # the whole prompt first, then one new token per step
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    records: dict[str, list[torch.Tensor]] = {"token": [], "live": [], "q": [], "p": [], "mix": []}
+    for _ in range(max_new_tokens):
+        # Positions from the mask, so left padding does not shift them.
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        log_probs = []
+        for index, model in enumerate((student, teacher)):
+            out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
+                        past_key_values=caches[index], use_cache=True)
+            caches[index] = out.past_key_values
+            log_probs.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # (b, vocab)
+        log_q, log_p = log_probs
+        if alpha > 0:  # log((1 − α)·q + α·p), computed in log space
+            log_mix = torch.logaddexp(log_q + math.log1p(-alpha), log_p + math.log(alpha))
+        else:
+            log_mix = log_q
+        token = torch.multinomial(log_mix.exp(), 1).squeeze(-1)  # (b,)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        records["token"].append(token)
+        records["live"].append(~finished)
+        for key, table in (("q", log_q), ("p", log_p), ("mix", log_mix)):
+            records[key].append(table.gather(-1, token.clamp(min=0).unsqueeze(-1)).squeeze(-1))
+        finished = finished | (token == eos_id)
+        step_ids = token.unsqueeze(-1)
+        attention_mask = torch.cat([attention_mask, (~finished | (token == eos_id)).long().unsqueeze(-1)], dim=-1)
+        if bool(finished.all()):
+            break
+    student.train(was_training)
+    new_tokens = torch.stack(records["token"], dim=1)  # (b, n)
+    live = torch.stack(records["live"], dim=1)  # (b, n): sampled while the row was unfinished
+    prompt_part = torch.zeros((b, input_ids.shape[1] - 1), dtype=torch.bool, device=device)
+
+    def aligned(key: str) -> torch.Tensor:  # (b, t-1), zero over the prompt
+        return torch.cat([torch.zeros_like(prompt_part, dtype=torch.float), torch.stack(records[key], dim=1)], dim=1)
+
+    return Rollout(
+        input_ids=torch.cat([input_ids, new_tokens], dim=1),
+        attention_mask=attention_mask,
+        response_mask=torch.cat([prompt_part, live], dim=1),
+        student_logp=aligned("q"),
+        teacher_logp=aligned("p"),
+        mixture_logp=aligned("mix"),
+    )
