@@ -211,6 +211,80 @@ def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: 
     return ce_sum, objective.pair_loss(pair, params).sum()
 
 
+class MicroBatchSource:
+    """This rank's micro-batches in training order, each with what the objective reads: the gold
+    sequences always; the stored teacher text; a fresh sample of the student as it is now; or
+    rollouts, collected in groups and reused for the objective's inner epochs."""
+
+    def __init__(self, examples: list[TokenizedExample], target_examples: list[TokenizedExample] | None,
+                 objective: type[Objective], params: ObjectiveParams, batch_size: int, seed: int,
+                 accelerator: Accelerator, pad_id: int, eos_id: int | None, sample_max_new_tokens: int,
+                 stats: TrainStats) -> None:
+        if target_examples is not None:
+            assert len(target_examples) == len(examples), "target sequences must pair with the gold ones"
+        needs = objective.needs_for(params) if params.kd_ratio > 0 else frozenset()
+        if needs & {Need.STUDENT_SAMPLES, Need.ROLLOUTS}:
+            assert eos_id is not None, f"{objective.name} samples the student: it needs the EOS id"
+        self.examples, self.target_examples = examples, target_examples
+        self.objective, self.params = objective, params
+        self.samples_student = Need.STUDENT_SAMPLES in needs
+        self.uses_rollouts = Need.ROLLOUTS in needs
+        self.batch_size, self.accelerator, self.stats = batch_size, accelerator, stats
+        self.pad_id, self.eos_id, self.sample_max_new_tokens = pad_id, eos_id, sample_max_new_tokens
+        self.lengths = [len(e.input_ids) for e in examples]
+        self.max_length = max(self.lengths)
+        self.generator = torch.Generator().manual_seed(seed)  # same order on every rank; each takes its share
+        self.order: list[list[int]] = []
+        self.rollouts: list[tuple[list[int], Rollout]] = []  # queued (prompt indices, their rollouts)
+
+    def batch(self, source: list[TokenizedExample], indices: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.accelerator.device) for k, v in collate([source[i] for i in indices], self.pad_id).items()}
+
+    def next_prompts(self) -> list[int]:
+        """This rank's next micro-batch of training prompts; a new epoch reshuffles."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if len(self.order) < world:  # every rank gets one batch per turn
+            self.order = length_grouped_batches(self.lengths, self.batch_size, self.generator)
+            self.order = self.order[: len(self.order) - len(self.order) % world]
+        turn, self.order = self.order[:world], self.order[world:]
+        return turn[rank]
+
+    def collect_rollouts(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> None:
+        """Sample rollouts for the next prompts with the student as it is now and queue them for the
+        objective's inner epochs, each pass in a new order."""
+        spec = self.objective.rollout_spec(self.params)
+        assert teacher is not None and self.eos_id is not None
+        collected = []
+        for _ in range(spec.batches):
+            indices = self.next_prompts()
+            prompts = [self.examples[i].input_ids[: self.examples[i].prompt_length] for i in indices]
+            collected.append((indices, sample_mixture(student, teacher, prompts, spec.teacher_mix,
+                                                      self.sample_max_new_tokens, self.eos_id, self.pad_id)))
+            self.stats.student_samples += len(indices)
+        for _ in range(spec.inner_epochs):
+            order = torch.randperm(len(collected), generator=self.generator).tolist()
+            self.rollouts.extend(collected[i] for i in order)
+
+    def next(self, student: torch.nn.Module, teacher: torch.nn.Module | None) -> MicroBatch:
+        rollout = None
+        if self.uses_rollouts:
+            if not self.rollouts:
+                self.collect_rollouts(student, teacher)
+            indices, rollout = self.rollouts.pop(0)
+        else:
+            indices = self.next_prompts()
+        micro = MicroBatch(self.batch(self.examples, indices), rollout=rollout)
+        if self.target_examples is not None:
+            micro.target = self.batch(self.target_examples, indices)
+        if self.samples_student:
+            assert self.eos_id is not None
+            fresh = sample_continuations(student, [self.examples[i] for i in indices], self.sample_max_new_tokens,
+                                         self.eos_id, self.pad_id, self.max_length)
+            micro.rejected = self.batch(fresh, list(range(len(fresh))))
+            self.stats.student_samples += len(fresh)
+        return micro
+
+
 def train(
     student: torch.nn.Module,
     objective: type[Objective],
@@ -236,7 +310,7 @@ def train(
         torch.set_num_threads(settings.threads)
     torch.manual_seed(seed)
     accelerator = make_accelerator(settings)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     total_steps = total_optimizer_steps(settings, len(examples), world)
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, betas=settings.betas,
                                   weight_decay=settings.weight_decay)
@@ -247,73 +321,19 @@ def train(
     if needs_teacher:
         assert teacher is not None, f"{objective.name} needs a teacher"
         teacher = teacher.to(accelerator.device).eval()
-    if target_examples is not None:
-        assert len(target_examples) == len(examples), "target sequences must pair with the gold ones"
-    samples_student = Need.STUDENT_SAMPLES in objective.needs_for(params) and params.kd_ratio > 0
-    uses_rollouts = Need.ROLLOUTS in objective.needs_for(params) and params.kd_ratio > 0
-    max_length = max(len(e.input_ids) for e in examples)
-    rollout_queue: list[tuple[list[int], Rollout]] = []  # (prompt indices, their rollouts), in training order
-
     stats = TrainStats()
-    lengths = [len(e.input_ids) for e in examples]
-    generator = torch.Generator().manual_seed(seed)  # same order on every rank; each takes its share
-    micro_batches: list[list[int]] = []
+    source = MicroBatchSource(examples, target_examples, objective, params, settings.batch_size, seed,
+                              accelerator, pad_id, eos_id, sample_max_new_tokens, stats)
     if observer is not None:
         observer.kdbench_on_stage_start(stage=stage, total=total_steps)
     started = time.perf_counter()
     model.train()
 
-    def batch_of(source: list[TokenizedExample], indices: list[int]) -> dict[str, torch.Tensor]:
-        return {k: v.to(accelerator.device) for k, v in collate([source[i] for i in indices], pad_id).items()}
-
     def global_sum(value: int) -> int:
         return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum").item())
 
-    def next_prompts() -> list[int]:
-        """This rank's next micro-batch of training prompts; a new epoch reshuffles."""
-        nonlocal micro_batches
-        if len(micro_batches) < world:  # every rank gets one batch per turn
-            micro_batches = length_grouped_batches(lengths, settings.batch_size, generator)
-            micro_batches = micro_batches[: len(micro_batches) - len(micro_batches) % world]
-        turn, micro_batches = micro_batches[:world], micro_batches[world:]
-        return turn[rank]
-
-    def collect_rollouts() -> None:
-        """Sample rollouts for the next prompts with the student as it is now, then queue them for the
-        objective's inner epochs (each pass in a new order)."""
-        spec = objective.rollout_spec(params)
-        assert teacher is not None and eos_id is not None, "rollouts need the teacher and the EOS id"
-        collected = []
-        for _ in range(spec.batches):
-            indices = next_prompts()
-            prompts = [examples[i].input_ids[: examples[i].prompt_length] for i in indices]
-            collected.append((indices, sample_mixture(accelerator.unwrap_model(model), teacher, prompts,
-                                                      spec.teacher_mix, sample_max_new_tokens, eos_id, pad_id)))
-            stats.student_samples += len(indices)
-        for _ in range(spec.inner_epochs):
-            order = torch.randperm(len(collected), generator=generator).tolist()
-            rollout_queue.extend(collected[i] for i in order)
-
     for step in range(total_steps):
-        group: list[MicroBatch] = []
-        for _ in range(settings.grad_accum):
-            rollout = None
-            if uses_rollouts:
-                if not rollout_queue:
-                    collect_rollouts()
-                indices, rollout = rollout_queue.pop(0)
-            else:
-                indices = next_prompts()
-            micro = MicroBatch(batch_of(examples, indices), rollout=rollout)
-            if target_examples is not None:
-                micro.target = batch_of(target_examples, indices)
-            if samples_student:
-                assert eos_id is not None, "student samples need the EOS id"
-                fresh = sample_continuations(accelerator.unwrap_model(model), [examples[i] for i in indices],
-                                             sample_max_new_tokens, eos_id, pad_id, max_length)
-                micro.rejected = batch_of(fresh, list(range(len(fresh))))
-                stats.student_samples += len(fresh)
-            group.append(micro)
+        group = [source.next(accelerator.unwrap_model(model), teacher) for _ in range(settings.grad_accum)]
 
         # Normalise by the response tokens of the whole optimizer step, across micro-batches and
         # ranks, not per micro-batch: otherwise short-response batches get more weight per token.
