@@ -6,6 +6,7 @@ Sampling is always from the full distribution: temperature 1, top-k 0, top-p 1.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ def generate_responses(model: Any, tokenizer: Any, records: Sequence[Record], se
         if on_batch is not None:
             on_batch()
     return responses
+
+
+def _cache_argument(model: Any) -> str:
+    """transformers 5.2x renamed ``past_key_values`` to ``cache``; older releases know only the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +136,8 @@ def sample_mixture(student: Any, teacher: Any, prompts: Sequence[list[int]], alp
         log_probs = []
         for index, model in enumerate((student, teacher)):
             out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
-                        past_key_values=caches[index], use_cache=True)
-            caches[index] = out.past_key_values
+                        use_cache=True, **{_cache_argument(model): caches[index]})
+            caches[index] = out["cache"] if "cache" in out else out["past_key_values"]
             log_probs.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # (b, vocab)
         log_q, log_p = log_probs
         if alpha > 0:  # log((1 − α)·q + α·p), computed in log space
