@@ -29,15 +29,27 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+MethodsOption = Annotated[Optional[str], typer.Option(
+    help="Comma-separated objectives, e.g. sft,kd (default: the experiment's).")]
+ModelsOption = Annotated[Optional[str], typer.Option(
+    help="Comma-separated model families, e.g. gpt2,opt (default: the experiment's).")]
+ExperimentOption = Annotated[Optional[Path], typer.Option(
+    "--experiment", "-e", help="Experiment YAML (default: embedded experiments/tiny.yaml).")]
+SeedsOption = Annotated[Optional[int], typer.Option(
+    min=1, help="Number of training seeds per cell (0..N-1; default: the experiment's).")]
+CacheOption = Annotated[Optional[Path], typer.Option(
+    help="Stage cache (default: $KDBENCH_CACHE_DIR or ~/.cache/kdbench).")]
+
+
 @app.command()
 def run(
-    methods: Annotated[Optional[str], typer.Option(help="Comma-separated objectives, e.g. sft,kd (default: the experiment's).")] = None,
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated model families, e.g. gpt2,opt (default: the experiment's).")] = None,
-    experiment: Annotated[Optional[Path], typer.Option("--experiment", "-e", help="Experiment YAML (default: embedded experiments/tiny.yaml).")] = None,
+    methods: MethodsOption = None,
+    models: ModelsOption = None,
+    experiment: ExperimentOption = None,
     out: Annotated[Optional[Path], typer.Option(help="Results folder (default: results/<experiment name>).")] = None,
-    seeds: Annotated[Optional[int], typer.Option(min=1, help="Number of training seeds per cell (0..N-1; default: the experiment's).")] = None,
+    seeds: SeedsOption = None,
     engine: Annotated[Optional[str], typer.Option(help="Override training.engine: deepspeed or accelerate.")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Stage cache (default: $KDBENCH_CACHE_DIR or ~/.cache/kdbench).")] = None,
+    cache_dir: CacheOption = None,
     plugins_dir: PluginsDir = None,
 ) -> None:
     """Train and evaluate every (family, student, method, seed) cell, then print the leaderboard."""
@@ -52,9 +64,10 @@ def run(
     if engine is not None:
         if engine not in ("deepspeed", "accelerate"):
             raise KdbenchError(f"--engine {engine!r} is not an engine; expected deepspeed or accelerate.")
+        teacher_training = config.teacher_training.model_copy(update={"engine": engine})
         config = config.model_copy(update={
             "training": config.training.model_copy(update={"engine": engine}),
-            "teacher": config.teacher.model_copy(update={"training": config.teacher_training.model_copy(update={"engine": engine})}),
+            "teacher": config.teacher.model_copy(update={"training": teacher_training}),
         })
     registries = load_registries(plugins_dir)
     selection = resolve_selection(config, registries, _split(methods), _split(models), seeds)

@@ -29,8 +29,17 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noq
 from kdbench.config import TrainingConfig  # noqa: E402
 from kdbench.data import TokenizedExample, collate, length_grouped_batches  # noqa: E402
 from kdbench.generation import Rollout, sample_continuations, sample_mixture  # noqa: E402
-from kdbench.objectives import (Need, Objective, ObjectiveParams, PreferencePair, RolloutInputs,  # noqa: E402
-                                Sequence, TokenLossInputs, gold_cross_entropy, objective_token_loss)
+from kdbench.objectives import (  # noqa: E402
+    Need,
+    Objective,
+    ObjectiveParams,
+    PreferencePair,
+    RolloutInputs,
+    Sequence,
+    TokenLossInputs,
+    gold_cross_entropy,
+    objective_token_loss,
+)
 
 
 @dataclass

@@ -14,8 +14,8 @@ import pluggy
 
 if TYPE_CHECKING:
     from kdbench.data import DatasetSpec
-    from kdbench.objectives import Objective
     from kdbench.evaluation import Metric
+    from kdbench.objectives import Objective
     from kdbench.zoo import ModelFamily
 
 PROJECT = "kdbench"

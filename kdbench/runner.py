@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from kdbench import results
 from kdbench.cache import StageCache
 from kdbench.config import Experiment, TrainingConfig, config_hash
@@ -27,8 +26,15 @@ from kdbench.evaluation import evaluate
 from kdbench.generation import GREEDY, generate_responses
 from kdbench.objectives import Need, Objective, ObjectiveParams
 from kdbench.registry import Registries
-from kdbench.zoo import (ModelFamily, build_tiny_model, check_same_vocabulary, count_parameters, load_model,
-                         load_tokenizer, train_tokenizer)
+from kdbench.zoo import (
+    ModelFamily,
+    build_tiny_model,
+    check_same_vocabulary,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 TEACHER_METHOD = "teacher"
 

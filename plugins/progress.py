@@ -66,7 +66,8 @@ DISPLAY = ProgressDisplay()
 
 @hookimpl
 def kdbench_on_run_start(plan: dict[str, Any]) -> None:
-    DISPLAY.console.print(f"[bold]kdbench[/] {plan['experiment']}: {len(plan['cells'])} student cells (+ a teacher per family) → {plan['out_dir']}")
+    cells = f"{len(plan['cells'])} student cells (+ a teacher per family)"
+    DISPLAY.console.print(f"[bold]kdbench[/] {plan['experiment']}: {cells} → {plan['out_dir']}")
 
 
 @hookimpl
