@@ -86,9 +86,12 @@ def report(
     format: Annotated[str, typer.Option("--format", "-f", help="table, md, csv or json.")] = "table",
 ) -> None:
     """Leaderboard of a results folder: mean ± std over seeds for every (family, student, method)."""
-    from kdbench.report import build_leaderboard, load_results, render, rich_table
+    from kdbench.report import build_leaderboard, load_results, render, rich_table, settings_mismatches
 
-    rows = build_leaderboard(load_results(run_dir))
+    results = load_results(run_dir)
+    for mismatch in settings_mismatches(results):  # on stderr: stdout stays machine-readable
+        stderr.print(f"[yellow]warning:[/] not like with like — {mismatch}", highlight=False)
+    rows = build_leaderboard(results)
     if format == "table":
         stdout.print(rich_table(rows, title=f"kdbench leaderboard: {run_dir}"))
     else:

@@ -127,6 +127,21 @@ def build_leaderboard(results: list[dict[str, Any]]) -> list[LeaderboardRow]:
     return sorted(rows, key=_row_sort_key)
 
 
+def settings_mismatches(results: list[dict[str, Any]]) -> list[str]:
+    """Families whose cells were not all run with the same shared settings (everything but the
+    objective): their rows would not compare like with like. One message per such family."""
+    hashes: dict[str, dict[str, list[str]]] = {}
+    for result in results:
+        shared = str(result.get("shared_config_hash", "unknown"))
+        label = f"{result['student']}/{result['method']}/seed{result['train_seed']}"
+        hashes.setdefault(str(result["family"]), {}).setdefault(shared, []).append(label)
+    return [
+        f"{family}: cells ran with {len(groups)} different shared settings ("
+        + "; ".join(f"{h}: {', '.join(sorted(cells))}" for h, cells in sorted(groups.items())) + ")"
+        for family, groups in sorted(hashes.items()) if len(groups) > 1
+    ]
+
+
 def _aggregate_group(key: tuple[str, str, str], group: list[dict[str, Any]]) -> LeaderboardRow:
     family, student, method = key
     pooled_values: dict[str, list[float]] = {}

@@ -230,3 +230,17 @@ def test_load_results_rejects_invalid_json(run_dir: Path) -> None:
     with pytest.raises(KdbenchError, match="not valid JSON") as info:
         load_results(run_dir)
     assert str(broken) in str(info.value)
+
+
+def test_settings_mismatches_flag_families_whose_cells_ran_with_different_shared_settings() -> None:
+    from kdbench.report import settings_mismatches
+
+    def cell(family: str, method: str, shared: str) -> dict:
+        return {"family": family, "student": "s1", "method": method, "train_seed": 0, "shared_config_hash": shared}
+
+    same = [cell("gpt2", "sft", "aaa"), cell("gpt2", "kd", "aaa"), cell("opt", "sft", "bbb")]
+    assert settings_mismatches(same) == []
+    mixed = same + [cell("opt", "kd", "ccc")]
+    messages = settings_mismatches(mixed)
+    assert len(messages) == 1 and messages[0].startswith("opt: cells ran with 2 different shared settings")
+    assert "s1/kd/seed0" in messages[0] and "s1/sft/seed0" in messages[0]
