@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -41,6 +41,17 @@ CacheOption = Annotated[Optional[Path], typer.Option(
     help="Stage cache (default: $KDBENCH_CACHE_DIR or ~/.cache/kdbench).")]
 
 
+def _leaderboard(run_dir: Path) -> list[Any]:
+    """The leaderboard rows of a results folder; warns (on stderr, so stdout stays machine-readable)
+    when one family's cells ran with different shared settings."""
+    from kdbench.report import build_leaderboard, load_results, settings_mismatches
+
+    results = load_results(run_dir)
+    for mismatch in settings_mismatches(results):
+        stderr.print(f"[yellow]warning:[/] not like with like — {mismatch}", highlight=False)
+    return build_leaderboard(results)
+
+
 @app.command()
 def run(
     methods: MethodsOption = None,
@@ -56,7 +67,7 @@ def run(
     from kdbench.cache import default_cache_dir
     from kdbench.config import load_experiment
     from kdbench.registry import load_registries
-    from kdbench.report import build_leaderboard, load_results, render, rich_table
+    from kdbench.report import render, rich_table
     from kdbench.results import atomic_write_json, atomic_write_text
     from kdbench.runner import Runner, resolve_selection
 
@@ -73,7 +84,7 @@ def run(
     selection = resolve_selection(config, registries, _split(methods), _split(models), seeds)
     out_dir = out or Path("results") / config.name
     Runner(config, registries, out_dir, cache_dir or default_cache_dir()).run(selection)
-    rows = build_leaderboard(load_results(out_dir))
+    rows = _leaderboard(out_dir)
     atomic_write_json(out_dir / "experiment.json", config.model_dump())
     for fmt in ("md", "json"):
         atomic_write_text(out_dir / f"leaderboard.{fmt}", render(rows, fmt) + "\n")
@@ -86,12 +97,9 @@ def report(
     format: Annotated[str, typer.Option("--format", "-f", help="table, md, csv or json.")] = "table",
 ) -> None:
     """Leaderboard of a results folder: mean ± std over seeds for every (family, student, method)."""
-    from kdbench.report import build_leaderboard, load_results, render, rich_table, settings_mismatches
+    from kdbench.report import render, rich_table
 
-    results = load_results(run_dir)
-    for mismatch in settings_mismatches(results):  # on stderr: stdout stays machine-readable
-        stderr.print(f"[yellow]warning:[/] not like with like — {mismatch}", highlight=False)
-    rows = build_leaderboard(results)
+    rows = _leaderboard(run_dir)
     if format == "table":
         stdout.print(rich_table(rows, title=f"kdbench leaderboard: {run_dir}"))
     else:
