@@ -148,8 +148,12 @@ class Runner:
             self._splits = spec.load(dict(self.experiment.data.options))
         return self._splits
 
-    def eval_records(self) -> list[Record]:
-        records = self.splits()[self.experiment.evaluation.split]
+    def eval_records(self, tokenizer: Any) -> list[Record]:
+        """The evaluation split without prompts over ``data.max_prompt_length`` tokens (as both papers
+        drop them), cut to ``evaluation.max_examples``."""
+        limit = self.experiment.data.max_prompt_length
+        records = [r for r in self.splits()[self.experiment.evaluation.split]
+                   if len(tokenizer(format_prompt(r), add_special_tokens=False)["input_ids"]) <= limit]
         return records[: self.experiment.evaluation.max_examples] if self.experiment.evaluation.max_examples else records
 
     def _stage(self, label: str, cache_stage: str, inputs: dict[str, Any], build: Any) -> tuple[Path, bool]:
@@ -301,9 +305,10 @@ class Runner:
         """Evaluate ``model`` and write the cell's folder; ``result.json`` goes last."""
         directory = results.cell_dir(self.out_dir, cell.family, cell.student, cell.method, cell.seed)
         evaluation = self.experiment.evaluation
-        scores = evaluate(load_model(model.path), load_tokenizer(model.path), self.eval_records(), self.metrics,
-                          cell.eval_seeds, evaluation.max_new_tokens, evaluation.batch_size, self.hook,
-                          f"{cell.label}: eval")
+        tokenizer = load_tokenizer(model.path)
+        records = self.eval_records(tokenizer)
+        scores = evaluate(load_model(model.path), tokenizer, records, self.metrics, cell.eval_seeds,
+                          evaluation.max_new_tokens, evaluation.batch_size, self.hook, f"{cell.label}: eval")
         train_seconds = float(train_stats.get("seconds", 0.0))
         result = {
             "schema_version": results.SCHEMA_VERSION,
@@ -315,6 +320,7 @@ class Runner:
             "metrics": scores["metrics"],
             "higher_is_better": {m.name: m.higher_is_better for m in self.metrics},
             "per_task": scores["per_task"],
+            "eval_examples": len(records),
             "wall_seconds": {"train": train_seconds, "eval": scores["seconds"],
                              "total": train_seconds + scores["seconds"], "this_run": time.perf_counter() - started},
             "tokens": {"train": train_stats.get("tokens", 0), "response": train_stats.get("response_tokens", 0)},
