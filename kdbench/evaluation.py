@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kdbench.data import Record, format_prompt
-from kdbench.generation import generate_responses
+from kdbench.generation import batch_progress, generate_responses
 from kdbench.scoring import corpus_score
 
 
@@ -44,21 +44,11 @@ def score_by_task(responses: Sequence[str], records: Sequence[Record], metrics: 
 def evaluate(model: Any, tokenizer: Any, records: Sequence[Record], metrics: Sequence[Metric], seeds: Sequence[str],
              max_new_tokens: int, batch_size: int, observer: Any = None, stage: str = "eval") -> dict[str, Any]:
     """Scores per seed (``{"rougeL": {"10": 41.2, …}}``), per task and seed, and one sample of outputs."""
-    batches_per_seed = -(-len(records) // batch_size)
-    if observer is not None:
-        observer.kdbench_on_stage_start(stage=stage, total=batches_per_seed * len(seeds))
+    advance = batch_progress(observer, stage, -(-len(records) // batch_size) * len(seeds))
     per_seed: dict[str, dict[str, float]] = {m.name: {} for m in metrics}
     per_task: dict[str, dict[str, dict[str, float]]] = {}
     samples: list[dict[str, str]] = []
-    step = 0
     started = time.perf_counter()
-
-    def advance() -> None:
-        nonlocal step
-        step += 1
-        if observer is not None:
-            observer.kdbench_on_step_end(stage=stage, step=step, metrics={})
-
     for seed_label in seeds:
         responses = generate_responses(model, tokenizer, records, seed_label, max_new_tokens, batch_size, advance)
         for name, value in score(responses, records, metrics).items():

@@ -20,6 +20,22 @@ from kdbench.data import Record, TokenizedExample, format_prompt
 GREEDY = "greedy"
 
 
+def batch_progress(observer: Any, stage: str, total: int) -> Callable[[], None]:
+    """Announce ``stage`` with ``total`` steps to the observers and return the callback that reports
+    each finished generation batch (``on_batch`` of ``generate_responses``)."""
+    if observer is not None:
+        observer.kdbench_on_stage_start(stage=stage, total=total)
+    done = 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if observer is not None:
+            observer.kdbench_on_step_end(stage=stage, step=done, metrics={})
+
+    return advance
+
+
 def new_token_budget(model: Any, max_new_tokens: int, prompt_width: int) -> int:
     """``max_new_tokens``, capped so prompt + response fit the model's learned positions."""
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)

@@ -23,7 +23,7 @@ from kdbench.data import TEMPLATE_PIECES, Record, TokenizedExample, format_promp
 from kdbench.engine import save_trained, train
 from kdbench.errors import KdbenchError
 from kdbench.evaluation import evaluate
-from kdbench.generation import GREEDY, generate_responses
+from kdbench.generation import GREEDY, batch_progress, generate_responses
 from kdbench.objectives import Need, Objective, ObjectiveParams
 from kdbench.registry import Registries
 from kdbench.zoo import (
@@ -228,19 +228,10 @@ class Runner:
         settings = self.experiment.teacher_generations
         tokenizer = load_tokenizer(teacher_ref.path)
         inputs = {"teacher": teacher_ref.inputs, "data": self._data_key, "generation": settings.model_dump()}
-        stage = f"{teacher_ref.label}: generate"
 
         def build(folder: Path) -> None:
             records = self.splits()["train"]
-            batches = -(-len(records) // settings.batch_size)
-            self.hook.kdbench_on_stage_start(stage=stage, total=batches)
-            done = 0
-
-            def advance() -> None:
-                nonlocal done
-                done += 1
-                self.hook.kdbench_on_step_end(stage=stage, step=done, metrics={})
-
+            advance = batch_progress(self.hook, f"{teacher_ref.label}: generate", -(-len(records) // settings.batch_size))
             responses = generate_responses(teacher, tokenizer, records, str(settings.seed), settings.max_new_tokens,
                                            settings.batch_size, advance)
             (folder / "generations.json").write_text(json.dumps(responses))
