@@ -28,7 +28,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noq
 
 from kdbench.config import TrainingConfig  # noqa: E402
 from kdbench.data import TokenizedExample, collate, length_grouped_batches  # noqa: E402
-from kdbench.generation import Rollout, sample_continuations, sample_mixture  # noqa: E402
+from kdbench.generation import Rollout, positions_from_mask, sample_continuations, sample_mixture  # noqa: E402
 from kdbench.objectives import (  # noqa: E402
     Need,
     Objective,
@@ -180,8 +180,8 @@ def objective_count(objective: type[Objective], micro: MicroBatch) -> int:
 def rollout_loss_sum(model: torch.nn.Module, teacher: torch.nn.Module, objective: type[Objective],
                      params: ObjectiveParams, rollout: Rollout) -> torch.Tensor:
     """Σ of the objective's per-token loss over the sampled tokens of one batch of rollouts."""
-    position_ids = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "position_ids": position_ids}
+    batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+             "position_ids": positions_from_mask(rollout.attention_mask)}
     student_logits = forward_logits(model, batch)  # (b, t-1, vocab)
     with torch.no_grad():
         teacher_logits = forward_logits(teacher, batch)

@@ -84,6 +84,11 @@ def _cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only attended tokens, so left padding does not shift them. (b, t)"""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def _left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left padding: generation continues every row from the right edge."""
     width = max(len(p) for p in prompts)
@@ -116,8 +121,6 @@ def sample_continuations(model: Any, examples: Sequence[TokenizedExample], max_n
     return samples
 
 
-
-
 @dataclass
 class Rollout:
     """Sampled responses with what the policy gradient needs per response token, each (b, t) and aligned
@@ -147,8 +150,7 @@ def sample_mixture(student: Any, teacher: Any, prompts: Sequence[list[int]], alp
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     records: dict[str, list[torch.Tensor]] = {"token": [], "live": [], "q": [], "p": [], "mix": []}
     for _ in range(max_new_tokens):
-        # Positions from the mask, so left padding does not shift them.
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+        positions = positions_from_mask(attention_mask)[:, -step_ids.shape[1]:]
         log_probs = []
         for index, model in enumerate((student, teacher)):
             out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
@@ -165,10 +167,11 @@ def sample_mixture(student: Any, teacher: Any, prompts: Sequence[list[int]], alp
         records["token"].append(token)
         records["live"].append(~finished)
         for key, table in (("q", log_q), ("p", log_p), ("mix", log_mix)):
-            records[key].append(table.gather(-1, token.clamp(min=0).unsqueeze(-1)).squeeze(-1))
+            records[key].append(table.gather(-1, token.unsqueeze(-1)).squeeze(-1))
+        # The new token is attended iff its row was still live when it was sampled (EOS included).
+        attention_mask = torch.cat([attention_mask, (~finished).long().unsqueeze(-1)], dim=-1)
         finished = finished | (token == eos_id)
         step_ids = token.unsqueeze(-1)
-        attention_mask = torch.cat([attention_mask, (~finished | (token == eos_id)).long().unsqueeze(-1)], dim=-1)
         if bool(finished.all()):
             break
     student.train(was_training)

@@ -11,7 +11,7 @@ import torch
 from kdbench.data import TEMPLATE_PIECES
 from kdbench.engine import forward_logits
 from kdbench.errors import KdbenchError
-from kdbench.generation import sample_mixture
+from kdbench.generation import positions_from_mask, sample_mixture
 from kdbench.objectives import Need, RolloutInputs, Sequence
 from kdbench.zoo import TinyArch, build_tiny_model, load_model, load_tokenizer, train_tokenizer
 from kdbench_plugins.families import GPT2, OPT
@@ -107,8 +107,8 @@ def test_mixture_sampler_records_the_probabilities_a_full_forward_gives(family: 
     prompts = [tokenizer(t)["input_ids"] for t in ("apple 1", "### Response:\npear 22 oak", "oak")]
     torch.manual_seed(0)
     rollout = sample_mixture(student, teacher, prompts, 0.2, 8, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask, "position_ids": positions}
+    batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
+             "position_ids": positions_from_mask(rollout.attention_mask)}
     actions = rollout.input_ids[:, 1:].unsqueeze(-1)
     with torch.no_grad():
         log_q = torch.log_softmax(forward_logits(student, batch), -1).gather(-1, actions).squeeze(-1)
