@@ -3,6 +3,10 @@
 An entry is a folder ``<root>/<stage>/<key>/``; ``key`` hashes the stage's inputs (settings and the
 keys of the stages it reads), and ``inputs.json`` inside records them. Entries are built in a
 temporary folder and renamed into place, so a killed run never leaves a half-written entry.
+
+Under a multi-process launch only the main process writes an entry. A stage every process must
+take part in (training, sharded generation) is built by all of them, each in its own staging
+folder, and the main process's folder becomes the entry; the others are discarded.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kdbench import distributed
 from kdbench.config import config_hash
+from kdbench.errors import KdbenchError
 
 # Bump when a stage's output format or meaning changes, so old entries are not reused.
 CACHE_VERSION = 1
@@ -31,20 +37,30 @@ class StageCache:
     def key(self, stage: str, inputs: dict[str, Any]) -> str:
         return config_hash({"stage": stage, "cache_version": CACHE_VERSION, **inputs})
 
-    def get_or_build(self, stage: str, inputs: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, bool]:
-        """The entry's folder and whether it was reused; ``build(folder)`` fills a new one."""
+    def get_or_build(self, stage: str, inputs: dict[str, Any], build: Callable[[Path], None],
+                     collective: bool = False) -> tuple[Path, bool]:
+        """The entry's folder and whether it was reused; ``build(folder)`` fills a new one. ``collective``
+        stages are built by every process (see the module docstring); others by the main process only."""
         key = self.key(stage, inputs)
         final = self.root / stage / key
         if (final / "inputs.json").is_file():
             return final, True
-        staging = self.root / stage / f".building-{key}-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        try:
-            build(staging)
-            (staging / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
-            shutil.rmtree(final, ignore_errors=True)  # an unfinished entry without inputs.json
-            os.replace(staging, final)
-        finally:
+        if collective or distributed.is_main():
+            staging = self.root / stage / f".building-{key}-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            try:
+                build(staging)
+                if distributed.is_main():
+                    (staging / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
+                    shutil.rmtree(final, ignore_errors=True)  # an unfinished entry without inputs.json
+                    os.replace(staging, final)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        distributed.barrier()
+        if not (final / "inputs.json").is_file():
+            raise KdbenchError(
+                f"process {distributed.rank()} cannot see the cache entry {final} that the main process wrote. "
+                "Every process of a multi-node run must share the cache folder: set KDBENCH_CACHE_DIR (or --cache-dir) "
+                "to a shared filesystem.")
         return final, False

@@ -62,8 +62,16 @@ def run(
     engine: Annotated[Optional[str], typer.Option(help="Override training.engine: deepspeed or accelerate.")] = None,
     cache_dir: CacheOption = None,
     plugins_dir: PluginsDir = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=(
+        "Print the plan (cells, stages, optimizer steps, memory per GPU) without loading weights or training."))] = False,
+    gpus: Annotated[Optional[int], typer.Option(min=1, help=(
+        "GPUs the --dry-run plan assumes (default: the launcher's WORLD_SIZE, else 1)."))] = None,
 ) -> None:
-    """Train and evaluate every (family, student, method, seed) cell, then print the leaderboard."""
+    """Train and evaluate every (family, student, method, seed) cell, then print the leaderboard.
+
+    Under `accelerate launch` (or torchrun, or the deepspeed launcher) every process runs this same
+    command: training is data-parallel and the main process alone writes the results."""
+    from kdbench import distributed
     from kdbench.cache import default_cache_dir
     from kdbench.config import load_experiment
     from kdbench.registry import load_registries
@@ -82,8 +90,16 @@ def run(
         })
     registries = load_registries(plugins_dir)
     selection = resolve_selection(config, registries, _split(methods), _split(models), seeds)
+    if dry_run:
+        from kdbench.plan import build_plan, print_plan
+
+        print_plan(build_plan(config, registries, selection, gpus or distributed.launched_world_size()), stdout)
+        return
     out_dir = out or Path("results") / config.name
+    distributed.init_process_group()
     Runner(config, registries, out_dir, cache_dir or default_cache_dir()).run(selection)
+    if not distributed.is_main():
+        return
     rows = _leaderboard(out_dir)
     atomic_write_json(out_dir / "experiment.json", config.model_dump())
     for fmt in ("md", "json"):
@@ -159,7 +175,16 @@ def _quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
+def _take_local_rank_argument() -> None:
+    """The deepspeed launcher appends ``--local_rank=N`` to the command; kdbench reads ``LOCAL_RANK``."""
+    for argument in list(sys.argv[1:]):
+        if argument.startswith("--local_rank="):
+            os.environ.setdefault("LOCAL_RANK", argument.split("=", 1)[1])
+            sys.argv.remove(argument)
+
+
 def main() -> None:
+    _take_local_rank_argument()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the fast tokenizer
     _quiet_libraries()
     try:

@@ -62,6 +62,7 @@ class TrainingConfig(Strict):
     epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads; all cores when omitted")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more compute")
 
     @model_validator(mode="after")
     def _one_length(self) -> TrainingConfig:
@@ -85,6 +86,30 @@ class TeacherGenerationConfig(Strict):
     seed: int = 0
 
 
+class EvalDatasetConfig(Strict):
+    """An extra evaluation set (SelfInst, Vicuna, S-NI, UnNI beside Dolly): scored like the main one,
+    its metrics reported as ``<label>/<metric>`` columns."""
+
+    dataset: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    split: Literal["validation", "test"] = "test"
+    min_response_tokens: int = Field(0, ge=0, description="keep records whose gold response has at least this many "
+                                     "tokens (the papers' S-NI / UnNI subset: 11)")
+    max_examples: int | None = Field(None, ge=1)
+
+
+class LmEvalConfig(Strict):
+    """lm-evaluation-harness tasks scored on the in-memory model of every student and teacher."""
+
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task names; kdbench_heldout is the "
+                             "experiment's evaluation split as a local generation task")
+    include_path: str | None = Field(None, description="folder of extra lm-eval task YAML files")
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, ge=1, description="examples per task (all when omitted)")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(64, ge=1, description="generation bound of kdbench_heldout")
+
+
 class EvaluationConfig(Strict):
     split: Literal["validation", "test"] = "test"
     metrics: list[str] = Field(default_factory=lambda: ["rougeL", "exact_match"], min_length=1)
@@ -93,6 +118,8 @@ class EvaluationConfig(Strict):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(100, ge=1)
     max_examples: int | None = Field(None, ge=1)
+    datasets: dict[str, EvalDatasetConfig] = Field(default_factory=dict, description="label → extra evaluation set")
+    lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
 
 
 class Experiment(Strict):
@@ -103,13 +130,43 @@ class Experiment(Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     training: TrainingConfig
     methods: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"sft": {}, "kd": {}}, min_length=1)
+    method_training: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="method → fields of `training` it overrides (MiniLLM's lr 5e-6 for "
+        "5,000 steps); part of that method's own settings, like its parameters")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="training seeds; one cell each")
     teacher_generations: TeacherGenerationConfig = Field(default_factory=TeacherGenerationConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="accelerate trackers that log every training stage; off when empty")
 
     @property
     def teacher_training(self) -> TrainingConfig:
         return self.teacher.training or self.training
+
+    def training_for(self, method: str) -> TrainingConfig:
+        """The shared ``training`` with the method's own overrides (``method_training``) applied."""
+        overrides = self.method_training.get(method)
+        if not overrides:
+            return self.training
+        return TrainingConfig.model_validate({**self.training.model_dump(), **overrides})
+
+    @model_validator(mode="after")
+    def _method_training_is_valid(self) -> Experiment:
+        errors = []
+        for method, overrides in self.method_training.items():
+            unknown = sorted(set(overrides) - set(TrainingConfig.model_fields))
+            if unknown:
+                errors.append(f"method_training.{method}: {unknown} are not training fields; expected some of "
+                              f"{sorted(TrainingConfig.model_fields)}")
+                continue
+            try:
+                self.training_for(method)
+            except ValidationError as error:
+                errors += [f"method_training.{method}.{'.'.join(map(str, e['loc'])) or '(all)'}: {e['msg']}"
+                           for e in error.errors()]
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
 
 def _format_errors(error: ValidationError, source: str) -> str:

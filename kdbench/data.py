@@ -49,6 +49,9 @@ class DatasetSpec:
     description: str
     load: Callable[[dict[str, Any]], Splits]
     option_names: tuple[str, ...] = field(default=())
+    # Split sizes (records, before any prompt-length filter) that the source documents for these
+    # options: what ``kdbench run --dry-run`` plans with when ``load`` cannot run (offline).
+    documented_sizes: Callable[[dict[str, Any]], dict[str, int]] | None = None
 
 
 def format_prompt(record: Record) -> str:

@@ -12,6 +12,7 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noq
 
 from kdbench.config import TrainingConfig  # noqa: E402
 from kdbench.data import TokenizedExample, collate, length_grouped_batches  # noqa: E402
+from kdbench.distributed import launched_world_size  # noqa: E402
 from kdbench.generation import Rollout, positions_from_mask, sample_continuations, sample_mixture  # noqa: E402
 from kdbench.objectives import (  # noqa: E402
     Need,
@@ -84,18 +86,37 @@ def deepspeed_config(settings: TrainingConfig) -> dict[str, Any]:
     }
 
 
-def make_accelerator(settings: TrainingConfig) -> Accelerator:
+@dataclass(frozen=True)
+class Tracking:
+    """accelerate trackers (``tensorboard``, ``wandb``) for one training stage: logs go under ``directory``
+    as run ``name``. Not part of any cache key: logging does not change the model."""
+
+    trackers: tuple[str, ...]
+    directory: str
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)  # flat scalars: TensorBoard's hparams take no nesting
+
+
+def make_accelerator(settings: TrainingConfig, tracking: Tracking | None = None) -> Accelerator:
     # A grid trains many models in one process; each gets a fresh engine with its own settings.
     AcceleratorState._reset_state(reset_partial_state=True)
     mixed_precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[settings.precision]
+    common: dict[str, Any] = {
+        "mixed_precision": mixed_precision,
+        "gradient_accumulation_steps": settings.grad_accum,
+        # Without GPUs, accelerate makes a multi-process launch a gloo group only when told it is on the CPU
+        # (a single process keeps DeepSpeed's own communication set-up).
+        "cpu": not torch.cuda.is_available() and launched_world_size() > 1,
+    }
+    if tracking is not None and tracking.trackers:
+        common.update(log_with=list(tracking.trackers), project_dir=tracking.directory)
     if settings.engine == "deepspeed":
         ensure_distributed_env()
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(settings))
-        return Accelerator(deepspeed_plugin=plugin, mixed_precision=mixed_precision,
-                           gradient_accumulation_steps=settings.grad_accum)
+        return Accelerator(deepspeed_plugin=plugin, **common)
     # An earlier DeepSpeed engine in this process set this flag for good; the experiment decides.
     os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=settings.grad_accum)
+    return Accelerator(**common)
 
 
 def lr_lambda(settings: TrainingConfig, total_steps: int) -> Any:
@@ -294,8 +315,15 @@ class MicroBatchSource:
         return micro
 
 
+def set_activation_checkpointing(model: Any, enabled: bool) -> None:
+    """Recompute activations in backward (the ``gradient_checkpointing`` setting). transformers 5 calls it
+    activation checkpointing; older releases only know the gradient-checkpointing name."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{prefix}_checkpointing_{'enable' if enabled else 'disable'}")()
+
+
 def train(
-    student: torch.nn.Module,
+    student: torch.nn.Module | Callable[[], torch.nn.Module],
     objective: type[Objective],
     params: ObjectiveParams,
     examples: list[TokenizedExample],
@@ -308,17 +336,29 @@ def train(
     target_examples: list[TokenizedExample] | None = None,
     sample_max_new_tokens: int = 64,
     eos_id: int | None = None,
+    tracking: Tracking | None = None,
 ) -> tuple[torch.nn.Module, TrainStats, Accelerator]:
     """Train ``student`` in place with ``objective``; return the unwrapped model, stats and engine.
+
+    ``student`` may be a function that loads it: it is then called once the engine exists, so that under
+    ZeRO-3 ``from_pretrained`` partitions the weights as it loads them instead of every process holding
+    the whole model first.
 
     ``examples`` are the gold sequences; ``target_examples`` (same prompts, same order) are the
     sequences the objective reads when it does not read the gold ones (teacher generations). Objectives
     that need student samples get, for every micro-batch, one fresh sample per prompt from the student
-    as it is at that step (up to ``sample_max_new_tokens`` tokens, ending at ``eos_id``)."""
+    as it is at that step (up to ``sample_max_new_tokens`` tokens, ending at ``eos_id``). ``tracking``
+    logs loss and learning rate of every optimizer step to accelerate's trackers."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(seed)
-    accelerator = make_accelerator(settings)
+    accelerator = make_accelerator(settings, tracking)
+    if not isinstance(student, torch.nn.Module):
+        student = student()
+    if tracking is not None and tracking.trackers:
+        accelerator.init_trackers(tracking.name, config=tracking.config)
+    if settings.gradient_checkpointing:
+        set_activation_checkpointing(student, True)
     world = accelerator.num_processes
     total_steps = total_optimizer_steps(settings, len(examples), world)
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, betas=settings.betas,
@@ -380,6 +420,11 @@ def train(
             raise FloatingPointError(f"{stage}: loss became {loss_value} at step {step + 1}; lower the learning rate")
         if observer is not None:
             observer.kdbench_on_step_end(stage=stage, step=step + 1, metrics=record)
+        accelerator.log({"train/loss": loss_value, "train/lr": record["lr"]}, step=step + 1)  # no-op without trackers
+    for tracker in accelerator.trackers:  # not end_training(): that also tears down the process group
+        tracker.finish()
+    if settings.gradient_checkpointing:
+        set_activation_checkpointing(student, False)  # sampling and evaluation want the KV cache back
     stats.steps = total_steps
     stats.tokens = global_sum(stats.tokens)
     stats.seconds = time.perf_counter() - started

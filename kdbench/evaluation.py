@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kdbench import distributed
 from kdbench.data import Record, format_prompt
 from kdbench.generation import batch_progress, generate_responses
 from kdbench.scoring import corpus_score
@@ -43,14 +44,16 @@ def score_by_task(responses: Sequence[str], records: Sequence[Record], metrics: 
 
 def evaluate(model: Any, tokenizer: Any, records: Sequence[Record], metrics: Sequence[Metric], seeds: Sequence[str],
              max_new_tokens: int, batch_size: int, observer: Any = None, stage: str = "eval") -> dict[str, Any]:
-    """Scores per seed (``{"rougeL": {"10": 41.2, …}}``), per task and seed, and one sample of outputs."""
-    advance = batch_progress(observer, stage, -(-len(records) // batch_size) * len(seeds))
+    """Scores per seed (``{"rougeL": {"10": 41.2, …}}``), per task and seed, and one sample of outputs.
+    Under a multi-process launch each process generates for its share of the records."""
+    advance = batch_progress(observer, stage, -(-distributed.shard_size(len(records)) // batch_size) * len(seeds))
     per_seed: dict[str, dict[str, float]] = {m.name: {} for m in metrics}
     per_task: dict[str, dict[str, dict[str, float]]] = {}
     samples: list[dict[str, str]] = []
     started = time.perf_counter()
     for seed_label in seeds:
-        responses = generate_responses(model, tokenizer, records, seed_label, max_new_tokens, batch_size, advance)
+        responses = distributed.map_sharded(records, lambda share: generate_responses(
+            model, tokenizer, share, seed_label, max_new_tokens, batch_size, advance))
         for name, value in score(responses, records, metrics).items():
             per_seed[name][seed_label] = value
         per_task[seed_label] = score_by_task(responses, records, metrics)

@@ -149,10 +149,12 @@ def _aggregate_group(key: tuple[str, str, str], group: list[dict[str, Any]]) -> 
     higher_is_better: dict[str, bool] = {}
     for result in group:
         train_seed = str(result["train_seed"])
+        primary = _primary_metric(result["metrics"])
         for metric, per_eval_seed in result["metrics"].items():
             for eval_seed, value in per_eval_seed.items():
                 pooled_values.setdefault(metric, []).append(float(value))
-                seed_pairs.add((train_seed, str(eval_seed)))
+                if metric == primary:  # extra columns (other sets, lm-eval) may be scored under other seeds
+                    seed_pairs.add((train_seed, str(eval_seed)))
         for metric, is_higher_better in (result.get("higher_is_better") or {}).items():
             higher_is_better.setdefault(metric, bool(is_higher_better))
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdbench import results
+import torch
+
+from kdbench import distributed, results
 from kdbench.cache import StageCache
-from kdbench.config import Experiment, TrainingConfig, config_hash
+from kdbench.config import EvalDatasetConfig, Experiment, TrainingConfig, config_hash
 from kdbench.data import TEMPLATE_PIECES, Record, TokenizedExample, format_prompt, tokenize_records
-from kdbench.engine import save_trained, train
+from kdbench.engine import Tracking, save_trained, train
 from kdbench.errors import KdbenchError
 from kdbench.evaluation import evaluate
 from kdbench.generation import GREEDY, batch_progress, generate_responses
@@ -37,6 +39,17 @@ from kdbench.zoo import (
 )
 
 TEACHER_METHOD = "teacher"
+LM_EVAL_SEED = "lm-eval"  # the eval-seed label of lm-eval scores (lm-eval decodes greedily, once)
+# Keys of a cell's config that are the method's own; everything else is shared by every cell it is compared with.
+METHOD_KEYS = ("method", "params", "method_training", "student")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SilentObservers:
+    """Stands in for the hook relay on every process but the main one, so progress is drawn once."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda **kwargs: None
 
 
 @dataclass(frozen=True)
@@ -67,7 +80,7 @@ class Cell:
     @property
     def shared_hash(self) -> str:
         """Hash of everything but the objective: equal across the cells a leaderboard compares."""
-        return config_hash({k: v for k, v in self.config.items() if k not in ("method", "params", "student")})
+        return config_hash({k: v for k, v in self.config.items() if k not in METHOD_KEYS})
 
     def finished(self, out_dir: Path) -> dict[str, Any] | None:
         directory = results.cell_dir(out_dir, self.family, self.student, self.method, self.seed)
@@ -101,14 +114,18 @@ def resolve_selection(experiment: Experiment, registries: Registries, methods: l
 
 def semantic_errors(experiment: Experiment, registries: Registries) -> list[str]:
     """Problems a schema cannot see: unknown plugin names and bad objective parameters."""
-    errors: list[str] = []
-    if experiment.data.dataset not in registries.datasets:
-        errors.append(f"data.dataset: {registries.datasets.unknown_message(experiment.data.dataset)}")
-    else:
-        accepted = registries.datasets.get(experiment.data.dataset).option_names
-        for option in sorted(set(experiment.data.options) - set(accepted)):
-            errors.append(f"data.options.{option}: not an option of dataset {experiment.data.dataset!r}; "
-                          f"expected some of {list(accepted)}")
+    errors = dataset_errors("data", experiment.data.dataset, experiment.data.options, registries)
+    for label, extra in experiment.evaluation.datasets.items():
+        errors += dataset_errors(f"evaluation.datasets.{label}", extra.dataset, extra.options, registries)
+    if experiment.evaluation.lm_eval.tasks:
+        from kdbench.lmeval import unknown_tasks
+
+        errors += [f"evaluation.lm_eval.tasks: {e}" for e in unknown_tasks(experiment.evaluation.lm_eval)]
+    errors += tracker_errors(experiment.trackers)
+    for method in experiment.method_training:
+        if method not in experiment.methods:
+            errors.append(f"method_training.{method}: not a method of this experiment; expected one of "
+                          f"{sorted(experiment.methods)}")
     for family in experiment.models.families:
         if family not in registries.families:
             errors.append(f"models.families: {registries.families.unknown_message(family)}")
@@ -126,6 +143,22 @@ def semantic_errors(experiment: Experiment, registries: Registries) -> list[str]
     return errors
 
 
+def dataset_errors(where: str, name: str, options: dict[str, Any], registries: Registries) -> list[str]:
+    if name not in registries.datasets:
+        return [f"{where}.dataset: {registries.datasets.unknown_message(name)}"]
+    accepted = registries.datasets.get(name).option_names
+    return [f"{where}.options.{option}: not an option of dataset {name!r}; expected some of {list(accepted)}"
+            for option in sorted(set(options) - set(accepted))]
+
+
+def tracker_errors(trackers: list[str]) -> list[str]:
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    return [f"trackers: {name} is not installed; pip install {'tensorboard' if name == 'tensorboard' else 'wandb'} "
+            "(or remove it from trackers)" for name in trackers if not available[name]()]
+
+
 def method_params(experiment: Experiment, objective: type[Objective]) -> ObjectiveParams:
     return objective.make_params(experiment.methods.get(objective.name) or {}, where=f"methods.{objective.name}.")
 
@@ -136,10 +169,14 @@ class Runner:
         self.registries = registries
         self.out_dir = out_dir
         self.cache = StageCache(cache_dir)
-        self.hook = registries.manager.hook
+        self.hook = registries.manager.hook if distributed.is_main() else SilentObservers()
         self.metrics = [registries.metrics.get(name) for name in experiment.evaluation.metrics]
         self._data_key = {"dataset": experiment.data.dataset, "options": experiment.data.options}
         self._splits: dict[str, list[Record]] | None = None
+        self._extra_splits: dict[str, list[Record]] = {}
+        # The frozen teacher and evaluated models run in the training precision on this process's device.
+        self.dtype = PRECISION_DTYPES[experiment.training.precision]
+        self.device = distributed.device()
 
     # -- stages -------------------------------------------------------------------------------
     def splits(self) -> dict[str, list[Record]]:
@@ -148,20 +185,35 @@ class Runner:
             self._splits = spec.load(dict(self.experiment.data.options))
         return self._splits
 
-    def eval_records(self, tokenizer: Any) -> list[Record]:
-        """The evaluation split without prompts over ``data.max_prompt_length`` tokens (as both papers
-        drop them), cut to ``evaluation.max_examples``."""
-        limit = self.experiment.data.max_prompt_length
-        records = [r for r in self.splits()[self.experiment.evaluation.split]
-                   if len(tokenizer(format_prompt(r), add_special_tokens=False)["input_ids"]) <= limit]
-        return records[: self.experiment.evaluation.max_examples] if self.experiment.evaluation.max_examples else records
+    def eval_records(self, tokenizer: Any, extra: EvalDatasetConfig | None = None) -> list[Record]:
+        """The evaluation split (of the experiment's data, or of an extra evaluation set) without prompts
+        over ``data.max_prompt_length`` tokens (as both papers drop them), without gold responses under the
+        set's ``min_response_tokens``, cut to ``max_examples``."""
+        evaluation = self.experiment.evaluation
+        if extra is None:
+            records, min_response, max_examples = self.splits()[evaluation.split], 0, evaluation.max_examples
+        else:
+            key = config_hash(extra.model_dump())
+            if key not in self._extra_splits:
+                self._extra_splits[key] = self.registries.datasets.get(extra.dataset).load(dict(extra.options))[extra.split]
+            records, min_response, max_examples = self._extra_splits[key], extra.min_response_tokens, extra.max_examples
 
-    def _stage(self, label: str, cache_stage: str, inputs: dict[str, Any], build: Any) -> tuple[Path, bool]:
-        """Reuse or build one cache entry, reporting it to the observers as stage ``label``."""
+        def n_tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        limit = self.experiment.data.max_prompt_length
+        kept = [r for r in records if n_tokens(format_prompt(r)) <= limit
+                and (min_response == 0 or n_tokens(r["response"]) >= min_response)]
+        return kept[:max_examples] if max_examples else kept
+
+    def _stage(self, label: str, cache_stage: str, inputs: dict[str, Any], build: Any,
+               collective: bool = False) -> tuple[Path, bool]:
+        """Reuse or build one cache entry, reporting it to the observers as stage ``label``. Every process
+        builds a ``collective`` stage (training, sharded generation); the main process alone builds the rest."""
         stage = f"{label}: {cache_stage}"
         self.hook.kdbench_on_stage_start(stage=stage, total=None)
         started = time.perf_counter()
-        path, cached = self.cache.get_or_build(cache_stage, inputs, build)
+        path, cached = self.cache.get_or_build(cache_stage, inputs, build, collective)
         self.hook.kdbench_on_stage_end(stage=stage, seconds=time.perf_counter() - started, cached=cached)
         return path, cached
 
@@ -179,13 +231,7 @@ class Runner:
         """The teacher and the selected students to start from: hub names or local paths at paper
         scale, tiny models built (and cached) from the family's config class at tiny scale."""
         models = self.experiment.models
-        teacher_label, student_labels = family.checkpoints(models.scale)
-        if models.students is not None:
-            unknown = [s for s in models.students if s not in student_labels]
-            if unknown:
-                raise KdbenchError(f"models.students {unknown} are not students of {family.name} at scale "
-                                   f"{models.scale}; available: {sorted(student_labels)}.")
-            student_labels = {s: student_labels[s] for s in models.students}
+        teacher_label, student_labels = family.checkpoints(models.scale, models.students)
         if models.scale == "paper":
             def named(label: str, path: str) -> ModelRef:
                 return ModelRef(label, path, {"checkpoint": path})
@@ -231,12 +277,13 @@ class Runner:
 
         def build(folder: Path) -> None:
             records = self.splits()["train"]
-            advance = batch_progress(self.hook, f"{teacher_ref.label}: generate", -(-len(records) // settings.batch_size))
-            responses = generate_responses(teacher, tokenizer, records, str(settings.seed), settings.max_new_tokens,
-                                           settings.batch_size, advance)
+            advance = batch_progress(self.hook, f"{teacher_ref.label}: generate",
+                                     -(-distributed.shard_size(len(records)) // settings.batch_size))
+            responses = distributed.map_sharded(records, lambda share: generate_responses(
+                teacher, tokenizer, share, str(settings.seed), settings.max_new_tokens, settings.batch_size, advance))
             (folder / "generations.json").write_text(json.dumps(responses))
 
-        path, _ = self._stage(teacher_ref.label, "generate", inputs, build)
+        path, _ = self._stage(teacher_ref.label, "generate", inputs, build, collective=True)
         responses = json.loads((path / "generations.json").read_text())
         records = [{**record, "response": response} for record, response in zip(self.splits()["train"], responses)]
         data = self.experiment.data
@@ -262,19 +309,36 @@ class Runner:
         def build(folder: Path) -> None:
             tokenizer = load_tokenizer(init.path)
             examples = self.tokenized_train(tokenizer)
-            model, stats, accelerator = train(load_model(init.path), objective, params, examples, settings, seed,
+            model, stats, accelerator = train(lambda: load_model(init.path), objective, params, examples, settings, seed,
                                               tokenizer.pad_token_id, teacher, self.hook, f"{label}: train",
                                               target_examples=target[0] if target else None,
                                               sample_max_new_tokens=self.experiment.teacher_generations.max_new_tokens,
-                                              eos_id=tokenizer.eos_token_id)
+                                              eos_id=tokenizer.eos_token_id,
+                                              tracking=self.tracking(label, objective, params, settings))
             save_trained(model, accelerator, tokenizer, folder)
+            accelerator.free_memory()  # the engine's optimizer state leaves the GPU before evaluation loads a model
             stats_payload = dataclasses.asdict(stats)
             log = stats_payload.pop("log")
             (folder / "train_stats.json").write_text(json.dumps(stats_payload))
             (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
-        path, _ = self._stage(label, "train", inputs, build)
+        path, _ = self._stage(label, "train", inputs, build, collective=True)
         return ModelRef(init.label, str(path), inputs), json.loads((path / "train_stats.json").read_text())
+
+    def tracking(self, label: str, objective: type[Objective], params: ObjectiveParams,
+                 settings: TrainingConfig) -> Tracking | None:
+        """Where the experiment's trackers log this training stage: ``<out>/tracking/<label>``."""
+        if not self.experiment.trackers:
+            return None
+        flat = {"objective": objective.name, **{f"params.{k}": v for k, v in dataclasses.asdict(params).items()},
+                **{f"training.{k}": v for k, v in settings.model_dump().items()}}
+        scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+        return Tracking(tuple(self.experiment.trackers), str(self.out_dir / "tracking"), label, scalars)
+
+    def load_frozen(self, path: str) -> Any:
+        """A model that is only run, never trained (the teacher, an evaluated student): training precision,
+        this process's device."""
+        return load_model(path, self.dtype, self.device)
 
     def train_cell(self, cell: Cell, student: ModelRef, objective: type[Objective], params: ObjectiveParams,
                    teacher: Any, teacher_ref: ModelRef) -> tuple[ModelRef, dict[str, Any]]:
@@ -285,21 +349,37 @@ class Runner:
         if Need.SFT_INIT in needs:  # the very cache entry the sft cell of this student and seed trains
             sft = self.registries.objectives.get("sft")
             init, _ = self.trained(f"{cell.family}/{student.label}/sft/seed{cell.seed}", student, sft,
-                                   sft.make_params({}), experiment.training, cell.seed)
+                                   sft.make_params({}), experiment.training_for(sft.name), cell.seed)
         target = self.teacher_generations(teacher_ref, teacher) if Need.TEACHER_GENERATIONS in needs else None
-        return self.trained(cell.label, init, objective, params, experiment.training, cell.seed, teacher,
-                            teacher_ref, target)
+        return self.trained(cell.label, init, objective, params, experiment.training_for(objective.name), cell.seed,
+                            teacher, teacher_ref, target)
 
     # -- cells --------------------------------------------------------------------------------
-    def write_cell(self, cell: Cell, model: ModelRef, train_stats: dict[str, Any], params_count: dict[str, int],
-                   started: float) -> dict[str, Any]:
-        """Evaluate ``model`` and write the cell's folder; ``result.json`` goes last."""
+    def write_cell(self, cell: Cell, model: ModelRef, train_stats: dict[str, Any], teacher_params: int,
+                   started: float, network: Any = None) -> dict[str, Any]:
+        """Evaluate ``model`` (``network``, when it is already loaded) and write the cell's folder;
+        ``result.json`` goes last."""
         directory = results.cell_dir(self.out_dir, cell.family, cell.student, cell.method, cell.seed)
         evaluation = self.experiment.evaluation
         tokenizer = load_tokenizer(model.path)
+        network = network if network is not None else self.load_frozen(model.path)
         records = self.eval_records(tokenizer)
-        scores = evaluate(load_model(model.path), tokenizer, records, self.metrics, cell.eval_seeds,
-                          evaluation.max_new_tokens, evaluation.batch_size, self.hook, f"{cell.label}: eval")
+        scores = evaluate(network, tokenizer, records, self.metrics, cell.eval_seeds, evaluation.max_new_tokens,
+                          evaluation.batch_size, self.hook, f"{cell.label}: eval")
+        eval_examples = {"": len(records)}
+        for label, extra in evaluation.datasets.items():  # extra sets: "<label>/<metric>" columns
+            extra_records = self.eval_records(tokenizer, extra)
+            extra_scores = evaluate(network, tokenizer, extra_records, self.metrics, cell.eval_seeds,
+                                    evaluation.max_new_tokens, evaluation.batch_size, self.hook,
+                                    f"{cell.label}: eval {label}")
+            scores["metrics"].update({f"{label}/{name}": v for name, v in extra_scores["metrics"].items()})
+            scores["per_task"].update({f"{label}/{seed}": v for seed, v in extra_scores["per_task"].items()})
+            scores["seconds"] += extra_scores["seconds"]
+            eval_examples[label] = len(extra_records)
+        higher_is_better = {name: m.higher_is_better for name in scores["metrics"] for m in self.metrics
+                            if name.rsplit("/", 1)[-1] == m.name}
+        if evaluation.lm_eval.tasks:
+            scores["seconds"] += self.score_lm_eval(network, tokenizer, records, scores["metrics"], higher_is_better)
         train_seconds = float(train_stats.get("seconds", 0.0))
         result = {
             "schema_version": results.SCHEMA_VERSION,
@@ -309,28 +389,48 @@ class Runner:
             "family": cell.family, "student": cell.student, "method": cell.method, "kind": cell.kind,
             "train_seed": cell.seed,
             "metrics": scores["metrics"],
-            "higher_is_better": {m.name: m.higher_is_better for m in self.metrics},
+            "higher_is_better": higher_is_better,
             "per_task": scores["per_task"],
-            "eval_examples": len(records),
+            "eval_examples": eval_examples[""],
+            "eval_examples_by_dataset": eval_examples,
             "wall_seconds": {"train": train_seconds, "eval": scores["seconds"],
                              "total": train_seconds + scores["seconds"], "this_run": time.perf_counter() - started},
             "tokens": {"train": train_stats.get("tokens", 0), "response": train_stats.get("response_tokens", 0)},
             "optimizer_steps": train_stats.get("steps", 0),
+            "processes": distributed.world_size(),  # data-parallel processes that trained and evaluated it
             "forward_passes": {"student": train_stats.get("student_forwards", 0),
                                "teacher": train_stats.get("teacher_forwards", 0)},
-            "params": params_count,
+            "params": {"teacher": teacher_params} if cell.kind == "teacher" else
+                      {"student": count_parameters(network), "teacher": teacher_params},
             "peak_memory_mb": results.peak_memory_mb(),
             "versions": results.versions(),
             "finished_at": results.now_iso(),
         }
-        results.atomic_write_json(directory / "config.json", cell.config)
-        results.atomic_write_json(directory / "samples.json", scores["samples"])
-        train_log = Path(model.path) / "train_log.jsonl"
-        if train_log.is_file():
-            results.atomic_write_text(directory / "train_log.jsonl", train_log.read_text())
-        results.atomic_write_json(directory / "result.json", result)  # last: marks the cell finished
+        if distributed.is_main():
+            results.atomic_write_json(directory / "config.json", cell.config)
+            results.atomic_write_json(directory / "samples.json", scores["samples"])
+            train_log = Path(model.path) / "train_log.jsonl"
+            if train_log.is_file():
+                results.atomic_write_text(directory / "train_log.jsonl", train_log.read_text())
+            results.atomic_write_json(directory / "result.json", result)  # last: marks the cell finished
+        distributed.barrier()  # every process sees the finished cell before any moves on
         self.hook.kdbench_on_cell_end(cell=cell.label, result=result)
         return result
+
+    def score_lm_eval(self, model: Any, tokenizer: Any, heldout: list[Record], metrics: dict[str, dict[str, float]],
+                      higher_is_better: dict[str, bool]) -> float:
+        """lm-eval tasks on the in-memory model, added to ``metrics`` as ``lm_eval/<task>/<metric>``; returns
+        the seconds taken. lm-eval runs an in-memory model in one process, so the main process scores it."""
+        from kdbench.lmeval import lm_eval_scores
+
+        started = time.perf_counter()
+        if distributed.is_main():
+            work_dir = self.cache.root / "lm_eval" / config_hash([format_prompt(r) for r in heldout])
+            scores = lm_eval_scores(model, tokenizer, self.experiment.evaluation.lm_eval, heldout, work_dir)
+            for name, value in scores.values.items():
+                metrics[f"lm_eval/{name}"] = {LM_EVAL_SEED: value}
+                higher_is_better[f"lm_eval/{name}"] = scores.higher_is_better[name]
+        return time.perf_counter() - started
 
     def run(self, selection: Selection) -> list[dict[str, Any]]:
         experiment = self.experiment
@@ -360,7 +460,7 @@ class Runner:
             teacher_ref, teacher_stats = self.trained(f"{family.name}/{teacher_ref.label}", teacher_ref, sft,
                                                       sft.make_params({}), experiment.teacher_training,
                                                       experiment.teacher.seed)
-        teacher = load_model(teacher_ref.path)
+        teacher = self.load_frozen(teacher_ref.path)
         teacher_params = count_parameters(teacher)
         base = {**shared, "family": family.name, "teacher": {"label": teacher_ref.label, "inputs": teacher_ref.inputs}}
 
@@ -369,7 +469,7 @@ class Runner:
                             {**base, "method": TEACHER_METHOD, "params": {}, "seed": experiment.teacher.seed},
                             selection.eval_seeds)
         written.append(teacher_cell.finished(self.out_dir) or self.write_cell(
-            teacher_cell, teacher_ref, teacher_stats, {"teacher": teacher_params}, time.perf_counter()))
+            teacher_cell, teacher_ref, teacher_stats, teacher_params, time.perf_counter(), network=teacher))
 
         for student in students:
             for method in selection.methods:
@@ -379,14 +479,13 @@ class Runner:
                     started = time.perf_counter()
                     cell = Cell(family.name, student.label, method, seed, "student",
                                 {**base, "student": {"label": student.label, "inputs": student.inputs},
-                                 "method": method, "params": dataclasses.asdict(params), "seed": seed},
+                                 "method": method, "params": dataclasses.asdict(params),
+                                 "method_training": experiment.method_training.get(method, {}), "seed": seed},
                                 selection.eval_seeds)
                     done = cell.finished(self.out_dir)
                     if done is not None:  # resumed: this cell finished in an earlier run
                         written.append(done)
                         continue
                     trained, stats = self.train_cell(cell, student, objective, params, teacher, teacher_ref)
-                    student_params = count_parameters(load_model(trained.path))
-                    written.append(self.write_cell(cell, trained, stats,
-                                                   {"student": student_params, "teacher": teacher_params}, started))
+                    written.append(self.write_cell(cell, trained, stats, teacher_params, started))
         return written

@@ -8,7 +8,7 @@ never knows the difference.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,22 @@ class ModelFamily:
     tiny_students: dict[str, TinyArch]
     paper_teacher: str
     paper_students: dict[str, str]
+    # config.json fields (``model_type`` included) of the paper checkpoints, by hub name: sizes for
+    # ``kdbench run --dry-run`` when a checkpoint is neither a local folder nor in the HF cache.
+    paper_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def checkpoints(self, scale: str) -> tuple[str, dict[str, str]]:
-        """Teacher label and student labels for ``scale``; tiny labels name architectures."""
-        if scale == "paper":
-            return self.paper_teacher, dict(self.paper_students)
-        return "teacher", {label: label for label in self.tiny_students}
+    def checkpoints(self, scale: str, students: list[str] | None = None) -> tuple[str, dict[str, str]]:
+        """Teacher label and student labels (→ hub names at paper scale; tiny labels name architectures)
+        for ``scale``; ``students`` keeps only those labels."""
+        teacher, available = ((self.paper_teacher, dict(self.paper_students)) if scale == "paper"
+                              else ("teacher", {label: label for label in self.tiny_students}))
+        if students is None:
+            return teacher, available
+        unknown = [s for s in students if s not in available]
+        if unknown:
+            raise KdbenchError(f"models.students {unknown} are not students of {self.name} at scale {scale}; "
+                               f"available: {sorted(available)}.")
+        return teacher, {s: available[s] for s in students}
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, directory: Path,
@@ -101,14 +111,19 @@ def load_tokenizer(name_or_path: str) -> Any:
     return tokenizer
 
 
-def load_model(name_or_path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
+               device: torch.device | None = None) -> PreTrainedModel:
+    """The one loading path of every model. With ``device`` the weights go straight there (no second
+    copy of a 13B teacher in CPU memory per process)."""
+    placement = {"device_map": {"": device}} if device is not None and device.type != "cpu" else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **placement)
     except OSError as error:
         raise KdbenchError(
             f"could not load a model from {name_or_path!r}: {error}. Expected a local Hugging Face model folder "
             "or a hub name available offline."
         ) from None
+    return model.to(device) if device is not None else model
 
 
 def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any, teacher: str, student: str) -> None:

@@ -17,6 +17,7 @@ from kdbench.errors import KdbenchError
 
 HUB_NAME = "databricks/databricks-dolly-15k"
 OPTIONS = ("path", "n_validation", "n_test", "split_seed")
+DOLLY_RECORDS = 15_011  # records in databricks-dolly-15k (its dataset card)
 
 
 def read_dolly(path: str) -> list[dict[str, Any]]:
@@ -40,12 +41,24 @@ def read_dolly(path: str) -> list[dict[str, Any]]:
     return [dict(row) for row in table]
 
 
+def held_out(options: dict[str, Any]) -> tuple[int, int]:
+    """Records held out for validation and for test (1,000 and 500, as MiniLLM and DPKD do)."""
+    return int(options.get("n_validation", 1000)), int(options.get("n_test", 500))
+
+
+def dolly_sizes(options: dict[str, Any]) -> dict[str, int]:
+    """Split sizes of the hub's Dolly under ``options`` (train 13,511 by default), before the prompt-length
+    filter; a local copy given by ``path`` may hold another number of records."""
+    n_validation, n_test = held_out(options)
+    return {"train": DOLLY_RECORDS - n_validation - n_test, "validation": n_validation, "test": n_test}
+
+
 def load_dolly(options: dict[str, Any]) -> Splits:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise KdbenchError(f"data.options {unknown} are not options of dolly; expected some of {list(OPTIONS)}.")
     path = str(options.get("path", HUB_NAME))
-    n_validation, n_test = int(options.get("n_validation", 1000)), int(options.get("n_test", 500))
+    n_validation, n_test = held_out(options)
     records: list[Record] = [normalize_record(raw, f"{path} record {i}") for i, raw in enumerate(read_dolly(path))]
     if len(records) <= n_validation + n_test:
         raise KdbenchError(f"{path} holds {len(records)} records; holding out {n_validation} for validation and "
@@ -58,4 +71,5 @@ def load_dolly(options: dict[str, Any]) -> Splits:
 @hookimpl
 def kdbench_register_datasets() -> list[DatasetSpec]:
     return [DatasetSpec("dolly", "databricks-dolly-15k from the hub or a local copy: 1K validation and 500 test "
-                        "held out with a fixed seed (MiniLLM / DPKD processing)", load_dolly, OPTIONS)]
+                        "held out with a fixed seed (MiniLLM / DPKD processing)", load_dolly, OPTIONS,
+                        documented_sizes=dolly_sizes)]

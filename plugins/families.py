@@ -3,6 +3,8 @@ checkpoints (MiniLLM / DPKD: GPT-2 1.5B → 120M/340M/760M, OPT 13B → 1.3B/2.7
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import GPT2Config, OPTConfig, PretrainedConfig
 
 from kdbench import hookimpl
@@ -31,6 +33,34 @@ def opt_config(arch: TinyArch, vocab: int, positions: int, eos: int, pad: int) -
     )
 
 
+def gpt2_paper(width: int, layers: int, heads: int) -> dict[str, Any]:
+    """config.json fields of an OpenAI GPT-2 checkpoint (vocabulary 50257, 1024 positions, FFN 4 × width)."""
+    return {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": width, "n_layer": layers,
+            "n_head": heads}
+
+
+def opt_paper(hidden: int, layers: int, heads: int, ffn: int) -> dict[str, Any]:
+    """config.json fields of a Meta OPT checkpoint (vocabulary 50272, 2048 positions, no embedding projection)."""
+    return {"model_type": "opt", "vocab_size": 50272, "max_position_embeddings": 2048, "hidden_size": hidden,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "ffn_dim": ffn, "word_embed_proj_dim": hidden,
+            "do_layer_norm_before": True}
+
+
+# Published sizes (tied input/output embeddings counted once): gpt2 124,439,808; gpt2-medium 354,823,168;
+# gpt2-large 774,030,080; gpt2-xl 1,557,611,200; opt-1.3b 1,315,758,080; opt-13b 12,853,473,280.
+GPT2_PAPER_CONFIGS = {
+    "gpt2": gpt2_paper(768, 12, 12),
+    "gpt2-medium": gpt2_paper(1024, 24, 16),
+    "gpt2-large": gpt2_paper(1280, 36, 20),
+    "gpt2-xl": gpt2_paper(1600, 48, 25),
+}
+OPT_PAPER_CONFIGS = {
+    "facebook/opt-1.3b": opt_paper(2048, 24, 32, 8192),
+    "facebook/opt-2.7b": opt_paper(2560, 32, 32, 10240),
+    "facebook/opt-6.7b": opt_paper(4096, 32, 32, 16384),
+    "facebook/opt-13b": opt_paper(5120, 40, 40, 20480),
+}
+
 GPT2 = ModelFamily(
     name="gpt2",
     description="GPT-2 (learned positions, GELU MLP, tied embeddings)",
@@ -39,6 +69,7 @@ GPT2 = ModelFamily(
     tiny_students=TINY_STUDENTS,
     paper_teacher="gpt2-xl",
     paper_students={"120M": "gpt2", "340M": "gpt2-medium", "760M": "gpt2-large"},
+    paper_configs=GPT2_PAPER_CONFIGS,
 )
 
 OPT = ModelFamily(
@@ -49,6 +80,7 @@ OPT = ModelFamily(
     tiny_students=TINY_STUDENTS,
     paper_teacher="facebook/opt-13b",
     paper_students={"1.3B": "facebook/opt-1.3b", "2.7B": "facebook/opt-2.7b", "6.7B": "facebook/opt-6.7b"},
+    paper_configs=OPT_PAPER_CONFIGS,
 )
 
 

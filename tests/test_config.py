@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from kdbench.registry import Registries, load_registries
 from kdbench.runner import semantic_errors
 
 REPO = Path(__file__).resolve().parents[1]
-KDBENCH = Path("/work/venv/bin/kdbench")
+KDBENCH = Path(sys.executable).parent / "kdbench"  # the console script of the running environment
 MANY_MISTAKES = {
     "name": "bad",
     "colour": "blue",  # unknown top-level key
@@ -77,8 +78,50 @@ def test_every_repo_experiment_validates(path: Path, registries: Registries) -> 
 
 
 def test_repo_has_experiment_files() -> None:
-    """The parametrised test above is not vacuous."""
-    assert (REPO / "experiments" / "tiny.yaml").is_file()
+    """The parametrised test above is not vacuous: the tiny suite and the six paper pairs."""
+    names = {p.stem for p in (REPO / "experiments").glob("*.yaml")}
+    assert names >= {"tiny", "gpt2-120m_from_gpt2-1.5b", "gpt2-340m_from_gpt2-1.5b", "gpt2-760m_from_gpt2-1.5b",
+                     "opt-1.3b_from_opt-13b", "opt-2.7b_from_opt-13b", "opt-6.7b_from_opt-13b"}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*_from_*.yaml")), ids=lambda p: p.name)
+def test_paper_experiments_follow_the_papers(path: Path) -> None:
+    """Each paper file starts with the command that runs it and uses the papers' engine settings."""
+    first_lines = path.read_text(encoding="utf-8").splitlines()[:3]
+    assert f"kdbench run --experiment experiments/{path.name}" in first_lines[1]
+    experiment = load_experiment(path)
+    assert experiment.name == path.stem and experiment.models.scale == "paper"
+    assert (experiment.training.engine, experiment.training.zero_stage, experiment.training.precision) == (
+        "deepspeed", 1, "bf16")
+    assert (experiment.data.max_length, experiment.data.max_prompt_length) == (512, 256)
+    assert set(experiment.methods) == {"sft", "kd", "seqkd", "minillm", "dpkd", "dpkd-token"}
+    assert experiment.training_for("minillm").lr == 5e-6 and experiment.training_for("kd") == experiment.training
+    assert set(experiment.evaluation.datasets) == {"selfinst", "vicuna", "sinst", "uinst"}
+    assert experiment.evaluation.seeds == [10, 20, 30, 40, 50]
+
+
+def test_method_training_overrides_only_that_method() -> None:
+    """A method's own training fields replace the shared ones for it alone, re-validated as a whole."""
+    experiment = parse_experiment(_minimal(methods={"sft": {}, "minillm": {}},
+                                           method_training={"minillm": {"lr": 5e-6, "epochs": None, "max_steps": 7}}), "t")
+    assert experiment.training_for("minillm").lr == 5e-6 and experiment.training_for("minillm").max_steps == 7
+    assert experiment.training_for("sft") == experiment.training
+    lines = _error_lines(_minimal(method_training={"kd": {"lrr": 1.0}, "sft": {"max_steps": 3}}))
+    assert any("method_training.kd" in line and "lrr" in line for line in lines)
+    assert any("method_training.sft" in line and "exactly one of epochs or max_steps" in line for line in lines)
+
+
+def test_extra_evaluation_sets_trackers_and_method_training_are_checked(registries: Registries) -> None:
+    """Unknown evaluation sets or their options, and overrides of methods not run, are reported together."""
+    experiment = parse_experiment(_minimal(
+        methods={"kd": {}}, method_training={"dpkd": {"lr": 1e-5}},
+        evaluation={"datasets": {"si": {"dataset": "selfinstt"}, "vic": {"dataset": "vicuna", "options": {"pth": "x"}}}},
+    ), "t")
+    errors = semantic_errors(experiment, registries)
+    assert any(e.startswith("evaluation.datasets.si.dataset:") and "selfinst" in e for e in errors)
+    assert any(e.startswith("evaluation.datasets.vic.options.pth:") for e in errors)
+    assert any(e.startswith("method_training.dpkd:") for e in errors)
+    assert semantic_errors(parse_experiment(_minimal(trackers=["tensorboard"]), "t"), registries) == []
 
 
 def test_every_schema_mistake_is_reported_at_once_one_line_each() -> None:

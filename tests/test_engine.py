@@ -249,3 +249,74 @@ def test_minillm_collects_rollouts_and_reuses_them_for_inner_epochs(tiny_setup: 
     losses = [r["loss"] for r in stats.log]
     assert all(math.isfinite(v) for v in losses) and len(set(losses)) == 4
     assert stats.teacher_forwards == 8
+
+
+def test_gradient_checkpointing_trains_the_same_model(tiny_setup: dict) -> None:
+    """Recomputing activations in backward changes memory, not the math: the same seed gives the same
+    loss trajectory, and the model gives its KV cache back for sampling afterwards."""
+    root, tokenizer, examples = tiny_setup["root"], tiny_setup["tokenizer"], tiny_setup["examples"]
+    def checkpointing_on(model: torch.nn.Module) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+    class Watch:  # an observer that records whether checkpointing was on while the steps ran
+        def __init__(self, model: torch.nn.Module) -> None:
+            self.model, self.seen = model, set()
+
+        def kdbench_on_stage_start(self, stage: str, total: int | None) -> None: ...
+
+        def kdbench_on_step_end(self, stage: str, step: int, metrics: dict) -> None:
+            self.seen.add(checkpointing_on(self.model))
+
+    runs = {}
+    for checkpointing in (False, True):
+        student = load_model(str(root / "student"))
+        watch = Watch(student)
+        model, stats, _ = train(student, SFT, SFT.make_params({}), examples,
+                                settings(gradient_checkpointing=checkpointing, max_steps=12, lr=1e-2), 0,
+                                tokenizer.pad_token_id, observer=watch)
+        runs[checkpointing] = [r["loss"] for r in stats.log]
+        assert watch.seen == {checkpointing}
+        assert not checkpointing_on(model)
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+    assert runs[True][-1] < runs[True][0] - 0.1  # it did train
+
+
+def test_tensorboard_tracker_logs_every_optimizer_step(tiny_setup: dict, tmp_path: Path) -> None:
+    """accelerate's TensorBoard tracker writes the loss and learning rate of each step under the run's name."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from kdbench.engine import Tracking
+
+    root, tokenizer, examples = tiny_setup["root"], tiny_setup["tokenizer"], tiny_setup["examples"]
+    tracking = Tracking(("tensorboard",), str(tmp_path), "gpt2/s1/sft/seed0", {"objective": "sft", "training.lr": 3e-3})
+    _, stats, _ = train(load_model(str(root / "student")), SFT, SFT.make_params({}), examples, settings(), 0,
+                        tokenizer.pad_token_id, tracking=tracking)
+    runs = [path.parent for path in tmp_path.rglob("events.out.tfevents.*")]
+    assert runs and all(str(run).startswith(str(tmp_path / "gpt2/s1/sft/seed0")) for run in runs)
+    events = EventAccumulator(str(tmp_path / "gpt2/s1/sft/seed0"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in stats.log]
+    assert [e.step for e in events.Scalars("train/lr")] == [1, 2, 3, 4]
+
+
+def test_a_student_loader_runs_under_zero3_partitioning(tiny_setup: dict, tmp_path: Path) -> None:
+    """Given a loader instead of a model, the engine loads the student once DeepSpeed ZeRO-3 is configured,
+    so from_pretrained partitions the weights as it reads them; the gathered result saves and reloads."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from kdbench.engine import save_trained
+
+    tokenizer, loaded_under_zero3 = tiny_setup["tokenizer"], []
+
+    def load_student() -> torch.nn.Module:
+        loaded_under_zero3.append(is_deepspeed_zero3_enabled())
+        return load_model(str(tiny_setup["root"] / "student"))
+
+    config = settings(engine="deepspeed", zero_stage=3, max_steps=3)
+    model, stats, accelerator = train(load_student, SFT, SFT.make_params({}), tiny_setup["examples"], config, seed=0,
+                                      pad_id=tokenizer.pad_token_id)
+    assert loaded_under_zero3 == [True] and len(stats.log) == 3
+    save_trained(model, accelerator, tokenizer, tmp_path / "trained")
+    assert not is_deepspeed_zero3_enabled()  # later plain loads in the grid get whole models again
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "trained").num_parameters() == model.num_parameters()

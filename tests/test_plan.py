@@ -1,0 +1,278 @@
+"""``kdbench run --dry-run``'s plan: sizes from configs alone, ZeRO memory, and the stages in run order.
+
+Everything here is offline and loads no weights: paper checkpoints are sized from the families' tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from kdbench.config import Experiment, load_experiment, parse_experiment
+from kdbench.data import TEMPLATE_PIECES
+from kdbench.engine import total_optimizer_steps
+from kdbench.plan import (
+    GIB,
+    Plan,
+    Stage,
+    StageKind,
+    build_plan,
+    estimate_activations,
+    estimate_memory,
+    paper_model_size,
+    print_plan,
+    tiny_model_size,
+)
+from kdbench.registry import Registries, load_registries
+from kdbench.runner import resolve_selection
+
+GPT2_SMALL = 124_439_808
+GPT2_XL = 1_557_611_200
+
+# The published sizes; tied input/output embeddings count once.
+PUBLISHED = [
+    ("gpt2", "gpt2", GPT2_SMALL),
+    ("gpt2", "gpt2-medium", 354_823_168),
+    ("gpt2", "gpt2-large", 774_030_080),
+    ("gpt2", "gpt2-xl", GPT2_XL),
+    ("opt", "facebook/opt-1.3b", 1_315_758_080),
+    ("opt", "facebook/opt-13b", 12_853_473_280),
+]
+
+
+@pytest.fixture(scope="module")
+def registries() -> Registries:
+    return load_registries()
+
+
+def plan_of(experiment: Experiment, registries: Registries, gpus: int, methods: list[str] | None = None) -> Plan:
+    selection = resolve_selection(experiment, registries, methods, None, None)
+    return build_plan(experiment, registries, selection, gpus)
+
+
+def cell_stages(plan: Plan, cell: str) -> list[Stage]:
+    """The stages of ``cell`` in order: what prepares it (sft init, generations), its training, its eval."""
+    stages = [s for family in plan.families for s in family.stages]
+    end = max(i for i, s in enumerate(stages) if s.name == cell and s.kind is StageKind.EVAL)
+    start = max(i for i, s in enumerate(stages[:end]) if s.kind is StageKind.EVAL) + 1  # after the previous eval
+    return stages[start:end + 1]
+
+
+# -- sizes ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("family", "name", "expected"), PUBLISHED)
+def test_paper_checkpoints_have_their_published_sizes(registries: Registries, family: str, name: str,
+                                                      expected: int) -> None:
+    size = paper_model_size(name, registries.families.get(family))
+    assert size.params == expected
+
+
+def test_every_paper_checkpoint_is_in_its_familys_table(registries: Registries) -> None:
+    for name in registries.families:
+        family = registries.families.get(name)
+        assert {family.paper_teacher, *family.paper_students.values()} <= set(family.paper_configs)
+
+
+def test_a_local_folder_is_sized_from_its_config_like_the_real_model(registries: Registries, tmp_path: Path) -> None:
+    config = GPT2Config(vocab_size=500, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    config.save_pretrained(tmp_path)  # config.json only: no weights anywhere
+    size = paper_model_size(str(tmp_path), registries.families.get("gpt2"))
+    real = AutoModelForCausalLM.from_config(config)
+    assert size.source == "local folder"
+    assert size.params == sum(p.numel() for p in real.parameters())  # tied lm_head counted once, as here
+    assert (size.hidden, size.layers, size.heads, size.vocab) == (32, 2, 2, 500)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_tiny_models_are_sized_as_the_runner_builds_them(registries: Registries, family: str) -> None:
+    data = load_experiment(None).data
+    spec = registries.families.get(family)
+    for arch in (spec.tiny_teacher, *spec.tiny_students.values()):
+        size = tiny_model_size(spec, arch, data)
+        vocab = data.tokenizer_vocab_size + len(TEMPLATE_PIECES)
+        real = AutoModelForCausalLM.from_config(spec.make_config(arch, vocab, data.max_length, 0, 1))
+        assert size.vocab == vocab and size.params == sum(p.numel() for p in real.parameters())
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+def test_zero_1_bf16_on_8_gpus_by_hand() -> None:
+    memory = estimate_memory(GPT2_SMALL, "bf16", 1, 8)
+    assert memory.weights == 248_879_616  # 2Ψ, replicated
+    assert memory.gradients == 248_879_616  # 2Ψ, replicated
+    assert memory.optimizer == 186_659_712  # 12Ψ / 8
+    assert memory.teacher == memory.activations == 0
+    assert memory.total == 684_418_944
+
+
+@pytest.mark.parametrize(("precision", "stage", "expected"), [
+    # (weights, gradients, optimizer) bytes of 124,439,808 parameters on 8 GPUs
+    ("bf16", 0, (248_879_616, 248_879_616, 1_493_277_696)),
+    ("bf16", 2, (248_879_616, 31_109_952, 186_659_712)),
+    ("bf16", 3, (31_109_952, 31_109_952, 186_659_712)),
+    ("fp16", 1, (248_879_616, 248_879_616, 186_659_712)),
+    ("fp32", 0, (497_759_232, 497_759_232, 995_518_464)),
+    ("fp32", 1, (497_759_232, 497_759_232, 124_439_808)),
+    ("fp32", 2, (497_759_232, 62_219_904, 124_439_808)),
+    ("fp32", 3, (62_219_904, 62_219_904, 124_439_808)),
+])
+def test_every_zero_stage_and_precision_by_hand(precision: str, stage: int, expected: tuple[int, int, int]) -> None:
+    memory = estimate_memory(GPT2_SMALL, precision, stage, 8)
+    assert (memory.weights, memory.gradients, memory.optimizer) == expected
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_each_zero_stage_needs_less_than_the_one_before(precision: str) -> None:
+    totals = [estimate_memory(GPT2_SMALL, precision, stage, 8, GPT2_XL, 10**9).total for stage in (0, 1, 2, 3)]
+    assert totals[3] < totals[2] < totals[1] < totals[0]
+    single = {estimate_memory(GPT2_SMALL, precision, stage, 1).total for stage in (0, 1, 2, 3)}
+    assert len(single) == 1  # nothing to shard over on one GPU
+
+
+def test_a_frozen_teacher_adds_its_weights_in_the_training_dtype() -> None:
+    assert estimate_memory(GPT2_SMALL, "bf16", 3, 8, GPT2_XL).teacher == 2 * GPT2_XL  # whole on every GPU
+    assert estimate_memory(GPT2_SMALL, "fp32", 1, 8, GPT2_XL).teacher == 4 * GPT2_XL
+
+
+def test_activations_by_hand(registries: Registries) -> None:
+    size = paper_model_size("gpt2", registries.families.get("gpt2"))
+    s, b, h, a, v, layers = 512, 2, 768, 12, 50257, 12
+    output = 4 * s * b * h + 4 * s * b * v
+    full = layers * s * b * h * (34 + 5 * a * s // h) + output  # 5·a·s/h = 40 exactly here
+    assert estimate_activations(size, b, s, "bf16") == full == 907_350_016
+    assert estimate_activations(size, b, s, "bf16", checkpointing=True) == layers * 2 * s * b * h + output
+    assert estimate_activations(size, b, s, "bf16", sequences=3) == 3 * full
+    assert estimate_activations(size, b, s, "fp32") == 2 * layers * s * b * h * 74 + 8 * s * b * h + 4 * s * b * v
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_the_tiny_plan_lists_every_stage_with_the_engines_step_counts(registries: Registries, gpus: int) -> None:
+    experiment = load_experiment(None)
+    plan = plan_of(experiment, registries, gpus)
+    n_train = len(registries.datasets.get("tiny").load(dict(experiment.data.options))["train"])
+    assert plan.train_examples == n_train and not plan.data.estimated
+    assert [f.family for f in plan.families] == ["gpt2", "opt"]
+    for family in plan.families:
+        kinds = [s.kind for s in family.stages]
+        assert kinds[:5] == [StageKind.TOKENIZER, StageKind.INIT, StageKind.INIT, StageKind.TEACHER_SFT, StageKind.EVAL]
+        teacher_sft = family.stages[3].training
+        assert teacher_sft is not None
+        assert teacher_sft.steps == total_optimizer_steps(experiment.teacher_training, n_train, gpus)
+        teacher, student = family.models[0].size, family.models[1].size
+        assert teacher is not None and student is not None
+        for method in experiment.methods:
+            stages = cell_stages(plan, f"{family.family}/s1/{method}/seed0")
+            preparation = [s.kind for s in stages[:-2]]
+            expected = {"seqkd": [StageKind.GENERATIONS], "minillm": [StageKind.SFT_INIT],
+                        "dpkd": [StageKind.SFT_INIT, StageKind.GENERATIONS]}.get(method, [])
+            assert preparation == expected, method
+            train, evaluation = stages[-2], stages[-1]
+            assert train.kind is StageKind.TRAIN and evaluation.kind is StageKind.EVAL
+            assert train.training is not None and train.training.params == student.params
+            assert train.training.steps == total_optimizer_steps(experiment.training_for(method), n_train, gpus)
+            assert not train.training.steps_estimated
+            assert train.training.teacher_params == teacher.params  # loaded through every student stage
+            assert "300 examples × 3 seeds" in evaluation.work
+    # The sft cell trains the student minillm and dpkd start from; the first dpkd cell reuses seqkd's samples.
+    minillm = cell_stages(plan, "gpt2/s1/minillm/seed0")[0]
+    assert minillm.reused and minillm.training is None
+    assert cell_stages(plan, "gpt2/s1/dpkd/seed0")[1].reused
+    assert not cell_stages(plan, "gpt2/s1/seqkd/seed0")[0].reused
+
+
+def test_the_sft_init_is_trained_where_it_is_first_needed(registries: Registries) -> None:
+    plan = plan_of(load_experiment(None), registries, 1, ["minillm", "sft"])
+    sft_init = cell_stages(plan, "gpt2/s1/minillm/seed0")[0]
+    assert sft_init.kind is StageKind.SFT_INIT and sft_init.training is not None and not sft_init.reused
+    sft_train = cell_stages(plan, "gpt2/s1/sft/seed0")[0]
+    assert sft_train.kind is StageKind.TRAIN and sft_train.reused  # the same cache entry
+
+
+def paper_experiment(data_options: dict[str, Any] | None = None, engine: str = "deepspeed") -> Experiment:
+    return parse_experiment({
+        "name": "paper-gpt2",
+        "data": {"dataset": "dolly", "options": data_options or {}, "max_length": 512, "max_prompt_length": 256},
+        "models": {"scale": "paper", "families": ["gpt2"], "students": ["120M"]},
+        "training": {"engine": engine, "precision": "bf16", "zero_stage": 1, "batch_size": 2, "grad_accum": 1,
+                     "epochs": 20, "lr": 5e-4},
+        "methods": {"sft": {}, "kd": {}, "seqkd": {}, "dpkd": {}},
+        "method_training": {"dpkd": {"epochs": None, "max_steps": 5000}},
+    }, "test")
+
+
+def test_a_paper_plan_runs_offline_with_dollys_documented_size(registries: Registries) -> None:
+    experiment = paper_experiment()
+    plan = plan_of(experiment, registries, 8)
+    assert plan.data.estimated and plan.train_examples == 15_011 - 1_000 - 500 and plan.eval_examples == 500
+    (family,) = plan.families
+    teacher, student = family.models
+    assert (teacher.checkpoint, student.checkpoint) == ("gpt2-xl", "gpt2")
+    assert teacher.size is not None and teacher.size.params == GPT2_XL
+    assert student.size is not None and student.size.params == GPT2_SMALL
+    kd = cell_stages(plan, "gpt2/120M/kd/seed0")[0].training
+    assert kd is not None and kd.steps_estimated and kd.global_batch == 16
+    assert kd.steps == total_optimizer_steps(experiment.training, 13_511, 8) == 16_880
+    activations = estimate_activations(student.size, 2, 512, "bf16")
+    assert kd.memory == estimate_memory(GPT2_SMALL, "bf16", 1, 8, GPT2_XL, activations)
+    dpkd = cell_stages(plan, "gpt2/120M/dpkd/seed0")[-2].training
+    assert dpkd is not None and dpkd.steps == 5000 and not dpkd.steps_estimated  # max_steps needs no data size
+
+    console = Console(record=True, width=200)
+    print_plan(plan, console)
+    text = console.export_text()
+    assert "≈13,511 training examples" in text and "1,557,611,200" in text and "2 × 1 × 8 = 16" in text
+    assert f"{kd.memory.total / GIB:.2f}" in text
+
+
+def test_plain_accelerate_keeps_fp32_states_on_every_gpu(registries: Registries) -> None:
+    plan = plan_of(paper_experiment(engine="accelerate"), registries, 8)
+    kd = cell_stages(plan, "gpt2/120M/kd/seed0")[0].training
+    assert kd is not None and kd.zero_stage is None and kd.memory is not None
+    # autocast: fp32 weights, gradients and Adam moments, replicated by DDP; the teacher in bf16
+    assert (kd.memory.weights, kd.memory.gradients, kd.memory.optimizer) == (4 * GPT2_SMALL, 4 * GPT2_SMALL, 8 * GPT2_SMALL)
+    assert kd.memory.teacher == 2 * GPT2_XL
+
+
+def test_a_local_dolly_copy_is_counted_not_estimated(registries: Registries, tmp_path: Path) -> None:
+    path = tmp_path / "dolly.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Q{i}?", "context": "", "response": f"A{i}.",
+                                        "category": "open_qa"}) + "\n" for i in range(80)))
+    plan = plan_of(paper_experiment({"path": str(path), "n_validation": 10, "n_test": 5}), registries, 2)
+    assert plan.train_examples == 65 and plan.eval_examples == 5 and not plan.data.estimated
+
+
+def test_unknown_data_sizes_are_said_so(registries: Registries, tmp_path: Path) -> None:
+    raw = {"name": "missing-data", "data": {"dataset": "jsonl", "options": {"dir": str(tmp_path / "absent")}},
+           "models": {"families": ["gpt2"]}, "training": {"epochs": 1}, "methods": {"sft": {}}}
+    plan = plan_of(parse_experiment(raw, "test"), registries, 1)
+    assert plan.train_examples is None and plan.data.sizes is None and "unknown" in plan.data.how
+    assert all(s.training.steps is None for s in plan.training_stages if s.training is not None)
+    console = Console(record=True, width=200)
+    print_plan(plan, console)
+    assert "? training examples" in console.export_text()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*_from_*.yaml")),
+                         ids=lambda p: p.stem)
+def test_dry_run_of_every_paper_experiment_prints_a_plan_and_touches_nothing(path: Path, tmp_path: Path) -> None:
+    """The command a user runs first: offline, no weights, no cache entries, no results, exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KDBENCH_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
+    completed = subprocess.run([sys.executable, "-m", "kdbench", "run", "--dry-run", "--gpus", "8", "--experiment",
+                                str(path), "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                               timeout=300, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for heading in ("models", "stages in run order", "training stages", "memory per GPU"):
+        assert heading in completed.stdout, heading
+    assert "teacher sft" in completed.stdout and "minillm" in completed.stdout
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
