@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +53,6 @@ def _error_lines(raw: dict[str, Any]) -> list[str]:
     with pytest.raises(KdbenchError) as info:
         parse_experiment(raw, "test.yaml")
     return str(info.value).splitlines()
-
-
-def _subprocess_env() -> dict[str, str]:
-    """A quiet offline environment for the CLI subprocess."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "300"}
 
 
 # -- schema -------------------------------------------------------------------------------------
@@ -264,18 +259,18 @@ def test_cli_runner_validate_bad_raises_kdbench_error(tmp_path: Path) -> None:
         assert f"{path}:" in str(result.exception)
 
 
-def test_validate_subprocess_exit_codes(tmp_path: Path) -> None:
+def test_validate_subprocess_exit_codes(tmp_path: Path, subprocess_env: Callable[..., dict[str, str]]) -> None:
     """The installed command: bad file → exit 2, paths on stderr, no traceback; tiny.yaml → exit 0."""
     bad = _write(tmp_path / "bad.yaml", MANY_MISTAKES)
     semantic = _write(tmp_path / "semantic.yaml", _minimal(methods={"kdd": {}, "kd": {"temprature": 2}}))
     result = subprocess.run([str(KDBENCH), "validate", str(bad), str(semantic)], capture_output=True, text=True,
-                            env=_subprocess_env(), cwd=tmp_path, timeout=300)
+                            env=subprocess_env(COLUMNS="300"), cwd=tmp_path, timeout=300)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     for path in (*MISTAKE_PATHS, "methods.kdd", "methods.kd.temprature"):
         assert f"{path}:" in result.stderr, (path, result.stderr)
 
     good = subprocess.run([str(KDBENCH), "validate", str(REPO / "experiments" / "tiny.yaml")], capture_output=True,
-                          text=True, env=_subprocess_env(), cwd=REPO, timeout=300)
+                          text=True, env=subprocess_env(COLUMNS="300"), cwd=REPO, timeout=300)
     assert good.returncode == 0, good.stderr
     assert "Traceback" not in good.stderr

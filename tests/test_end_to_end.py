@@ -8,9 +8,9 @@ the cache and the finished cells instead of training again.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
@@ -52,10 +52,10 @@ def kdbench(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def first_run(tmp_path_factory: pytest.TempPathFactory, subprocess_env: Callable[..., dict[str, str]]) -> dict:
     root = tmp_path_factory.mktemp("e2e")
     (root / "e2e.yaml").write_text(EXPERIMENT)
-    env = {**os.environ, "KDBENCH_CACHE_DIR": str(root / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = subprocess_env(KDBENCH_CACHE_DIR=str(root / "cache"))
     args = ("run", "--methods", METHODS, "--models", "gpt2,opt", "-e", str(root / "e2e.yaml"), "--out", str(root / "out"))
     completed = kdbench(*args, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]

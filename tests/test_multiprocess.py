@@ -9,9 +9,9 @@ results, exactly one leaderboard is printed, and the leaderboard has the schema 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,10 +35,10 @@ LAUNCHERS = {
 }
 
 
-def _run(command: list[str], root: Path, name: str) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+def _run(command: list[str], root: Path, name: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str],
+                                                                              Path, Path]:
     out, cache = root / f"out-{name}", root / f"cache-{name}"
-    env = {**os.environ, "KDBENCH_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
+    env = {**env, "KDBENCH_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
     completed = subprocess.run([*command, "run", "-e", str(root / "mp.yaml"), "--out", str(out)], capture_output=True,
                                text=True, env=env, timeout=600, cwd=root)
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -57,18 +57,19 @@ def _report(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def single(tmp_path_factory: pytest.TempPathFactory, subprocess_env: Callable[..., dict[str, str]]) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("mp")
     (root / "mp.yaml").write_text(EXPERIMENT)
-    _, out, _ = _run([sys.executable, "-m", "kdbench"], root, "single")
+    _, out, _ = _run([sys.executable, "-m", "kdbench"], root, "single", subprocess_env())
     return root, out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_processes_train_data_parallel_and_write_once(launcher: str, single: tuple[Path, Path]) -> None:
+def test_two_processes_train_data_parallel_and_write_once(launcher: str, single: tuple[Path, Path],
+                                                          subprocess_env: Callable[..., dict[str, str]]) -> None:
     root, single_out = single
-    completed, out, cache = _run(LAUNCHERS[launcher], root, launcher)
+    completed, out, cache = _run(LAUNCHERS[launcher], root, launcher, subprocess_env())
 
     assert completed.stdout.count("kdbench leaderboard") == 1  # only the main process prints it
     for method in ("sft", "kd", "seqkd"):

@@ -5,6 +5,9 @@ Everything here is offline and loads no weights: paper checkpoints are sized fro
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,14 +263,10 @@ def test_unknown_data_sizes_are_said_so(registries: Registries, tmp_path: Path) 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*_from_*.yaml")),
                          ids=lambda p: p.stem)
-def test_dry_run_of_every_paper_experiment_prints_a_plan_and_touches_nothing(path: Path, tmp_path: Path) -> None:
+def test_dry_run_of_every_paper_experiment_prints_a_plan_and_touches_nothing(
+        path: Path, tmp_path: Path, subprocess_env: Callable[..., dict[str, str]]) -> None:
     """The command a user runs first: offline, no weights, no cache entries, no results, exit 0."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "KDBENCH_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
+    env = subprocess_env(KDBENCH_CACHE_DIR=str(tmp_path / "cache"), COLUMNS="200")
     completed = subprocess.run([sys.executable, "-m", "kdbench", "run", "--dry-run", "--gpus", "8", "--experiment",
                                 str(path), "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
                                timeout=300, cwd=tmp_path)

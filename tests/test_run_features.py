@@ -5,9 +5,9 @@ a method with its own training schedule, and TensorBoard tracking."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,11 +47,11 @@ def _release_file(folder: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def run(tmp_path_factory: pytest.TempPathFactory, subprocess_env: Callable[..., dict[str, str]]) -> dict:
     root = tmp_path_factory.mktemp("features")
     rows = _release_file(root / "self-inst")
     (root / "features.yaml").write_text(EXPERIMENT.format(release=root / "self-inst", min_tokens=MIN_TOKENS))
-    env = {**os.environ, "KDBENCH_CACHE_DIR": str(root / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = subprocess_env(KDBENCH_CACHE_DIR=str(root / "cache"))
     completed = subprocess.run([sys.executable, "-m", "kdbench", "run", "-e", str(root / "features.yaml"), "--out",
                                 str(root / "out")], capture_output=True, text=True, env=env, timeout=900)
     assert completed.returncode == 0, completed.stderr[-4000:]
