@@ -144,6 +144,7 @@ def semantic_errors(experiment: Experiment, registries: Registries) -> list[str]
 
 
 def dataset_errors(where: str, name: str, options: dict[str, Any], registries: Registries) -> list[str]:
+    """An unknown dataset, or options it does not take, reported under the config path ``where``."""
     if name not in registries.datasets:
         return [f"{where}.dataset: {registries.datasets.unknown_message(name)}"]
     accepted = registries.datasets.get(name).option_names
@@ -152,11 +153,12 @@ def dataset_errors(where: str, name: str, options: dict[str, Any], registries: R
 
 
 def tracker_errors(trackers: list[str]) -> list[str]:
+    """Trackers whose package is missing: accelerate would otherwise drop them with only a log line."""
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
-    return [f"trackers: {name} is not installed; pip install {'tensorboard' if name == 'tensorboard' else 'wandb'} "
-            "(or remove it from trackers)" for name in trackers if not available[name]()]
+    return [f"trackers: {name} is not installed; pip install {name} (or remove it from trackers)"
+            for name in trackers if not available[name]()]
 
 
 def method_params(experiment: Experiment, objective: type[Objective]) -> ObjectiveParams:
