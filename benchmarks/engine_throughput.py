@@ -20,8 +20,8 @@ import torch
 
 from kdbench.config import TrainingConfig
 from kdbench.data import TEMPLATE_PIECES, format_prompt, tokenize_records
-from kdbench.engine import train
 from kdbench.tinysuite import TinySuiteOptions, generate
+from kdbench.train.engine import TrainingData, train
 from kdbench.zoo import build_tiny_model, load_model, load_tokenizer, train_tokenizer
 from kdbench_plugins.families import GPT2, TINY_TEACHER
 from kdbench_plugins.sft import SFT
@@ -52,8 +52,8 @@ def main() -> None:
         measured: dict[str, dict[str, float]] = {}
         for label, overrides in SETTINGS.items():
             config = TrainingConfig(lr=3e-3, batch_size=args.batch_size, max_steps=args.steps, warmup_steps=10, **overrides)
-            _, stats, _ = train(load_model(str(root / "teacher")), SFT, SFT.make_params({}), examples, config, seed=0,
-                                pad_id=tokenizer.pad_token_id)
+            _, stats = train(load_model(str(root / "teacher")), SFT, SFT.make_params({}),
+                             TrainingData(examples, tokenizer.pad_token_id), config, 0)
             measured[label] = {"tokens_per_second": stats.tokens / stats.seconds, "seconds": stats.seconds,
                                "final_loss": stats.log[-1]["loss"]}
     baseline = measured["accelerate-fp32"]["tokens_per_second"]

@@ -6,6 +6,7 @@ traceback; results already written stay where they are.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ CacheOption = Annotated[Optional[Path], typer.Option(
 def _leaderboard(run_dir: Path) -> list[Any]:
     """The leaderboard rows of a results folder; warns (on stderr, so stdout stays machine-readable)
     when one family's cells ran with different shared settings."""
-    from kdbench.report import build_leaderboard, load_results, settings_mismatches
+    from kdbench.report.leaderboard import build_leaderboard, load_results, settings_mismatches
 
     results = load_results(run_dir)
     for mismatch in settings_mismatches(results):
@@ -63,22 +64,32 @@ def run(
     cache_dir: CacheOption = None,
     plugins_dir: PluginsDir = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help=(
-        "Print the plan (cells, stages, optimizer steps, memory per GPU) without loading weights or training."))] = False,
+        "Print the stage graph (stages, keys, optimizer steps, memory per GPU) without loading weights or training."))] = False,
     gpus: Annotated[Optional[int], typer.Option(min=1, help=(
         "GPUs the --dry-run plan assumes (default: the launcher's WORLD_SIZE, else 1)."))] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="With --dry-run: table or json.")] = "table",
 ) -> None:
     """Train and evaluate every (family, student, method, seed) cell, then print the leaderboard.
 
-    Under `accelerate launch` (or torchrun, or the deepspeed launcher) every process runs this same
-    command: training is data-parallel and the main process alone writes the results."""
+    The grid is collected into a graph of stages first (what --dry-run prints), then run: finished cells
+    and cached stages are reused; a stage that fails or diverges marks the cells that need it and the rest
+    still run (exit code 1). Under `accelerate launch` (or torchrun, or the deepspeed launcher) every
+    process runs this same command: training is data-parallel and the main process alone writes results."""
     from kdbench import distributed
-    from kdbench.cache import default_cache_dir
     from kdbench.config import load_experiment
+    from kdbench.grid.cache import default_cache_dir
+    from kdbench.grid.collect import collect
+    from kdbench.grid.execute import run_graph
+    from kdbench.grid.selection import resolve_selection
     from kdbench.registry import load_registries
-    from kdbench.report import render, rich_table
-    from kdbench.results import atomic_write_json, atomic_write_text
-    from kdbench.runner import Runner, resolve_selection
+    from kdbench.report.leaderboard import render, rich_table
+    from kdbench.results.store import atomic_write_json, atomic_write_text
 
+    if format not in ("table", "json"):
+        raise KdbenchError(f"--format {format!r} is not a plan format; expected table or json.")
+    if format != "table" and not dry_run:
+        raise KdbenchError("--format applies to --dry-run; a run prints its leaderboard (use `kdbench report "
+                           "--format json` for the results).")
     config = load_experiment(experiment)
     if engine is not None:
         if engine not in ("deepspeed", "accelerate"):
@@ -90,21 +101,32 @@ def run(
         })
     registries = load_registries(plugins_dir)
     selection = resolve_selection(config, registries, _split(methods), _split(models), seeds)
+    graph = collect(config, registries, selection)
     if dry_run:
-        from kdbench.plan import build_plan, print_plan
+        from kdbench.grid.plan import build_plan, print_plan
 
-        print_plan(build_plan(config, registries, selection, gpus or distributed.launched_world_size()), stdout)
+        plan = build_plan(graph, config, registries, selection, gpus or distributed.launched_world_size())
+        if format == "json":
+            sys.stdout.write(json.dumps(plan.to_json(), indent=2, default=str) + "\n")
+        else:
+            print_plan(plan, stdout)
         return
     out_dir = out or Path("results") / config.name
     distributed.init_process_group()
-    Runner(config, registries, out_dir, cache_dir or default_cache_dir()).run(selection)
-    if not distributed.is_main():
-        return
-    rows = _leaderboard(out_dir)
-    atomic_write_json(out_dir / "experiment.json", config.model_dump())
-    for fmt in ("md", "json"):
-        atomic_write_text(out_dir / f"leaderboard.{fmt}", render(rows, fmt) + "\n")
-    stdout.print(rich_table(rows, title=f"kdbench leaderboard: {config.name}"))
+    summary = run_graph(graph, config, registries, out_dir, cache_dir or default_cache_dir())
+    if distributed.is_main():
+        rows = _leaderboard(out_dir)
+        atomic_write_json(out_dir / "experiment.json", config.model_dump())
+        for fmt in ("md", "json"):
+            atomic_write_text(out_dir / f"leaderboard.{fmt}", render(rows, fmt) + "\n")
+        stdout.print(rich_table(rows, title=f"kdbench leaderboard: {config.name}"))
+        for result in summary.unscored:
+            failure = result.get("failure", {})
+            stderr.print(f"[bold red]{result['status']}:[/] {result['family']}/{result['student']}/{result['method']}/"
+                         f"seed{result['train_seed']} — {failure.get('reason', '')} (stage {failure.get('stage', '?')})",
+                         highlight=False)
+    if summary.unscored:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -113,7 +135,7 @@ def report(
     format: Annotated[str, typer.Option("--format", "-f", help="table, md, csv or json.")] = "table",
 ) -> None:
     """Leaderboard of a results folder: mean ± std over seeds for every (family, student, method)."""
-    from kdbench.report import render, rich_table
+    from kdbench.report.leaderboard import render, rich_table
 
     rows = _leaderboard(run_dir)
     if format == "table":
@@ -124,15 +146,16 @@ def report(
 
 @app.command()
 def plugins(plugins_dir: PluginsDir = None) -> None:
-    """Every registered objective, model family, dataset and metric, with the plugin it came from."""
+    """Every registered objective, sequence source, model family, dataset and metric, with its origin."""
     from kdbench.registry import load_registries
 
     registries = load_registries(plugins_dir)
     table = Table(title="kdbench plugins")
     for column in ("kind", "name", "description", "origin"):
         table.add_column(column)
-    for kind, registry in (("objective", registries.objectives), ("model family", registries.families),
-                           ("dataset", registries.datasets), ("metric", registries.metrics)):
+    for kind, registry in (("objective", registries.objectives), ("sequence source", registries.sources),
+                           ("model family", registries.families), ("dataset", registries.datasets),
+                           ("metric", registries.metrics)):
         for name in registry.names():
             item = registry.get(name)
             description = getattr(item, "summary", None) or getattr(item, "description", "")
@@ -147,8 +170,8 @@ def validate(
 ) -> None:
     """Check experiment files and report every error at once, one line per field."""
     from kdbench.config import parse_experiment, read_experiment_yaml
+    from kdbench.grid.selection import semantic_errors
     from kdbench.registry import load_registries
-    from kdbench.runner import semantic_errors
 
     registries = load_registries(plugins_dir)
     failures: list[str] = []
@@ -184,11 +207,13 @@ def _take_local_rank_argument() -> None:
 
 
 def main() -> None:
+    from kdbench.process import command_environment, environment
+
     _take_local_rank_argument()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the fast tokenizer
     _quiet_libraries()
     try:
-        app(standalone_mode=True)
+        with environment(command_environment()):
+            app(standalone_mode=True)
     except KdbenchError as error:
         stderr.print(f"[bold red]error:[/] {error}", highlight=False)
         sys.exit(2)

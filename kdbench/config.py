@@ -113,6 +113,8 @@ class LmEvalConfig(Strict):
 class EvaluationConfig(Strict):
     split: Literal["validation", "test"] = "test"
     metrics: list[str] = Field(default_factory=lambda: ["rougeL", "exact_match"], min_length=1)
+    primary_metric: str | None = Field(None, description="the metric leaderboards rank by; the first of metrics "
+                                       "when omitted")
     seeds: list[int] = Field(default_factory=lambda: [10, 20, 30, 40, 50], min_length=1)
     greedy: bool = False
     max_new_tokens: int = Field(64, ge=1)
@@ -120,6 +122,17 @@ class EvaluationConfig(Strict):
     max_examples: int | None = Field(None, ge=1)
     datasets: dict[str, EvalDatasetConfig] = Field(default_factory=dict, description="label → extra evaluation set")
     lm_eval: LmEvalConfig = Field(default_factory=LmEvalConfig)
+
+    @property
+    def primary(self) -> str:
+        """The metric leaderboards rank by."""
+        return self.primary_metric or self.metrics[0]
+
+    @model_validator(mode="after")
+    def _primary_is_a_metric(self) -> EvaluationConfig:
+        if self.primary_metric is not None and self.primary_metric not in self.metrics:
+            raise ValueError(f"primary_metric {self.primary_metric!r} is not one of metrics {self.metrics}")
+        return self
 
 
 class Experiment(Strict):

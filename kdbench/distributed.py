@@ -76,6 +76,15 @@ def map_sharded(items: Sequence[T], fn: Callable[[Sequence[T]], list[R]]) -> lis
     return [result for part in gathered for result in part]
 
 
+def gather_objects(item: T) -> list[T]:
+    """``item`` of every process, in rank order, on every process."""
+    if world_size() == 1:
+        return [item]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, item)
+    return gathered
+
+
 def shard_size(n_items: int) -> int:
     """How many of ``n_items`` one process handles in ``map_sharded`` (for progress totals)."""
     return -(-n_items // world_size())

@@ -14,8 +14,9 @@ import pluggy
 
 if TYPE_CHECKING:
     from kdbench.data import DatasetSpec
-    from kdbench.evaluation import Metric
+    from kdbench.eval.evaluation import Metric
     from kdbench.objectives import Objective
+    from kdbench.train.sources import SequenceSource
     from kdbench.zoo import ModelFamily
 
 PROJECT = "kdbench"
@@ -27,11 +28,26 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def kdbench_register_objectives() -> list[type[Objective]]:
     """Return objective classes (subclasses of ``kdbench.objectives.Objective``).
 
-    Each class names itself (``name``), declares what the runner must provide (``needs``), which
-    sequences its loss reads (``sequence``: gold, teacher text, a preference pair or its own
-    rollouts), its parameters (``Params``, a dataclass with defaults) and a pure loss: per token
-    (``token_loss``), per pair (``pair_loss``) or per rollout token (``rollout_loss``). All results
-    are collected; a name registered twice is an error naming both plugins.
+    Each class names itself (``name``) with a ``version`` (bump it when the loss changes: the cells it
+    trained get new keys and re-run), declares what the runner must provide (``needs``), which
+    sequence sources its loss reads (``reads``, names registered through
+    ``kdbench_register_sequence_sources``), whether the loss is per token or per sequence
+    (``reduction``), its parameters (``Params``, a dataclass with defaults) and a pure ``loss`` over one
+    ``SequenceView`` per source read. All results are collected; a name registered twice is an error
+    naming both plugins.
+    """
+
+
+@hookspec
+def kdbench_register_sequence_sources() -> list[type[SequenceSource]]:
+    """Return sequence-source classes (subclasses of ``kdbench.train.sources.SequenceSource``).
+
+    A source makes one kind of sequence for a micro-batch of training prompts (``sequences``): gold
+    responses, stored teacher text, fresh student samples, rollouts. It names itself with a
+    ``version`` (part of the key of every training stage that reads it), declares what it needs
+    (``needs``), whether it samples the student, whether it chooses the prompts of a step
+    (``drives_prompts``, at most one per objective) and its ``Options``. All results are collected;
+    names must be unique.
     """
 
 
@@ -51,14 +67,16 @@ def kdbench_register_datasets() -> list[DatasetSpec]:
 
 @hookspec
 def kdbench_register_metrics() -> list[Metric]:
-    """Return ``kdbench.evaluation.Metric`` objects: name, ``higher_is_better`` and a per-example
+    """Return ``kdbench.eval.evaluation.Metric`` objects: name, ``higher_is_better`` and a per-example
     score ``fn(prediction, references) -> float`` in [0, 1]. All results are collected."""
 
 
 @hookspec
 def kdbench_on_run_start(plan: dict[str, Any]) -> None:
-    """Called once before any stage runs. ``plan`` holds ``experiment``, ``out_dir`` and ``cells``
-    (a list of cell labels). Observers only: the return value is ignored."""
+    """Called once before any stage runs. ``plan`` holds ``experiment``, ``out_dir``, ``cells`` (the
+    labels of every cell, ``family/student/method/seed<k>``, the teachers' rows included), ``to_run``
+    (those not finished by an earlier run) and ``stages`` (the number of stages in the graph).
+    Observers only: the return value is ignored."""
 
 
 @hookspec
@@ -80,7 +98,8 @@ def kdbench_on_stage_end(stage: str, seconds: float, cached: bool) -> None:
 
 @hookspec
 def kdbench_on_cell_end(cell: str, result: dict[str, Any]) -> None:
-    """A cell's result (the ``result.json`` content) was written."""
+    """A cell's result (the ``result.json`` content, ``kdbench.results.schema.CellResult``) was written:
+    scored (``status: ok``) or not (``failed``, ``diverged``, with its ``failure``)."""
 
 
 @hookspec

@@ -1,18 +1,22 @@
 """What an objective is, and the parts of every loss the runner owns.
 
-An objective is one short module: a class naming itself, declaring what it needs, the sequences
-it reads and its parameters, and a *pure* loss (per token, per preference pair, or per rollout
-token). The runner (``kdbench.engine``) does the rest the same way
-for every objective — shifting, masking prompt and padding, the ``kd_ratio`` mix with gold
-cross-entropy, and normalising by the global count of response tokens (or pairs) in an optimizer
-step — so no two objectives can differ in those details by accident.
+An objective is one short module: a class naming itself with a ``version``, declaring what it needs
+(teacher logits, an SFT-initialised student), which sequences it reads (``reads``: names of sequence
+sources — gold, stored teacher text, fresh student samples, teacher-mixed rollouts — each a plugin),
+whether its loss is per token or per sequence, its parameters, and a *pure* ``loss`` over the
+``SequenceView`` of every sequence it reads. The runner (``kdbench.train.engine``) does the rest the
+same way for every objective — running the models on the sequences, shifting, masking prompt and
+padding, the ``kd_ratio`` mix with gold cross-entropy, and normalising by the global count of
+response tokens (or sequences) in an optimizer step — so no two objectives can differ in those
+details by accident.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -21,24 +25,23 @@ import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
 
+GOLD = "gold"  # the source of the data set's own responses, read by every training step for the CE term
+
 
 class Need(str, Enum):
-    """What the runner must provide before an objective's loss can be computed."""
+    """What the runner must provide before a loss can be computed (objectives and sources declare them)."""
 
-    TEACHER_LOGITS = "teacher_logits"  # the teacher under teacher forcing on the sequences the loss reads
+    TEACHER_LOGITS = "teacher_logits"  # the teacher under teacher forcing on every sequence the loss reads
+    TEACHER_MODEL = "teacher_model"  # the teacher itself while training runs (a source samples from it)
     TEACHER_GENERATIONS = "teacher_generations"  # one stored, sampled teacher response per training prompt
     SFT_INIT = "sft_init"  # start from the student fine-tuned with sft (same student, same seed)
-    STUDENT_SAMPLES = "student_samples"  # responses sampled from the current student as training goes
-    ROLLOUTS = "rollouts"  # samples of (1 − α)·student + α·teacher with per-token probabilities: ``rollout_spec``
 
 
-class Sequence(str, Enum):
-    """Which response of a training prompt an objective's token loss is taken on."""
+class Reduction(str, Enum):
+    """What the runner averages an objective's loss over, globally per optimizer step."""
 
-    GOLD = "gold"  # the data set's response
-    TEACHER = "teacher"  # the stored teacher generation (needs TEACHER_GENERATIONS)
-    PAIR = "pair"  # the stored teacher generation preferred over a fresh student sample: ``pair_loss``
-    ROLLOUT = "rollout"  # the objective's own rollouts, reused for several inner epochs: ``rollout_loss``
+    TOKEN = "token"  # loss (b, t): over the response tokens of the first sequence the objective reads
+    SEQUENCE = "sequence"  # loss (b,): over the sequences (pairs) of the first sequence it reads
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,33 @@ class ObjectiveParams:
 
 
 @dataclass(frozen=True)
-class TokenLossInputs:
-    """Aligned so that position ``i`` of the logits predicts ``labels[:, i]``."""
+class SequenceView:
+    """One batch of sequences as a loss sees them, aligned so position ``i`` of the logits predicts
+    ``labels[:, i]``; all (b, t) unless noted."""
 
-    student_logits: torch.Tensor  # (b, t, vocab)
-    labels: torch.Tensor  # (b, t) gold next-token ids (anything at masked positions)
-    mask: torch.Tensor  # (b, t) bool: response tokens, the only ones a loss is taken on
-    teacher_logits: torch.Tensor | None = None  # (b, t, vocab) when the objective needs them
+    student_logits: torch.Tensor  # (b, t, vocab) the student being trained, with gradients
+    labels: torch.Tensor  # the next token at every position (anything at masked positions)
+    mask: torch.Tensor  # bool: response tokens, the only ones a loss is taken on
+    teacher_logits: torch.Tensor | None = None  # (b, t, vocab) when the objective needs TEACHER_LOGITS
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)  # per-token values its source recorded
+
+    def student_logp(self) -> torch.Tensor:
+        """log q(label) at every position, 0 off the mask. (b, t)"""
+        return -gold_cross_entropy(self.student_logits, self.labels, self.mask)
+
+    def teacher_logp(self) -> torch.Tensor:
+        """log p(label) at every position, 0 off the mask. (b, t)"""
+        assert self.teacher_logits is not None, "the objective must declare Need.TEACHER_LOGITS"
+        return -gold_cross_entropy(self.teacher_logits, self.labels, self.mask)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Response tokens per sequence. (b,)"""
+        return self.mask.sum(-1)
+
+
+# The views an objective's loss receives: source name → its view, one per name in ``reads``.
+LossInputs = Mapping[str, SequenceView]
 
 
 @dataclass(frozen=True)
@@ -74,38 +97,24 @@ class PreferencePair:
     teacher_logp_rejected: torch.Tensor  # log p(y_l|x)
     rejected_length: torch.Tensor
 
-
-@dataclass(frozen=True)
-class RolloutSpec:
-    """How the runner collects rollouts: ``batches`` micro-batches of prompts are sampled from
-    ``(1 − teacher_mix)·q + teacher_mix·p``, then trained on for ``inner_epochs`` passes."""
-
-    teacher_mix: float
-    batches: int
-    inner_epochs: int
-
-
-@dataclass(frozen=True)
-class RolloutInputs:
-    """Rollout tensors aligned so position ``i`` holds the sampled token ``i + 1``; all (b, t) unless noted."""
-
-    student_logits: torch.Tensor  # (b, t, vocab) the student being trained
-    teacher_logits: torch.Tensor  # (b, t, vocab)
-    actions: torch.Tensor  # sampled token ids
-    mask: torch.Tensor  # bool: sampled response tokens (through EOS)
-    old_logp: torch.Tensor  # log q_old(y_t) of the student that sampled
-    teacher_logp: torch.Tensor  # log p(y_t)
-    mixture_logp: torch.Tensor  # log of the sampling distribution at y_t
+    @classmethod
+    def from_views(cls, chosen: SequenceView, rejected: SequenceView) -> PreferencePair:
+        return cls(chosen.student_logp().sum(-1), chosen.teacher_logp().sum(-1), chosen.lengths,
+                   rejected.student_logp().sum(-1), rejected.teacher_logp().sum(-1), rejected.lengths)
 
 
 class Objective:
-    """Base class of objective plugins. Subclasses set the class variables and ``token_loss``."""
+    """Base class of objective plugins. Subclasses set the class variables and ``loss``."""
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for `kdbench plugins` and the README
     paper: ClassVar[str]  # where the formula comes from
+    # Bump when the loss (or anything else that changes what training produces) changes: every cell
+    # the objective trained gets a new key, so exactly those re-run and no stale number is re-printed.
+    version: ClassVar[int] = 1
     needs: ClassVar[frozenset[Need]] = frozenset()
-    sequence: ClassVar[Sequence] = Sequence.GOLD
+    reads: ClassVar[tuple[str, ...]] = (GOLD,)  # sequence sources, in the order ``loss`` names them
+    reduction: ClassVar[Reduction] = Reduction.TOKEN
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
 
     @classmethod
@@ -113,26 +122,15 @@ class Objective:
         """What this objective needs with these parameters (an option may add a need)."""
         return cls.needs
 
-    @staticmethod
-    def token_loss(inputs: TokenLossInputs, params: Any) -> torch.Tensor:
-        """The objective's loss at every position, shape (b, t), before masking and reduction."""
-        raise NotImplementedError
-
-    @staticmethod
-    def pair_loss(pair: PreferencePair, params: Any) -> torch.Tensor:
-        """For ``sequence = PAIR`` objectives: the loss of every pair, shape (b,), averaged by the runner
-        over all pairs of the optimizer step."""
-        raise NotImplementedError
-
-    @staticmethod
-    def rollout_loss(inputs: RolloutInputs, params: Any) -> torch.Tensor:
-        """For ``sequence = ROLLOUT`` objectives: the loss at every rollout position, (b, t), averaged by
-        the runner over all rollout tokens of the optimizer step."""
-        raise NotImplementedError
-
     @classmethod
-    def rollout_spec(cls, params: Any) -> RolloutSpec:
-        """For ``sequence = ROLLOUT`` objectives: how the runner collects rollouts."""
+    def source_options(cls, params: ObjectiveParams) -> Mapping[str, Any]:
+        """Options of the sources it reads, by source name (each source's ``Options``), from its parameters."""
+        return {}
+
+    @staticmethod
+    def loss(inputs: LossInputs, params: Any) -> torch.Tensor:
+        """The objective's loss before masking and reduction: (b, t) for ``Reduction.TOKEN`` (the runner
+        keeps the mask of the first sequence read), (b,) for ``Reduction.SEQUENCE``."""
         raise NotImplementedError
 
     @classmethod
@@ -172,6 +170,19 @@ def gold_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask:
     return -log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) * mask
 
 
-def objective_token_loss(objective: type[Objective], params: ObjectiveParams, inputs: TokenLossInputs) -> torch.Tensor:
-    """The objective's per-token loss, exactly zero outside the mask. (b, t)"""
-    return torch.where(inputs.mask, objective.token_loss(inputs, params), torch.zeros((), device=inputs.mask.device))
+def active_reads(objective: type[Objective], params: ObjectiveParams) -> tuple[str, ...]:
+    """The sources a training step reads: gold always (for the CE term), then the objective's own, unless
+    ``kd_ratio = 0`` leaves only the gold CE to compute."""
+    if params.kd_ratio == 0:
+        return (GOLD,)
+    return tuple(dict.fromkeys((GOLD, *objective.reads)))
+
+
+def masked_loss_sum(objective: type[Objective], inputs: LossInputs, params: ObjectiveParams) -> torch.Tensor:
+    """Σ of the objective's loss over what it is averaged over: the response tokens of its first sequence
+    (exactly zero elsewhere, whatever the loss computed there), or its sequences."""
+    loss = objective.loss(inputs, params)
+    if objective.reduction is Reduction.SEQUENCE:
+        return loss.sum()
+    mask = inputs[objective.reads[0]].mask
+    return torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)).sum()

@@ -111,6 +111,7 @@ class Registries:
     families: Registry[Any]
     datasets: Registry[Any]
     metrics: Registry[Any]
+    sources: Registry[Any]
     manager: pluggy.PluginManager
 
 
@@ -130,5 +131,6 @@ def load_registries(plugins_dir: Path | None = None) -> Registries:
         families=_collect(manager, "kdbench_register_model_families", "model family"),
         datasets=_collect(manager, "kdbench_register_datasets", "dataset"),
         metrics=_collect(manager, "kdbench_register_metrics", "metric"),
+        sources=_collect(manager, "kdbench_register_sequence_sources", "sequence source"),
         manager=manager,
     )

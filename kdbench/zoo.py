@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
 from kdbench.errors import KdbenchError
+from kdbench.process import seeded
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
@@ -92,8 +94,8 @@ def build_tiny_model(family: ModelFamily, arch: TinyArch, tokenizer: Any, max_po
                      directory: Path) -> None:
     """Random-init a model from the family's config class and save it (with its tokenizer) as an HF folder."""
     config = family.make_config(arch, len(tokenizer), max_positions, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    with seeded(seed):
+        model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
@@ -139,3 +141,14 @@ def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any, teache
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_config_parameters(config: PretrainedConfig) -> int:
+    """Parameters of the causal LM ``config`` describes, built on the meta device (no memory, no weights);
+    tied input/output embeddings count once, as the checkpoint stores them."""
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    # Under init_empty_weights, transformers 5 leaves lm_head with a meta tensor of its own; tying again
+    # makes it the embedding's Parameter, so parameters() (which skips repeats) counts it once.
+    model.tie_weights()
+    return sum(parameter.numel() for parameter in model.parameters())

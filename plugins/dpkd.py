@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench import hookimpl
-from kdbench.objectives import Need, Objective, ObjectiveParams, PreferencePair, Sequence
+from kdbench.objectives import LossInputs, Need, Objective, ObjectiveParams, PreferencePair, Reduction
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,14 @@ class DPKD(Objective):
     name = "dpkd"
     summary = "DPKD: teacher sample preferred over a fresh student sample, teacher as DPO reference (paper Eq. 9)"
     paper = "Li et al. 2024, Direct Preference Knowledge Distillation (arXiv 2406.19774)"
-    needs = frozenset({Need.TEACHER_LOGITS, Need.TEACHER_GENERATIONS, Need.STUDENT_SAMPLES, Need.SFT_INIT})
-    sequence = Sequence.PAIR
+    needs = frozenset({Need.TEACHER_LOGITS, Need.SFT_INIT})
+    reads = ("teacher_text", "student_samples")  # chosen, rejected
+    reduction = Reduction.SEQUENCE  # averaged over the pairs of the step
     Params = DPKDParams
 
     @staticmethod
-    def pair_loss(pair: PreferencePair, params: DPKDParams) -> torch.Tensor:
+    def loss(inputs: LossInputs, params: DPKDParams) -> torch.Tensor:  # (b,)
+        pair = PreferencePair.from_views(inputs["teacher_text"], inputs["student_samples"])
         return dpkd_loss(pair, params.beta, params.length_normalized)
 
 

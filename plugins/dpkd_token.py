@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench import hookimpl
-from kdbench.objectives import Need, Objective, ObjectiveParams, TokenLossInputs
+from kdbench.objectives import GOLD, LossInputs, Need, Objective, ObjectiveParams
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,10 @@ class DPKDToken(Objective):
     Params = DPKDTokenParams
 
     @staticmethod
-    def token_loss(inputs: TokenLossInputs, params: DPKDTokenParams) -> torch.Tensor:
-        assert inputs.teacher_logits is not None  # guaranteed by needs
-        return token_preference_loss(inputs.student_logits, inputs.teacher_logits, params.beta)
+    def loss(inputs: LossInputs, params: DPKDTokenParams) -> torch.Tensor:  # (b, t)
+        gold = inputs[GOLD]
+        assert gold.teacher_logits is not None  # guaranteed by needs
+        return token_preference_loss(gold.student_logits, gold.teacher_logits, params.beta)
 
 
 @hookimpl

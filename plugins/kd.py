@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench import hookimpl
-from kdbench.objectives import Need, Objective, ObjectiveParams, TokenLossInputs
+from kdbench.objectives import GOLD, LossInputs, Need, Objective, ObjectiveParams
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,10 @@ class KD(Objective):
     Params = KDParams
 
     @staticmethod
-    def token_loss(inputs: TokenLossInputs, params: KDParams) -> torch.Tensor:
-        assert inputs.teacher_logits is not None  # guaranteed by needs
-        return soft_cross_entropy(inputs.student_logits, inputs.teacher_logits, params.temperature)
+    def loss(inputs: LossInputs, params: KDParams) -> torch.Tensor:  # (b, t)
+        gold = inputs[GOLD]
+        assert gold.teacher_logits is not None  # guaranteed by needs
+        return soft_cross_entropy(gold.student_logits, gold.teacher_logits, params.temperature)
 
 
 @hookimpl

@@ -4,8 +4,8 @@ references) and exact match (normalised string equality, max over references).""
 from __future__ import annotations
 
 from kdbench import hookimpl
-from kdbench.evaluation import Metric
-from kdbench.scoring import exact_match, rouge_l
+from kdbench.eval.evaluation import Metric
+from kdbench.eval.scoring import exact_match, rouge_l
 
 ROUGE_L = Metric("rougeL", "ROUGE-L F-measure (rouge-score, stemmed), max over references", True, rouge_l)
 EXACT_MATCH = Metric("exact_match", "normalised exact match (case, punctuation, spaces), max over references", True,

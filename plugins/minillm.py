@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from kdbench import hookimpl
-from kdbench.objectives import Need, Objective, ObjectiveParams, RolloutInputs, RolloutSpec, Sequence
+from kdbench.objectives import LossInputs, Need, Objective, ObjectiveParams, SequenceView
+from kdbench_plugins.sources import RolloutOptions
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,26 @@ class MiniLLMParams(ObjectiveParams):
         if self.inner_epochs < 1 or self.rollout_batches < 1:
             problems.append("inner_epochs and rollout_batches must be ≥ 1")
         return problems
+
+
+@dataclass(frozen=True)
+class RolloutInputs:
+    """Rollout tensors aligned so position ``i`` holds the sampled token ``i + 1``; all (b, t) unless noted."""
+
+    student_logits: torch.Tensor  # (b, t, vocab) the student being trained
+    teacher_logits: torch.Tensor  # (b, t, vocab)
+    actions: torch.Tensor  # sampled token ids
+    mask: torch.Tensor  # bool: sampled response tokens (through EOS)
+    old_logp: torch.Tensor  # log q_old(y_t) of the student that sampled
+    teacher_logp: torch.Tensor  # log p(y_t)
+    mixture_logp: torch.Tensor  # log of the sampling distribution at y_t
+
+    @classmethod
+    def from_view(cls, view: SequenceView) -> RolloutInputs:
+        """The view of the ``rollouts`` source, whose extras are the per-token log-probabilities it recorded."""
+        assert view.teacher_logits is not None  # MiniLLM needs teacher logits
+        return cls(view.student_logits, view.teacher_logits, view.labels, view.mask, view.extras["old_logp"],
+                   view.extras["teacher_logp"], view.extras["mixture_logp"])
 
 
 def discounted_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
@@ -105,18 +126,18 @@ class MiniLLM(Objective):
     name = "minillm"
     summary = "MiniLLM: reverse KL by policy gradient on teacher-mixed rollouts, PPO clip, single-step term"
     paper = "Gu et al. 2024, MiniLLM: Knowledge Distillation of Large Language Models (arXiv 2306.08543)"
-    needs = frozenset({Need.TEACHER_LOGITS, Need.ROLLOUTS, Need.SFT_INIT})
-    sequence = Sequence.ROLLOUT
+    needs = frozenset({Need.TEACHER_LOGITS, Need.SFT_INIT})
+    reads = ("rollouts",)  # averaged over the rollout tokens of the step
     Params = MiniLLMParams
 
     @staticmethod
-    def rollout_loss(inputs: RolloutInputs, params: MiniLLMParams) -> torch.Tensor:
-        return minillm_token_loss(inputs, params)
+    def loss(inputs: LossInputs, params: MiniLLMParams) -> torch.Tensor:  # (b, t)
+        return minillm_token_loss(RolloutInputs.from_view(inputs["rollouts"]), params)
 
     @classmethod
-    def rollout_spec(cls, params: ObjectiveParams) -> RolloutSpec:
+    def source_options(cls, params: ObjectiveParams) -> dict[str, RolloutOptions]:
         assert isinstance(params, MiniLLMParams)
-        return RolloutSpec(params.teacher_mix, params.rollout_batches, params.inner_epochs)
+        return {"rollouts": RolloutOptions(params.teacher_mix, params.rollout_batches, params.inner_epochs)}
 
 
 @hookimpl

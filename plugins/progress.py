@@ -49,9 +49,16 @@ class ProgressDisplay:
         self.console.print(f"[green]✓[/] {stage} [dim]{seconds:.1f}s[/]")
 
     def cell_end(self, cell: str, result: dict[str, Any]) -> None:
-        scores = ", ".join(f"{name} {sum(v.values()) / len(v):.1f}" for name, v in result["metrics"].items() if v)
-        self.console.print(f"[green]✓[/] {cell}: {scores} [dim]({result['wall_seconds']['this_run']:.1f}s)[/]")
-        for stage in [s for s in self.tasks if s.startswith(cell)]:
+        failure = result.get("failure")
+        if failure is not None:  # the stage that failed drew a bar that no stage end will remove
+            self.console.print(f"[red]✗[/] {cell}: {result['status']} in {failure['stage']}: {failure['reason']}",
+                               highlight=False)
+            stale = [s for s in self.tasks if s.startswith((cell, failure["stage"].rsplit(": ", 1)[0]))]
+        else:
+            scores = ", ".join(f"{name} {sum(v.values()) / len(v):.1f}" for name, v in result["metrics"].items() if v)
+            self.console.print(f"[green]✓[/] {cell}: {scores} [dim]({result['wall_seconds']['this_run']:.1f}s)[/]")
+            stale = [s for s in self.tasks if s.startswith(cell)]
+        for stage in stale:
             self.stage_end(stage, 0.0, True)
 
     def stop(self) -> None:
@@ -66,7 +73,7 @@ DISPLAY = ProgressDisplay()
 
 @hookimpl
 def kdbench_on_run_start(plan: dict[str, Any]) -> None:
-    cells = f"{len(plan['cells'])} student cells (+ a teacher per family)"
+    cells = f"{len(plan['to_run'])} of {len(plan['cells'])} cells to run, {plan['stages']} stages"
     DISPLAY.console.print(f"[bold]kdbench[/] {plan['experiment']}: {cells} → {plan['out_dir']}")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kdbench import hookimpl
-from kdbench.objectives import Need, Objective, ObjectiveParams, Sequence, TokenLossInputs, gold_cross_entropy
+from kdbench.objectives import LossInputs, Need, Objective, ObjectiveParams, gold_cross_entropy
 from kdbench_plugins.kd import soft_cross_entropy
 
 
@@ -33,8 +33,7 @@ class SeqKD(Objective):
     name = "seqkd"
     summary = "sequence-level KD: cross-entropy on stored teacher samples (option: plus word-level KD on them)"
     paper = "Kim & Rush 2016, Sequence-Level Knowledge Distillation (arXiv 1606.07947)"
-    needs = frozenset({Need.TEACHER_GENERATIONS})
-    sequence = Sequence.TEACHER
+    reads = ("teacher_text",)
     Params = SeqKDParams
 
     @classmethod
@@ -43,13 +42,13 @@ class SeqKD(Objective):
         return cls.needs | {Need.TEACHER_LOGITS} if params.word_kd else cls.needs
 
     @staticmethod
-    def token_loss(inputs: TokenLossInputs, params: SeqKDParams) -> torch.Tensor:
-        # Here ``labels`` are the teacher's sampled tokens: the runner hands over the teacher sequence.
-        ce = gold_cross_entropy(inputs.student_logits, inputs.labels, inputs.mask)  # (b, t)
+    def loss(inputs: LossInputs, params: SeqKDParams) -> torch.Tensor:  # (b, t)
+        text = inputs["teacher_text"]  # its labels are the teacher's sampled tokens
+        ce = gold_cross_entropy(text.student_logits, text.labels, text.mask)
         if not params.word_kd:
             return ce
-        assert inputs.teacher_logits is not None  # needs_for asks for them
-        return 0.5 * ce + 0.5 * soft_cross_entropy(inputs.student_logits, inputs.teacher_logits, params.temperature)
+        assert text.teacher_logits is not None  # needs_for asks for them
+        return 0.5 * ce + 0.5 * soft_cross_entropy(text.student_logits, text.teacher_logits, params.temperature)
 
 
 @hookimpl

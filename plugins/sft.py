@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kdbench import hookimpl
-from kdbench.objectives import Objective, ObjectiveParams, TokenLossInputs, gold_cross_entropy
+from kdbench.objectives import GOLD, LossInputs, Objective, ObjectiveParams, gold_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,9 @@ class SFT(Objective):
     Params = SFTParams
 
     @staticmethod
-    def token_loss(inputs: TokenLossInputs, params: SFTParams) -> torch.Tensor:
-        return gold_cross_entropy(inputs.student_logits, inputs.labels, inputs.mask)  # (b, t)
+    def loss(inputs: LossInputs, params: SFTParams) -> torch.Tensor:
+        gold = inputs[GOLD]
+        return gold_cross_entropy(gold.student_logits, gold.labels, gold.mask)  # (b, t)
 
 
 @hookimpl

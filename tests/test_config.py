@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from kdbench.cli import app
 from kdbench.config import Experiment, config_hash, load_experiment, parse_experiment
 from kdbench.errors import KdbenchError
+from kdbench.grid.selection import semantic_errors
 from kdbench.registry import Registries, load_registries
-from kdbench.runner import semantic_errors
 
 REPO = Path(__file__).resolve().parents[1]
 KDBENCH = Path(sys.executable).parent / "kdbench"  # the console script of the running environment

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kdbench.errors import KdbenchError
-from kdbench.objectives import Need, PreferencePair, Sequence
+from kdbench.objectives import Need, PreferencePair, Reduction, SequenceView
 from kdbench_plugins.dpkd import DPKD, dpkd_loss
 
 
@@ -58,8 +58,32 @@ def test_gradient_raises_the_teacher_response_and_lowers_the_student_sample() ->
 def test_declares_what_the_runner_must_provide() -> None:
     params = DPKD.make_params({})
     assert (params.beta, params.length_normalized, params.kd_ratio) == (0.1, True, 0.5)
-    assert DPKD.needs_for(params) == {Need.TEACHER_LOGITS, Need.TEACHER_GENERATIONS, Need.STUDENT_SAMPLES,
-                                      Need.SFT_INIT}
-    assert DPKD.sequence is Sequence.PAIR
+    assert DPKD.needs_for(params) == {Need.TEACHER_LOGITS, Need.SFT_INIT}
+    assert DPKD.reads == ("teacher_text", "student_samples")  # chosen, rejected
+    assert DPKD.reduction is Reduction.SEQUENCE
     with pytest.raises(KdbenchError, match="beta"):
         DPKD.make_params({"beta": -1.0})
+
+
+def test_pairs_come_from_the_views_of_the_two_sources_it_reads() -> None:
+    """The loss DPKD computes from a teacher-text view and a student-sample view equals Eq. 9 on the summed,
+    masked log-probabilities of each response, counted by hand."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([[1, 2, 3, 0], [2, 2, 0, 0]])
+
+    def view(mask: list[list[bool]]) -> SequenceView:
+        return SequenceView(torch.randn(2, 4, 5, generator=generator), labels, torch.tensor(mask),
+                            torch.randn(2, 4, 5, generator=generator))
+
+    chosen = view([[False, True, True, True], [False, True, False, False]])
+    rejected = view([[False, True, True, False], [False, True, True, True]])
+
+    def summed(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+
+    by_hand = dpkd_loss(PreferencePair(summed(chosen.student_logits, chosen.mask), summed(chosen.teacher_logits, chosen.mask),
+                                       chosen.mask.sum(-1), summed(rejected.student_logits, rejected.mask),
+                                       summed(rejected.teacher_logits, rejected.mask), rejected.mask.sum(-1)), 0.1)
+    got = DPKD.loss({"teacher_text": chosen, "student_samples": rejected}, DPKD.make_params({}))
+    assert got.shape == (2,)
+    torch.testing.assert_close(got, by_hand)

@@ -1,8 +1,8 @@
 """One real run of the whole harness, as a user runs it: the `kdbench` command on tiny models.
 
-Tokenizer training, model building, teacher SFT and student training through DeepSpeed, sampled
-generation, ROUGE-L / exact match, result files and the report, then a second run that must reuse
-the cache and the finished cells instead of training again.
+The dry run's stage graph first, then tokenizer training, model building, teacher SFT and student
+training through DeepSpeed, sampled generation, ROUGE-L / exact match, result files and the report,
+then a second run that must reuse the cache and the finished cells instead of training again.
 """
 
 from __future__ import annotations
@@ -57,9 +57,36 @@ def first_run(tmp_path_factory: pytest.TempPathFactory, subprocess_env: Callable
     (root / "e2e.yaml").write_text(EXPERIMENT)
     env = subprocess_env(KDBENCH_CACHE_DIR=str(root / "cache"))
     args = ("run", "--methods", METHODS, "--models", "gpt2,opt", "-e", str(root / "e2e.yaml"), "--out", str(root / "out"))
+    planned = kdbench(*args, "--dry-run", "--format", "json", env=env)
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    assert not (root / "cache").exists()  # the plan builds nothing
     completed = kdbench(*args, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    return {"root": root, "env": env, "args": args, "completed": completed}
+    return {"root": root, "env": env, "args": args, "completed": completed, "plan": json.loads(planned.stdout)}
+
+
+def test_the_run_builds_exactly_the_planned_graph(first_run: dict) -> None:
+    """Collect, then run: every cell's lineage is exactly its stages in the dry run's graph, and every
+    cache entry the run built was planned, under the planned key."""
+    plan, root = first_run["plan"], first_run["root"]
+    stages = {stage["key"]: stage for stage in plan["stages"]}
+    assert len(stages) == len(plan["stages"])  # one node per key
+    for stage in plan["stages"]:
+        assert set(stage["deps"]) <= set(stages) and {"key", "kind", "label", "deps"} <= set(stage)
+    cells = {cell["label"]: cell for cell in plan["cells"]}
+    results = {path.parent.relative_to(root / "out/cells").as_posix(): json.loads(path.read_text())
+               for path in (root / "out").glob("cells/**/result.json")}
+    assert set(cells) == set(results)
+    for label, result in results.items():
+        assert result["key"] == cells[label]["key"] and result["lineage"] == cells[label]["lineage"]
+        kinds = {stages[key]["kind"] for key in result["lineage"]}
+        assert {"tokenizer", "init", "tokenize", "eval"} <= kinds
+        assert set(result["versions"]["stages"]) == kinds
+    built = {(p.parent.parent.name, p.parent.name) for p in (root / "cache").glob("*/*/inputs.json")}
+    assert built and {key for _, key in built} <= set(stages)
+    assert all(stages[key]["kind"] == kind for kind, key in built)
+    # and every planned stage that has an entry of its own was built
+    assert {key for key, stage in stages.items() if stage["kind"] not in ("eval", "checkpoint")} == {k for _, k in built}
 
 
 def test_run_writes_a_result_per_cell_and_prints_the_leaderboard(first_run: dict) -> None:
@@ -69,7 +96,7 @@ def test_run_writes_a_result_per_cell_and_prints_the_leaderboard(first_run: dict
     assert len(results) == 14
     for path in results:
         result = json.loads(path.read_text())
-        assert result["schema_version"] == 1
+        assert result["schema_version"] == 2 and result["status"] == "ok"
         assert set(result["metrics"]) == {"rougeL", "exact_match"}
         assert set(result["metrics"]["rougeL"]) == {"10", "20"}
         assert all(0.0 <= v <= 100.0 for v in result["metrics"]["rougeL"].values())
@@ -114,18 +141,17 @@ def test_on_policy_methods_start_from_sft_and_sample_the_student(first_run: dict
     """dpkd and minillm train from the sft cell's model (the same cache entry) and draw samples."""
     root = first_run["root"]
     entries = {p.name: json.loads((p / "inputs.json").read_text()) for p in (root / "cache" / "train").iterdir()}
-    by_objective = {(e["objective"], e["init"].get("family") or e["init"]["init"]["family"]): e for e in entries.values()
-                    if e["training"]["max_steps"] == 8}
+    by_objective = {(e["inputs"]["objective"]["name"], e["family"]): e for e in entries.values()
+                    if e["inputs"]["training"]["max_steps"] == 8}
     for method in ("dpkd", "minillm"):
         for family in ("gpt2", "opt"):
-            assert by_objective[(method, family)]["init"] == by_objective[("sft", family)]
+            assert by_objective[(method, family)]["roles"]["init"] == by_objective[("sft", family)]["key"]
     # one sample per prompt of every micro-batch (dpkd: 8 of them), or per prompt of the one collection
     # of 2 micro-batches that minillm reuses for 4 inner epochs; one micro-batch may be the short last one
     for method, batches in (("dpkd", 8), ("minillm", 2)):
         stats = json.loads((root / f"out/cells/opt/s1/{method}/seed0/train_log.jsonl").read_text().splitlines()[-1])
         assert stats["step"] == 8
-        train_stats = [p for p in (root / "cache" / "train").iterdir()
-                       if entries[p.name]["objective"] == method and by_objective[(method, "opt")] == entries[p.name]]
+        train_stats = [p for p in (root / "cache" / "train").iterdir() if by_objective[(method, "opt")] == entries[p.name]]
         samples = json.loads((train_stats[0] / "train_stats.json").read_text())["student_samples"]
         assert (batches - 1) * 32 + 300 % 32 <= samples <= batches * 32
 
@@ -139,12 +165,12 @@ def test_sft_init_objective_starts_from_the_sft_student(first_run: dict) -> None
     completed = kdbench(*args, env=first_run["env"])
     assert completed.returncode == 0, completed.stderr[-3000:]
     entries = [json.loads((p / "inputs.json").read_text()) for p in (root / "cache" / "train").iterdir()]
-    new = [e for e in entries if e["objective"] == "kd-from-sft"]
+    new = [e for e in entries if e["inputs"]["objective"]["name"] == "kd-from-sft"]
     # the gpt2 student's sft cell (the teachers' SFT runs 30 steps, the students' 8)
-    sft = [e for e in entries if e["objective"] == "sft" and e["init"]["family"] == "gpt2"
-           and e["training"]["max_steps"] == 8]
+    sft = [e for e in entries if e["inputs"]["objective"]["name"] == "sft" and e["family"] == "gpt2"
+           and e["inputs"]["training"]["max_steps"] == 8]
     assert len(new) == 1 and len(sft) == 1
-    assert new[0]["init"] == sft[0]  # initialised from exactly the sft cell's trained model
+    assert new[0]["roles"]["init"] == sft[0]["key"]  # initialised from exactly the sft cell's trained model
 
 
 def test_second_run_reuses_teacher_and_finished_cells(first_run: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from kdbench.config import TrainingConfig
 from kdbench.data import TEMPLATE_PIECES, TokenizedExample, collate, format_prompt, tokenize_records
-from kdbench.engine import MicroBatch, batch_loss_sums, loss_scale, lr_lambda, total_optimizer_steps, train
+from kdbench.objectives import GOLD
 from kdbench.tinysuite import TinySuiteOptions, generate
+from kdbench.train.engine import TrainingData, batch_loss_sums, loss_scale, lr_lambda, total_optimizer_steps, train
+from kdbench.train.sources import Sequences
 from kdbench.zoo import TinyArch, build_tiny_model, load_model, load_tokenizer, train_tokenizer
 from kdbench_plugins.families import GPT2, OPT
 from kdbench_plugins.kd import KD
@@ -32,6 +35,16 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"root": root, "tokenizer": tokenizer, "examples": examples}
 
 
+def data(setup: dict, examples: list[TokenizedExample] | None = None, **overrides: object) -> TrainingData:
+    tokenizer = setup["tokenizer"]
+    return TrainingData(setup["examples"] if examples is None else examples, tokenizer.pad_token_id,
+                        tokenizer.eos_token_id, **overrides)  # type: ignore[arg-type]
+
+
+def gold(examples: list[TokenizedExample], pad_id: int) -> Sequences:
+    return Sequences.collate(examples, pad_id, torch.device("cpu"))
+
+
 def settings(**overrides: object) -> TrainingConfig:
     values: dict = {"engine": "accelerate", "lr": 3e-3, "batch_size": 16, "max_steps": 4, "warmup_steps": 1}
     values.update(overrides)
@@ -47,38 +60,45 @@ def test_loss_scale_makes_accumulated_gradient_equal_global_token_mean(tiny_setu
     short, long = by_length[:4], by_length[-4:]
     model = load_model(str(tiny_setup["root"] / "student"))
     params = SFT.make_params({})
-    batches = [collate(short, tokenizer.pad_token_id), collate(long, tokenizer.pad_token_id)]
-    counts = [int(b["response_mask"][:, 1:].sum()) for b in batches]
+    batches = [gold(short, tokenizer.pad_token_id), gold(long, tokenizer.pad_token_id)]
+    counts = [b.response_tokens() for b in batches]
     assert counts[0] != counts[1]
+
+    def ce(batch: Sequences) -> torch.Tensor:
+        return batch_loss_sums(model, SFT, params, {GOLD: batch}, None).ce
 
     model.zero_grad()
     scale = loss_scale(world_size=1, grad_accum=2, global_response_tokens=sum(counts))
     for batch in batches:
-        (batch_loss_sums(model, SFT, params, MicroBatch(batch), None)[0] * scale / 2).backward()  # /2: accelerate's ÷grad_accum
+        (ce(batch) * scale / 2).backward()  # /2: accelerate's ÷grad_accum
     accumulated = [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()
-    total = sum(batch_loss_sums(model, SFT, params, MicroBatch(b), None)[0] for b in batches) / sum(counts)
+    total = sum(ce(b) for b in batches) / sum(counts)
     total.backward()
     reference = [p.grad.clone() for p in model.parameters()]
     for got, want in zip(accumulated, reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
     model.zero_grad()  # the per-micro-batch mean is measurably different: the test can fail
-    per_batch = sum(batch_loss_sums(model, SFT, params, MicroBatch(b), None)[0] / c for b, c in zip(batches, counts)) / 2
+    per_batch = sum(ce(b) / c for b, c in zip(batches, counts)) / 2
     per_batch.backward()
     assert any(not torch.allclose(p.grad, r, rtol=1e-3) for p, r in zip(model.parameters(), reference))
 
 
 def test_batch_loss_sums_split_gold_ce_and_objective_term(tiny_setup: dict) -> None:
     """Σ gold CE and Σ objective loss over response tokens, each computed independently here; with
-    kd_ratio 0 the objective term is skipped; with a target batch the objective reads that batch."""
+    kd_ratio 0 the objective term is skipped; an objective reading another source (seqkd's teacher
+    text) is scored on that source's sequences while CE stays on the gold ones."""
     import torch.nn.functional as F
+
+    from kdbench_plugins.seqkd import SeqKD
 
     tokenizer, examples = tiny_setup["tokenizer"], tiny_setup["examples"]
     student = load_model(str(tiny_setup["root"] / "student"))
     teacher = load_model(str(tiny_setup["root"] / "teacher"))
-    gold, other = collate(examples[:6], tokenizer.pad_token_id), collate(examples[6:12], tokenizer.pad_token_id)
+    gold_batch = collate(examples[:6], tokenizer.pad_token_id)
+    gold_sequences, other = gold(examples[:6], tokenizer.pad_token_id), gold(examples[6:12], tokenizer.pad_token_id)
 
     def sums(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         mask = batch["response_mask"][:, 1:]
@@ -89,14 +109,18 @@ def test_batch_loss_sums_split_gold_ce_and_objective_term(tiny_setup: dict) -> N
         return ce, kd
 
     with torch.no_grad():
-        ce, kd = batch_loss_sums(student, KD, KD.make_params({}), MicroBatch(gold), teacher)
-        want_ce, want_kd = sums(gold)
-        torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(kd, want_kd, rtol=1e-5, atol=1e-4)
-        ce_t, kd_t = batch_loss_sums(student, KD, KD.make_params({}), MicroBatch(gold, other), teacher)
-        torch.testing.assert_close(ce_t, want_ce, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(kd_t, sums(other)[1], rtol=1e-5, atol=1e-4)
-        assert batch_loss_sums(student, KD, KD.make_params({"kd_ratio": 0.0}), MicroBatch(gold), None)[1] == 0
+        sums_kd = batch_loss_sums(student, KD, KD.make_params({}), {GOLD: gold_sequences}, teacher)
+        want_ce, want_kd = sums(gold_batch)
+        torch.testing.assert_close(sums_kd.ce, want_ce, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(sums_kd.objective, want_kd, rtol=1e-5, atol=1e-4)
+        assert (sums_kd.student_forwards, sums_kd.teacher_forwards) == (1, 1)  # one gold pass serves both terms
+        seqkd = SeqKD.make_params({"word_kd": True})
+        sums_t = batch_loss_sums(student, SeqKD, seqkd, {GOLD: gold_sequences, "teacher_text": other}, teacher)
+        torch.testing.assert_close(sums_t.ce, want_ce, rtol=1e-5, atol=1e-4)
+        other_ce, other_kd = sums(collate(examples[6:12], tokenizer.pad_token_id))
+        torch.testing.assert_close(sums_t.objective, 0.5 * other_ce + 0.5 * other_kd, rtol=1e-5, atol=1e-4)
+        assert (sums_t.student_forwards, sums_t.teacher_forwards) == (2, 1)  # the teacher runs on the text it scores
+        assert batch_loss_sums(student, KD, KD.make_params({"kd_ratio": 0.0}), {GOLD: gold_sequences}, None).objective == 0
 
 
 def test_loss_scale_accounts_for_ranks_and_accumulation() -> None:
@@ -123,32 +147,27 @@ def test_total_steps_from_epochs_counts_accumulation_and_ranks() -> None:
 def test_kd_training_runs_and_lowers_the_loss(tiny_setup: dict, tmp_path: Path, engine: str, zero_stage: int) -> None:
     """Real training through accelerate and DeepSpeed (ZeRO 1 and 3 on CPU/gloo): the loss falls,
     the teacher is run once per micro-batch, and the trained model reloads with from_pretrained."""
-    from kdbench.engine import save_trained
-
     tokenizer = tiny_setup["tokenizer"]
     student = load_model(str(tiny_setup["root"] / "student"))
     teacher = load_model(str(tiny_setup["root"] / "teacher"))
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     config = settings(engine=engine, zero_stage=zero_stage, max_steps=12, batch_size=16, grad_accum=2, lr=1e-2)
-    model, stats, accelerator = train(student, KD, KD.make_params({}), tiny_setup["examples"], config, seed=0,
-                                      pad_id=tokenizer.pad_token_id, teacher=teacher)
+    model, stats = train(student, KD, KD.make_params({}), data(tiny_setup), config, 0, teacher,
+                         save_to=tmp_path / "trained", tokenizer=tokenizer)
     losses = [r["loss"] for r in stats.log]
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert stats.student_forwards == 24 and stats.teacher_forwards == 24
     assert stats.response_tokens > 0 and stats.tokens > stats.response_tokens
-    save_trained(model, accelerator, tokenizer, tmp_path / "trained")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
     changed = [n for n, p in reloaded.named_parameters() if not torch.allclose(p, before[n])]
     assert changed, "training did not change any saved weight"
 
 
 def test_sft_never_runs_the_teacher(tiny_setup: dict) -> None:
-    tokenizer = tiny_setup["tokenizer"]
     student = load_model(str(tiny_setup["root"] / "student"))
     teacher = load_model(str(tiny_setup["root"] / "teacher"))
-    _, stats, _ = train(student, SFT, SFT.make_params({}), tiny_setup["examples"], settings(max_steps=2), seed=0,
-                        pad_id=tokenizer.pad_token_id, teacher=teacher)
+    _, stats = train(student, SFT, SFT.make_params({}), data(tiny_setup), settings(max_steps=2), 0, teacher)
     assert stats.teacher_forwards == 0 and stats.student_forwards == 2
 
 
@@ -157,21 +176,18 @@ def test_opt_family_builds_and_trains(tiny_setup: dict, tmp_path: Path) -> None:
     build_tiny_model(OPT, TinyArch(16, 1, 1), tokenizer, 64, 0, tmp_path / "opt")
     student = load_model(str(tmp_path / "opt"))
     assert student.config.model_type == "opt"
-    _, stats, _ = train(student, SFT, SFT.make_params({}), tiny_setup["examples"], settings(max_steps=3), seed=0,
-                        pad_id=tokenizer.pad_token_id)
+    _, stats = train(student, SFT, SFT.make_params({}), data(tiny_setup), settings(max_steps=3), 0)
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in stats.log])))
 
 
 def test_deepspeed_and_plain_accelerate_follow_the_same_trajectory(tiny_setup: dict) -> None:
     """ZeRO-1 in fp32 on one process is plain AdamW: the same seed must give the same losses step for
     step (clipping, LR schedule and normalisation included), so the engine choice changes no result."""
-    tokenizer = tiny_setup["tokenizer"]
     losses = {}
     for engine in ("accelerate", "deepspeed"):
         student = load_model(str(tiny_setup["root"] / "student"))
         config = settings(engine=engine, zero_stage=1, max_steps=15, batch_size=16, grad_accum=2, lr=1e-2, grad_clip=0.5)
-        _, stats, _ = train(student, SFT, SFT.make_params({}), tiny_setup["examples"], config, seed=3,
-                            pad_id=tokenizer.pad_token_id)
+        _, stats = train(student, SFT, SFT.make_params({}), data(tiny_setup), config, 3)
         losses[engine] = [r["loss"] for r in stats.log]
     torch.testing.assert_close(torch.tensor(losses["deepspeed"]), torch.tensor(losses["accelerate"]), rtol=2e-3, atol=2e-3)
 
@@ -191,18 +207,19 @@ def test_logged_loss_is_the_kd_ratio_mix_of_token_means(tiny_setup: dict) -> Non
         target = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
     ce = F.cross_entropy(logits, batch["input_ids"][:, 1:][mask])
     kd = -(F.softmax(target, -1) * F.log_softmax(logits, -1)).sum(-1).mean()
-    _, stats, _ = train(student, KD, KD.make_params({"kd_ratio": 0.3}), examples, settings(max_steps=1), seed=0,
-                        pad_id=tokenizer.pad_token_id, teacher=teacher)
+    _, stats = train(student, KD, KD.make_params({"kd_ratio": 0.3}), data(tiny_setup, examples), settings(max_steps=1),
+                     0, teacher)
     assert stats.log[0]["loss"] == pytest.approx(float(0.7 * ce + 0.3 * kd), rel=1e-4)
 
 
 def test_student_samples_continue_the_prompt_and_end_with_eos(tiny_setup: dict) -> None:
-    from kdbench.generation import sample_continuations
+    from kdbench.train.generation import sample_continuations
 
     tokenizer, examples = tiny_setup["tokenizer"], tiny_setup["examples"][:8]
     student = load_model(str(tiny_setup["root"] / "student"))
     student.train()
-    samples = sample_continuations(student, examples, 6, tokenizer.eos_token_id, tokenizer.pad_token_id, 64)
+    samples = sample_continuations(student, examples, 6, tokenizer.eos_token_id, tokenizer.pad_token_id, 64,
+                                   torch.Generator().manual_seed(0))
     assert student.training  # the training mode is given back
     for example, sample in zip(examples, samples):
         assert sample.prompt_length == example.prompt_length
@@ -217,15 +234,15 @@ def test_dpkd_pairs_teacher_text_with_fresh_student_samples(tiny_setup: dict) ->
     the loss is finite; with 2 steps × 2 micro-batches of 8 prompts, 32 samples are drawn."""
     from kdbench_plugins.dpkd import DPKD
 
-    tokenizer, examples = tiny_setup["tokenizer"], tiny_setup["examples"]
+    examples = tiny_setup["examples"]
     # Stand-ins for stored teacher samples: each prompt with another example's response.
     teacher_text = [TokenizedExample((e.input_ids[: e.prompt_length] + other.input_ids[other.prompt_length:])[:64],
                                      e.prompt_length) for e, other in zip(examples, reversed(examples))]
     student = load_model(str(tiny_setup["root"] / "student"))
     teacher = load_model(str(tiny_setup["root"] / "teacher"))
-    _, stats, _ = train(student, DPKD, DPKD.make_params({}), examples, settings(max_steps=2, batch_size=8, grad_accum=2),
-                        seed=0, pad_id=tokenizer.pad_token_id, teacher=teacher, target_examples=teacher_text,
-                        sample_max_new_tokens=6, eos_id=tokenizer.eos_token_id)
+    _, stats = train(student, DPKD, DPKD.make_params({}), data(tiny_setup, teacher_texts=teacher_text,
+                                                               sample_max_new_tokens=6),
+                     settings(max_steps=2, batch_size=8, grad_accum=2), 0, teacher)
     assert stats.student_samples == 32
     assert stats.teacher_forwards == 8 and stats.student_forwards == 12
     assert all(math.isfinite(r["loss"]) for r in stats.log)
@@ -238,13 +255,11 @@ def test_minillm_collects_rollouts_and_reuses_them_for_inner_epochs(tiny_setup: 
     moves, including with the ablation switches off."""
     from kdbench_plugins.minillm import MiniLLM
 
-    tokenizer = tiny_setup["tokenizer"]
     student = load_model(str(tiny_setup["root"] / "student"))
     teacher = load_model(str(tiny_setup["root"] / "teacher"))
     params = MiniLLM.make_params({"inner_epochs": 2, "rollout_batches": 2, **overrides})
-    _, stats, _ = train(student, MiniLLM, params, tiny_setup["examples"], settings(max_steps=4, batch_size=8, grad_accum=2),
-                        seed=0, pad_id=tokenizer.pad_token_id, teacher=teacher, sample_max_new_tokens=6,
-                        eos_id=tokenizer.eos_token_id)
+    _, stats = train(student, MiniLLM, params, data(tiny_setup, sample_max_new_tokens=6),
+                     settings(max_steps=4, batch_size=8, grad_accum=2), 0, teacher)
     assert stats.student_samples == 2 * 2 * 8  # two collections of 2 micro-batches of 8 prompts
     losses = [r["loss"] for r in stats.log]
     assert all(math.isfinite(v) for v in losses) and len(set(losses)) == 4
@@ -254,7 +269,7 @@ def test_minillm_collects_rollouts_and_reuses_them_for_inner_epochs(tiny_setup: 
 def test_gradient_checkpointing_trains_the_same_model(tiny_setup: dict) -> None:
     """Recomputing activations in backward changes memory, not the math: the same seed gives the same
     loss trajectory, and the model gives its KV cache back for sampling afterwards."""
-    root, tokenizer, examples = tiny_setup["root"], tiny_setup["tokenizer"], tiny_setup["examples"]
+    root, examples = tiny_setup["root"], tiny_setup["examples"]
     def checkpointing_on(model: torch.nn.Module) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
@@ -271,9 +286,8 @@ def test_gradient_checkpointing_trains_the_same_model(tiny_setup: dict) -> None:
     for checkpointing in (False, True):
         student = load_model(str(root / "student"))
         watch = Watch(student)
-        model, stats, _ = train(student, SFT, SFT.make_params({}), examples,
-                                settings(gradient_checkpointing=checkpointing, max_steps=12, lr=1e-2), 0,
-                                tokenizer.pad_token_id, observer=watch)
+        model, stats = train(student, SFT, SFT.make_params({}), data(tiny_setup, examples),
+                             settings(gradient_checkpointing=checkpointing, max_steps=12, lr=1e-2), 0, observer=watch)
         runs[checkpointing] = [r["loss"] for r in stats.log]
         assert watch.seen == {checkpointing}
         assert not checkpointing_on(model)
@@ -285,12 +299,12 @@ def test_tensorboard_tracker_logs_every_optimizer_step(tiny_setup: dict, tmp_pat
     """accelerate's TensorBoard tracker writes the loss and learning rate of each step under the run's name."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from kdbench.engine import Tracking
+    from kdbench.train.engine import Tracking
 
-    root, tokenizer, examples = tiny_setup["root"], tiny_setup["tokenizer"], tiny_setup["examples"]
+    root, examples = tiny_setup["root"], tiny_setup["examples"]
     tracking = Tracking(("tensorboard",), str(tmp_path), "gpt2/s1/sft/seed0", {"objective": "sft", "training.lr": 3e-3})
-    _, stats, _ = train(load_model(str(root / "student")), SFT, SFT.make_params({}), examples, settings(), 0,
-                        tokenizer.pad_token_id, tracking=tracking)
+    _, stats = train(load_model(str(root / "student")), SFT, SFT.make_params({}), data(tiny_setup, examples), settings(),
+                     0, tracking=tracking)
     runs = [path.parent for path in tmp_path.rglob("events.out.tfevents.*")]
     assert runs and all(str(run).startswith(str(tmp_path / "gpt2/s1/sft/seed0")) for run in runs)
     events = EventAccumulator(str(tmp_path / "gpt2/s1/sft/seed0"))
@@ -305,8 +319,6 @@ def test_a_student_loader_runs_under_zero3_partitioning(tiny_setup: dict, tmp_pa
     so from_pretrained partitions the weights as it reads them; the gathered result saves and reloads."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from kdbench.engine import save_trained
-
     tokenizer, loaded_under_zero3 = tiny_setup["tokenizer"], []
 
     def load_student() -> torch.nn.Module:
@@ -314,9 +326,72 @@ def test_a_student_loader_runs_under_zero3_partitioning(tiny_setup: dict, tmp_pa
         return load_model(str(tiny_setup["root"] / "student"))
 
     config = settings(engine="deepspeed", zero_stage=3, max_steps=3)
-    model, stats, accelerator = train(load_student, SFT, SFT.make_params({}), tiny_setup["examples"], config, seed=0,
-                                      pad_id=tokenizer.pad_token_id)
+    _, stats = train(load_student, SFT, SFT.make_params({}), data(tiny_setup), config, 0,
+                     save_to=tmp_path / "trained", tokenizer=tokenizer)
     assert loaded_under_zero3 == [True] and len(stats.log) == 3
-    save_trained(model, accelerator, tokenizer, tmp_path / "trained")
     assert not is_deepspeed_zero3_enabled()  # later plain loads in the grid get whole models again
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "trained").num_parameters() == model.num_parameters()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
+    assert reloaded.num_parameters() == load_model(str(tiny_setup["root"] / "student")).num_parameters()
+
+
+def test_a_stage_leaves_the_process_as_it_found_it(tiny_setup: dict) -> None:
+    """Training under DeepSpeed with its own thread count, and sampled evaluation, change process-wide state
+    only inside: the environment, torch's generator and thread count, accelerate's state and the caller's
+    tokenizer are as they were afterwards."""
+    from accelerate.state import AcceleratorState, PartialState
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from kdbench.tinysuite import TinySuiteOptions, generate
+    from kdbench.train.generation import generate_responses
+
+    tokenizer = tiny_setup["tokenizer"]
+    environment, rng, threads = dict(os.environ), torch.get_rng_state(), torch.get_num_threads()
+    side = tokenizer.padding_side
+    student = load_model(str(tiny_setup["root"] / "student"))
+    model, _ = train(student, SFT, SFT.make_params({}), data(tiny_setup),
+                     settings(engine="deepspeed", zero_stage=3, threads=1, max_steps=2), 0)
+    records = generate(TinySuiteOptions(n_train=10, n_validation=2, n_test=4))["test"]
+    first = generate_responses(model, tokenizer, records, "10", 8, 4)
+    assert dict(os.environ) == environment  # no launcher variables, no DS_ACCELERATOR, no ACCELERATE_* left behind
+    assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
+    assert AcceleratorState._shared_state == {} and PartialState._shared_state == {}
+    assert not is_deepspeed_zero3_enabled()
+    assert tokenizer.padding_side == side
+    assert generate_responses(model, tokenizer, records, "10", 8, 4) == first  # the seed alone decides the draws
+
+
+def test_a_plugin_source_feeds_the_objective_like_a_built_in_one(tiny_setup: dict) -> None:
+    """A source registered by a plugin: the engine asks it for every micro-batch's sequences and the objective
+    reads them. Serving the gold sequences under another name, it gives kd's exact loss trajectory (one more
+    student pass per micro-batch: the engine runs each source read)."""
+    from kdbench.objectives import Need
+    from kdbench.train.sources import SequenceSource
+    from kdbench_plugins.sources import Gold
+
+    calls: list[list[int]] = []
+
+    class GoldAgain(SequenceSource):
+        name, summary = "gold-again", "the gold sequences, counted"
+
+        def sequences(self, prompts: list[int]) -> Sequences:
+            calls.append(prompts)
+            return Sequences.collate([self.context.gold[i] for i in prompts], self.context.pad_id, self.context.device)
+
+    class KDOnGoldAgain(KD):
+        name, reads, needs = "kd-again", ("gold-again",), frozenset({Need.TEACHER_LOGITS})
+
+        @staticmethod
+        def loss(inputs: dict, params: object) -> torch.Tensor:
+            return KD.loss({GOLD: inputs["gold-again"]}, params)
+
+    teacher = load_model(str(tiny_setup["root"] / "teacher"))
+    config = settings(max_steps=3, batch_size=8, grad_accum=2)
+    runs = {}
+    for objective in (KD, KDOnGoldAgain):
+        student = load_model(str(tiny_setup["root"] / "student"))
+        _, stats = train(student, objective, objective.make_params({}), data(tiny_setup), config, 0, teacher,
+                         sources={"gold": Gold, "gold-again": GoldAgain})
+        runs[objective.name] = stats
+    assert len(calls) == 6 and all(len(prompts) == 8 for prompts in calls)  # one call per micro-batch
+    assert [r["loss"] for r in runs["kd-again"].log] == [r["loss"] for r in runs["kd"].log]
+    assert (runs["kd"].student_forwards, runs["kd-again"].student_forwards) == (6, 12)

@@ -13,11 +13,11 @@ import yaml
 
 from kdbench.config import LmEvalConfig, TrainingConfig
 from kdbench.data import TEMPLATE_PIECES, format_prompt, normalize_record, tokenize_records
-from kdbench.engine import train
 from kdbench.errors import KdbenchError
-from kdbench.evaluation import evaluate
-from kdbench.lmeval import HELDOUT_TASK, lm_eval_scores, unknown_tasks, write_heldout_task
+from kdbench.eval.evaluation import evaluate
+from kdbench.eval.lmeval import HELDOUT_TASK, lm_eval_scores, unknown_tasks, write_heldout_task
 from kdbench.tinysuite import TinySuiteOptions, generate
+from kdbench.train.engine import TrainingData, train
 from kdbench.zoo import TinyArch, build_tiny_model, load_model, load_tokenizer, train_tokenizer
 from kdbench_plugins.families import GPT2
 from kdbench_plugins.metrics import EXACT_MATCH, ROUGE_L
@@ -42,8 +42,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     build_tiny_model(GPT2, TinyArch(32, 2, 2), load_tokenizer(str(root / "tok")), POSITIONS, 0, root / "model")
     tokenizer, model = load_tokenizer(str(root / "model")), load_model(str(root / "model"))
     config = TrainingConfig(engine="accelerate", lr=1e-2, batch_size=16, max_steps=150, warmup_steps=10)
-    model, _, _ = train(model, SFT, SFT.make_params({}), tokenize_records(splits["train"], tokenizer, POSITIONS, 48),
-                        config, seed=0, pad_id=tokenizer.pad_token_id)
+    examples = tokenize_records(splits["train"], tokenizer, POSITIONS, 48)
+    model, _ = train(model, SFT, SFT.make_params({}), TrainingData(examples, tokenizer.pad_token_id), config, 0)
     yield {"model": model, "tokenizer": tokenizer, "records": splits["train"][:16] + splits["test"]}
     torch.set_num_threads(threads)
 

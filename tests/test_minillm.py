@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from kdbench.data import TEMPLATE_PIECES
-from kdbench.engine import forward_logits
 from kdbench.errors import KdbenchError
-from kdbench.generation import positions_from_mask, sample_mixture
-from kdbench.objectives import Need, RolloutInputs, Sequence
+from kdbench.objectives import Need, Reduction
+from kdbench.train.engine import forward_logits
+from kdbench.train.generation import positions_from_mask, sample_mixture
+from kdbench.train.sources import Sequences
 from kdbench.zoo import TinyArch, build_tiny_model, load_model, load_tokenizer, train_tokenizer
 from kdbench_plugins.families import GPT2, OPT
-from kdbench_plugins.minillm import MiniLLM, discounted_advantages, minillm_token_loss
+from kdbench_plugins.minillm import MiniLLM, RolloutInputs, discounted_advantages, minillm_token_loss
+from kdbench_plugins.sources import Rollouts
 
 
 def test_advantage_is_the_discounted_length_normalised_sum_by_hand() -> None:
@@ -84,11 +86,13 @@ def test_ppo_clip_caps_the_incentive_of_a_large_ratio() -> None:
 
 
 def test_declares_rollouts_and_checks_parameters() -> None:
-    params = MiniLLM.make_params({})
-    assert MiniLLM.needs_for(params) == {Need.TEACHER_LOGITS, Need.ROLLOUTS, Need.SFT_INIT}
-    assert MiniLLM.sequence is Sequence.ROLLOUT
-    spec = MiniLLM.rollout_spec(params)
-    assert (spec.teacher_mix, spec.inner_epochs) == (0.2, 4)
+    params = MiniLLM.make_params({"rollout_batches": 3})
+    assert MiniLLM.needs_for(params) == {Need.TEACHER_LOGITS, Need.SFT_INIT}
+    assert MiniLLM.reads == ("rollouts",) and MiniLLM.reduction is Reduction.TOKEN
+    options = MiniLLM.source_options(params)["rollouts"]
+    assert isinstance(options, Rollouts.Options) and (options.teacher_mix, options.batches, options.inner_epochs) == (
+        0.2, 3, 4)
+    assert Need.TEACHER_MODEL in Rollouts.needs and Rollouts.drives_prompts and Rollouts.samples_student
     for bad in ({"teacher_mix": 1.0}, {"gamma": 0.0}, {"ppo_clip": 1.5}, {"inner_epochs": 0}):
         with pytest.raises(KdbenchError):
             MiniLLM.make_params(bad)
@@ -105,10 +109,10 @@ def test_mixture_sampler_records_the_probabilities_a_full_forward_gives(family: 
     build_tiny_model(family, TinyArch(32, 2, 2), tokenizer, 64, 1, tmp_path / "teacher")
     student, teacher = load_model(str(tmp_path / "student")), load_model(str(tmp_path / "teacher"))
     prompts = [tokenizer(t)["input_ids"] for t in ("apple 1", "### Response:\npear 22 oak", "oak")]
-    torch.manual_seed(0)
-    rollout = sample_mixture(student, teacher, prompts, 0.2, 8, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    batch = {"input_ids": rollout.input_ids, "attention_mask": rollout.attention_mask,
-             "position_ids": positions_from_mask(rollout.attention_mask)}
+    rollout = sample_mixture(student, teacher, prompts, 0.2, 8, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                             torch.Generator().manual_seed(0))
+    batch = Sequences(rollout.input_ids, rollout.attention_mask, rollout.response_mask,
+                      positions_from_mask(rollout.attention_mask))
     actions = rollout.input_ids[:, 1:].unsqueeze(-1)
     with torch.no_grad():
         log_q = torch.log_softmax(forward_logits(student, batch), -1).gather(-1, actions).squeeze(-1)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
-from kdbench.objectives import Need, ObjectiveParams, TokenLossInputs, gold_cross_entropy, objective_token_loss
+from kdbench.objectives import GOLD, Need, ObjectiveParams, SequenceView, gold_cross_entropy, masked_loss_sum
 from kdbench_plugins.kd import KD, KDParams, soft_cross_entropy
 from kdbench_plugins.sft import SFT
 
@@ -88,12 +88,12 @@ def test_temperature_divides_both_logits() -> None:
     assert not torch.allclose(got, soft_cross_entropy(student, teacher, temperature=1.0))
 
 
-def test_kd_token_loss_uses_params_temperature() -> None:
-    """KD.token_loss reads the temperature from its params."""
+def test_kd_loss_uses_params_temperature() -> None:
+    """KD.loss reads the temperature from its params."""
     student, teacher = _logits(7), _logits(8)
     labels, mask = _labels_and_mask()
-    inputs = TokenLossInputs(student, labels, mask, teacher_logits=teacher)
-    got = KD.token_loss(inputs, KDParams(temperature=2.0))
+    inputs = {GOLD: SequenceView(student, labels, mask, teacher_logits=teacher)}
+    got = KD.loss(inputs, KDParams(temperature=2.0))
     torch.testing.assert_close(got, soft_cross_entropy(student, teacher, 2.0))
 
 
@@ -122,30 +122,30 @@ def test_gold_cross_entropy_matches_torch_inside_mask_and_is_zero_outside() -> N
     assert (got[mask] > 0).all()
 
 
-def _kd_inputs() -> TokenLossInputs:
+def _kd_inputs() -> SequenceView:
     """A batch with teacher logits and a partial mask."""
     labels, mask = _labels_and_mask()
-    return TokenLossInputs(_logits(10), labels, mask, teacher_logits=_logits(11))
+    return SequenceView(_logits(10), labels, mask, teacher_logits=_logits(11))
 
 
-def test_objective_token_loss_is_the_objective_inside_the_mask_and_zero_outside() -> None:
+def test_masked_loss_sum_is_the_objective_summed_inside_the_mask_only() -> None:
     """The runner's masking: the objective's own value at response positions, exactly 0 elsewhere
     (even where the unmasked value would be NaN, e.g. padding with -inf logits)."""
-    inputs = _kd_inputs()
-    assert inputs.teacher_logits is not None
-    poisoned = inputs.teacher_logits.clone()
-    poisoned[~inputs.mask] = float("nan")
-    inputs = TokenLossInputs(inputs.student_logits, inputs.labels, inputs.mask, poisoned)
-    got = objective_token_loss(KD, KDParams(), inputs)
-    expected = soft_cross_entropy(inputs.student_logits, poisoned)
-    torch.testing.assert_close(got[inputs.mask], expected[inputs.mask])
-    assert (got[~inputs.mask] == 0).all()
+    view = _kd_inputs()
+    assert view.teacher_logits is not None
+    poisoned = view.teacher_logits.clone()
+    poisoned[~view.mask] = float("nan")
+    view = SequenceView(view.student_logits, view.labels, view.mask, poisoned)
+    got = masked_loss_sum(KD, {GOLD: view}, KDParams())
+    expected = soft_cross_entropy(view.student_logits, poisoned)[view.mask].sum()
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, expected)
 
 def test_sft_token_loss_is_gold_ce_and_default_params() -> None:
     """SFT's loss is the gold CE; its kd_ratio defaults to 0 and may not be set to anything else."""
-    inputs = _kd_inputs()
-    torch.testing.assert_close(SFT.token_loss(inputs, SFT.make_params({})),
-                               gold_cross_entropy(inputs.student_logits, inputs.labels, inputs.mask))
+    view = _kd_inputs()
+    torch.testing.assert_close(SFT.loss({GOLD: view}, SFT.make_params({})),
+                               gold_cross_entropy(view.student_logits, view.labels, view.mask))
     assert SFT.make_params({}).kd_ratio == 0.0
     with pytest.raises(KdbenchError, match="kd_ratio"):
         SFT.make_params({"kd_ratio": 0.5})

@@ -17,21 +17,12 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from kdbench.config import Experiment, load_experiment, parse_experiment
 from kdbench.data import TEMPLATE_PIECES
-from kdbench.engine import total_optimizer_steps
-from kdbench.plan import (
-    GIB,
-    Plan,
-    Stage,
-    StageKind,
-    build_plan,
-    estimate_activations,
-    estimate_memory,
-    paper_model_size,
-    print_plan,
-    tiny_model_size,
-)
+from kdbench.grid.collect import collect
+from kdbench.grid.estimate import GIB, estimate_activations, estimate_memory, paper_model_size, tiny_model_size
+from kdbench.grid.plan import Plan, PlannedStage, build_plan, print_plan
+from kdbench.grid.selection import resolve_selection
 from kdbench.registry import Registries, load_registries
-from kdbench.runner import resolve_selection
+from kdbench.train.engine import total_optimizer_steps
 
 GPT2_SMALL = 124_439_808
 GPT2_XL = 1_557_611_200
@@ -54,15 +45,7 @@ def registries() -> Registries:
 
 def plan_of(experiment: Experiment, registries: Registries, gpus: int, methods: list[str] | None = None) -> Plan:
     selection = resolve_selection(experiment, registries, methods, None, None)
-    return build_plan(experiment, registries, selection, gpus)
-
-
-def cell_stages(plan: Plan, cell: str) -> list[Stage]:
-    """The stages of ``cell`` in order: what prepares it (sft init, generations), its training, its eval."""
-    stages = [s for family in plan.families for s in family.stages]
-    end = max(i for i, s in enumerate(stages) if s.name == cell and s.kind is StageKind.EVAL)
-    start = max(i for i, s in enumerate(stages[:end]) if s.kind is StageKind.EVAL) + 1  # after the previous eval
-    return stages[start:end + 1]
+    return build_plan(collect(experiment, registries, selection), experiment, registries, selection, gpus)
 
 
 # -- sizes ----------------------------------------------------------------------------------------
@@ -154,47 +137,58 @@ def test_activations_by_hand(registries: Registries) -> None:
 
 # -- the plan -------------------------------------------------------------------------------------
 
+def cell_node(plan: Plan, cell: str) -> Any:
+    return next(n for n in plan.graph.cells() if n.label == cell)
+
+
+def trained(plan: Plan, cell: str) -> PlannedStage:
+    """The stage that made the model ``cell`` evaluates."""
+    return plan.stage(cell_node(plan, cell).deps["model"])
+
+
+def lineage_names(plan: Plan, cell: str) -> list[str]:
+    """The stage names (``train sft``, ``generate``, …) a cell is built from, in run order."""
+    return [plan.stage(key).name for key in plan.graph.lineage(cell_node(plan, cell).key)]
+
+
 @pytest.mark.parametrize("gpus", [1, 4])
 def test_the_tiny_plan_lists_every_stage_with_the_engines_step_counts(registries: Registries, gpus: int) -> None:
     experiment = load_experiment(None)
     plan = plan_of(experiment, registries, gpus)
     n_train = len(registries.datasets.get("tiny").load(dict(experiment.data.options))["train"])
     assert plan.train_examples == n_train and not plan.data.estimated
-    assert [f.family for f in plan.families] == ["gpt2", "opt"]
-    for family in plan.families:
-        kinds = [s.kind for s in family.stages]
-        assert kinds[:5] == [StageKind.TOKENIZER, StageKind.INIT, StageKind.INIT, StageKind.TEACHER_SFT, StageKind.EVAL]
-        teacher_sft = family.stages[3].training
-        assert teacher_sft is not None
+    assert [m.family for m in plan.models] == ["gpt2", "gpt2", "opt", "opt"]
+    for family in ("gpt2", "opt"):
+        teacher, student = (m for m in plan.models if m.family == family)
+        assert teacher.size is not None and student.size is not None
+        teacher_sft = trained(plan, f"{family}/teacher/teacher/seed0").training
+        assert teacher_sft is not None and teacher_sft.objective == "sft" and teacher_sft.teacher_params == 0
         assert teacher_sft.steps == total_optimizer_steps(experiment.teacher_training, n_train, gpus)
-        teacher, student = family.models[0].size, family.models[1].size
-        assert teacher is not None and student is not None
         for method in experiment.methods:
-            stages = cell_stages(plan, f"{family.family}/s1/{method}/seed0")
-            preparation = [s.kind for s in stages[:-2]]
-            expected = {"seqkd": [StageKind.GENERATIONS], "minillm": [StageKind.SFT_INIT],
-                        "dpkd": [StageKind.SFT_INIT, StageKind.GENERATIONS]}.get(method, [])
-            assert preparation == expected, method
-            train, evaluation = stages[-2], stages[-1]
-            assert train.kind is StageKind.TRAIN and evaluation.kind is StageKind.EVAL
-            assert train.training is not None and train.training.params == student.params
+            cell = f"{family}/s1/{method}/seed0"
+            names = lineage_names(plan, cell)
+            # what prepares the cell: the shared SFT init, the teacher (its SFT) when the loss reads it, its samples
+            preparation = [n for n in names[:-2] if n not in ("tokenizer", "init", "tokenize")]
+            expected = {"sft": [], "seqkd": ["train sft", "generate"], "minillm": ["train sft", "train sft"],
+                        "dpkd": ["train sft", "train sft", "generate"]}.get(method, ["train sft"])
+            assert preparation == expected, (method, names)
+            train = trained(plan, cell)
+            assert names[-2:] == [f"train {method}", "eval"] and train.name == f"train {method}"
+            assert train.training is not None and train.training.params == student.size.params
             assert train.training.steps == total_optimizer_steps(experiment.training_for(method), n_train, gpus)
             assert not train.training.steps_estimated
-            assert train.training.teacher_params == teacher.params  # loaded through every student stage
-            assert "300 examples × 3 seeds" in evaluation.work
-    # The sft cell trains the student minillm and dpkd start from; the first dpkd cell reuses seqkd's samples.
-    minillm = cell_stages(plan, "gpt2/s1/minillm/seed0")[0]
-    assert minillm.reused and minillm.training is None
-    assert cell_stages(plan, "gpt2/s1/dpkd/seed0")[1].reused
-    assert not cell_stages(plan, "gpt2/s1/seqkd/seed0")[0].reused
+            # The teacher stays loaded from its evaluation to the family's last reader: every student stage.
+            assert train.training.teacher_params == teacher.size.params
+            assert "300 examples × 3 seeds" in plan.stage(cell_node(plan, cell).key).work
 
 
-def test_the_sft_init_is_trained_where_it_is_first_needed(registries: Registries) -> None:
+def test_one_stage_serves_the_sft_cell_and_the_sft_init_of_minillm(registries: Registries) -> None:
     plan = plan_of(load_experiment(None), registries, 1, ["minillm", "sft"])
-    sft_init = cell_stages(plan, "gpt2/s1/minillm/seed0")[0]
-    assert sft_init.kind is StageKind.SFT_INIT and sft_init.training is not None and not sft_init.reused
-    sft_train = cell_stages(plan, "gpt2/s1/sft/seed0")[0]
-    assert sft_train.kind is StageKind.TRAIN and sft_train.reused  # the same cache entry
+    sft = trained(plan, "gpt2/s1/sft/seed0")
+    minillm = trained(plan, "gpt2/s1/minillm/seed0")
+    assert minillm.node.deps["init"] == sft.node.key
+    assert [s.node.label for s in plan.stages].count("gpt2/s1/sft/seed0") == 2  # its training and its evaluation
+    assert plan.stage(minillm.node.deps["init"]).number < minillm.number
 
 
 def paper_experiment(data_options: dict[str, Any] | None = None, engine: str = "deepspeed") -> Experiment:
@@ -213,17 +207,16 @@ def test_a_paper_plan_runs_offline_with_dollys_documented_size(registries: Regis
     experiment = paper_experiment()
     plan = plan_of(experiment, registries, 8)
     assert plan.data.estimated and plan.train_examples == 15_011 - 1_000 - 500 and plan.eval_examples == 500
-    (family,) = plan.families
-    teacher, student = family.models
+    teacher, student = plan.models
     assert (teacher.checkpoint, student.checkpoint) == ("gpt2-xl", "gpt2")
     assert teacher.size is not None and teacher.size.params == GPT2_XL
     assert student.size is not None and student.size.params == GPT2_SMALL
-    kd = cell_stages(plan, "gpt2/120M/kd/seed0")[0].training
+    kd = trained(plan, "gpt2/120M/kd/seed0").training
     assert kd is not None and kd.steps_estimated and kd.global_batch == 16
     assert kd.steps == total_optimizer_steps(experiment.training, 13_511, 8) == 16_880
     activations = estimate_activations(student.size, 2, 512, "bf16")
     assert kd.memory == estimate_memory(GPT2_SMALL, "bf16", 1, 8, GPT2_XL, activations)
-    dpkd = cell_stages(plan, "gpt2/120M/dpkd/seed0")[-2].training
+    dpkd = trained(plan, "gpt2/120M/dpkd/seed0").training
     assert dpkd is not None and dpkd.steps == 5000 and not dpkd.steps_estimated  # max_steps needs no data size
 
     console = Console(record=True, width=200)
@@ -235,7 +228,7 @@ def test_a_paper_plan_runs_offline_with_dollys_documented_size(registries: Regis
 
 def test_plain_accelerate_keeps_fp32_states_on_every_gpu(registries: Registries) -> None:
     plan = plan_of(paper_experiment(engine="accelerate"), registries, 8)
-    kd = cell_stages(plan, "gpt2/120M/kd/seed0")[0].training
+    kd = trained(plan, "gpt2/120M/kd/seed0").training
     assert kd is not None and kd.zero_stage is None and kd.memory is not None
     # autocast: fp32 weights, gradients and Adam moments, replicated by DDP; the teacher in bf16
     assert (kd.memory.weights, kd.memory.gradients, kd.memory.optimizer) == (4 * GPT2_SMALL, 4 * GPT2_SMALL, 8 * GPT2_SMALL)
@@ -273,5 +266,5 @@ def test_dry_run_of_every_paper_experiment_prints_a_plan_and_touches_nothing(
     assert completed.returncode == 0, completed.stderr[-3000:]
     for heading in ("models", "stages in run order", "training stages", "memory per GPU"):
         assert heading in completed.stdout, heading
-    assert "teacher sft" in completed.stdout and "minillm" in completed.stdout
+    assert "train sft" in completed.stdout and "train minillm" in completed.stdout
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

@@ -192,3 +192,31 @@ def test_cli_plugins_lists_plugins_dir_objective(tmp_path: Path) -> None:
         assert name in result.output
     plain = CliRunner().invoke(app, ["plugins"])
     assert plain.exit_code == 0 and "mykd" not in plain.output
+
+
+def test_the_readme_plugin_example_registers_and_computes_reverse_kl(tmp_path: Path) -> None:
+    """The objective the README shows is a working plugin: it loads from --plugins-dir, its sources exist,
+    and its loss is the reverse KL (0 where the student equals the teacher, KL(q‖p) by torch elsewhere)."""
+    import re
+
+    import torch
+    import torch.nn.functional as F
+
+    from kdbench.grid.selection import source_errors
+    from kdbench.objectives import GOLD, SequenceView
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Writing a plugin"):]
+    (tmp_path / "rkl.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    registries = load_registries(tmp_path)
+    objective = registries.objectives.get("rkl")
+    assert source_errors(objective, registries) == []
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 3, 5, generator=generator), torch.randn(2, 3, 5, generator=generator)
+    mask, labels = torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.long)
+    params = objective.make_params({})
+    got = objective.loss({GOLD: SequenceView(student, labels, mask, teacher)}, params)
+    want = F.kl_div(teacher.log_softmax(-1), student.log_softmax(-1), reduction="none", log_target=True).sum(-1)
+    torch.testing.assert_close(got, want)
+    same = objective.loss({GOLD: SequenceView(teacher, labels, mask, teacher)}, params)
+    torch.testing.assert_close(same, torch.zeros_like(same), atol=1e-6, rtol=0)

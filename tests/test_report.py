@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from kdbench.errors import KdbenchError
-from kdbench.report import (
+from kdbench.report.leaderboard import (
     LeaderboardRow,
     build_leaderboard,
     leaderboard_records,
@@ -22,6 +22,25 @@ from kdbench.report import (
     render,
     rich_table,
 )
+from kdbench.results.schema import REQUIRED_KEYS, SCHEMA_VERSION
+
+
+def full_result(**fields: Any) -> dict[str, Any]:
+    """A result with every key of the schema (a scored cell unless ``status`` says otherwise)."""
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "status": "ok", "experiment": "tiny", "key": "k" * 16,
+        "lineage": ["k" * 16], "versions": {"stages": {"eval": 1}, "objectives": {}, "sources": {}, "libraries": {}},
+        "config_hash": "hash-a", "shared_config_hash": "shared", "family": "f", "student": "s", "method": "m",
+        "kind": "student", "train_seed": 0, "primary_metric": "rougeL", "metrics": {},
+        "higher_is_better": {"rougeL": True, "exact_match": True}, "per_task": {}, "eval_examples": 2,
+        "eval_examples_by_dataset": {"": 2}, "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0, "this_run": 2.0},
+        "tokens": {"train": 1000, "response": 500}, "optimizer_steps": 10, "processes": 1,
+        "forward_passes": {"student": 10, "teacher": 10}, "params": {"student": 5000, "teacher": 90000},
+        "peak_memory_mb": 100.0, "finished_at": "2026-11-25T16:00:00+00:00",
+    }
+    result.update(fields)
+    assert set(REQUIRED_KEYS) <= set(result)
+    return result
 
 
 def write_result(
@@ -36,27 +55,14 @@ def write_result(
     wall_total: float,
     kind: str = "student",
     config_hash: str = "hash-a",
-    schema_version: int = 1,
+    schema_version: int = SCHEMA_VERSION,
+    **fields: Any,
 ) -> Path:
-    result: dict[str, Any] = {
-        "schema_version": schema_version,
-        "experiment": "tiny",
-        "config_hash": config_hash,
-        "family": family,
-        "student": student,
-        "method": method,
-        "kind": kind,
-        "train_seed": train_seed,
-        "metrics": {"rougeL": rouge, "exact_match": em},
-        "higher_is_better": {"rougeL": True, "exact_match": True},
-        "wall_seconds": {"train": wall_total / 2, "eval": wall_total / 2, "total": wall_total},
-        "tokens": {"train": 1000},
-        "forward_passes": {"student": 10, "teacher": 10},
-        "params": {"student": 5000 if kind == "student" else 90000, "teacher": 90000},
-        "peak_memory_mb": 100.0,
-        "versions": {"kdbench": "0.1.0", "torch": "2.3.0"},
-        "finished_at": "2026-11-25T16:00:00+00:00",
-    }
+    result = full_result(
+        schema_version=schema_version, config_hash=config_hash, family=family, student=student, method=method,
+        kind=kind, train_seed=train_seed, metrics={"rougeL": rouge, "exact_match": em} if rouge else {},
+        wall_seconds={"train": wall_total / 2, "eval": wall_total / 2, "total": wall_total, "this_run": wall_total},
+        params={"student": 5000 if kind == "student" else 90000, "teacher": 90000}, **fields)
     path = run_dir / "cells" / family / student / method / f"seed{train_seed}" / "result.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result), encoding="utf-8")
@@ -129,13 +135,36 @@ def test_ordering_family_then_teacher_then_student_then_rouge_desc(run_dir: Path
     ]
 
 
-def test_ordering_falls_back_to_first_metric_alphabetically() -> None:
+@pytest.mark.parametrize(("primary", "order"), [("accuracy", ["high", "low"]), ("bleu", ["low", "high"])])
+def test_rows_rank_by_the_experiments_primary_metric(primary: str, order: list[str]) -> None:
     def result(method: str, accuracy: float, bleu: float) -> dict[str, Any]:
-        return {"family": "f", "student": "s", "method": method, "kind": "student",
-                "train_seed": 0, "metrics": {"bleu": {"0": bleu}, "accuracy": {"0": accuracy}}}
+        return full_result(method=method, primary_metric=primary, metrics={"bleu": {"0": bleu}, "accuracy": {"0": accuracy}},
+                           higher_is_better={"bleu": True, "accuracy": True})
 
     rows = build_leaderboard([result("low", 10.0, 90.0), result("high", 20.0, 1.0)])
-    assert [r.method for r in rows] == ["high", "low"]  # ranked by "accuracy", not "bleu"
+    assert [r.method for r in rows] == order
+    assert leaderboard_records(rows)[0]["primary_metric"] == primary
+    assert list(leaderboard_records(rows)[0]).index(f"{primary}_mean") < list(leaderboard_records(rows)[0]).index(
+        f"{({'accuracy', 'bleu'} - {primary}).pop()}_mean")  # the primary metric's columns lead
+
+
+def test_unscored_cells_keep_their_row_with_status_and_reason(run_dir: Path) -> None:
+    """A diverged seed is not averaged in: its row says so, with the stage and step, and ranks last."""
+    failure = {"reason": "gpt2/s1/rkl/seed0: train: loss became nan at optimizer step 2", "stage": "gpt2/s1/rkl/seed0: train",
+               "stage_key": "abc", "step": 2}
+    write_result(run_dir, family="gpt2", student="s1", method="rkl", train_seed=0, rouge={}, em={}, wall_total=0.0,
+                 status="diverged", failure=failure)
+    rows = build_leaderboard(load_results(run_dir))
+    assert [(r.method, r.status) for r in rows if r.family == "gpt2"] == [
+        ("teacher", "ok"), ("sft", "ok"), ("kd", "ok"), ("rkl", "diverged")]
+    (record,) = [r for r in json.loads(render(rows, "json")) if r["method"] == "rkl"]
+    assert record["status"] == "diverged" and record["rougeL_mean"] is None and record["n_train_seeds"] == 0
+    assert record["failures"] == [{"seed": 0, "status": "diverged", **failure}]
+    assert "diverged (seed 0, step 2, gpt2/s1/rkl/seed0: train)" in render(rows, "md")
+    console = Console(file=io.StringIO(), width=300, record=True)
+    console.print(rich_table(rows, title="t"))
+    assert "diverged (seed 0, step 2" in console.export_text()
+    assert all(row.status == "ok" for row in build_leaderboard(load_results(run_dir)) if row.method != "rkl")
 
 
 def test_json_output_has_required_keys_and_rounding(run_dir: Path) -> None:
@@ -217,8 +246,8 @@ def test_load_results_empty_dir_names_it_and_suggests_run(tmp_path: Path) -> Non
 
 def test_load_results_rejects_bad_schema_version(run_dir: Path) -> None:
     bad = write_result(run_dir, family="gpt2", student="s1", method="kd", train_seed=7,
-                       rouge={"0": 1.0}, em={"0": 1.0}, wall_total=1.0, schema_version=2)
-    with pytest.raises(KdbenchError, match="schema_version 2") as info:
+                       rouge={"0": 1.0}, em={"0": 1.0}, wall_total=1.0, schema_version=1)
+    with pytest.raises(KdbenchError, match="schema_version 1") as info:
         load_results(run_dir)
     assert str(bad) in str(info.value)
 
@@ -233,7 +262,7 @@ def test_load_results_rejects_invalid_json(run_dir: Path) -> None:
 
 
 def test_settings_mismatches_flag_families_whose_cells_ran_with_different_shared_settings() -> None:
-    from kdbench.report import settings_mismatches
+    from kdbench.report.leaderboard import settings_mismatches
 
     def cell(family: str, method: str, shared: str) -> dict:
         return {"family": family, "student": "s1", "method": method, "train_seed": 0, "shared_config_hash": shared}

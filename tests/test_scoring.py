@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kdbench.errors import KdbenchError
-from kdbench.scoring import corpus_score, exact_match, normalize_answer, rouge_l
+from kdbench.eval.scoring import corpus_score, exact_match, normalize_answer, rouge_l
 
 
 def test_normalize_answer_lowercases_strips_punctuation_and_collapses_whitespace() -> None:

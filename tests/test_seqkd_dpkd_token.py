@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
-from kdbench.objectives import Need, Sequence, TokenLossInputs, gold_cross_entropy
+from kdbench.objectives import Need, SequenceView, gold_cross_entropy
 from kdbench_plugins.dpkd_token import DPKDToken, token_preference_loss
 from kdbench_plugins.kd import soft_cross_entropy
 from kdbench_plugins.seqkd import SeqKD
@@ -57,20 +57,20 @@ def test_dpkd_token_declares_teacher_logits_and_checks_beta() -> None:
         DPKDToken.make_params({"beta": 0.0})
 
 
-def _seqkd_inputs() -> TokenLossInputs:
+def _seqkd_inputs() -> SequenceView:
     torch.manual_seed(1)
     labels = torch.randint(0, 7, (2, 5))
     mask = torch.tensor([[False, True, True, True, False], [False, False, True, True, True]])
-    return TokenLossInputs(torch.randn(2, 5, 7), labels, mask, teacher_logits=torch.randn(2, 5, 7))
+    return SequenceView(torch.randn(2, 5, 7), labels, mask, teacher_logits=torch.randn(2, 5, 7))
 
 
 def test_seqkd_is_cross_entropy_on_the_teacher_sequence() -> None:
     inputs = _seqkd_inputs()
     params = SeqKD.make_params({})
-    got = SeqKD.token_loss(inputs, params)
+    got = SeqKD.loss({"teacher_text": inputs}, params)
     torch.testing.assert_close(got, gold_cross_entropy(inputs.student_logits, inputs.labels, inputs.mask))
-    assert SeqKD.sequence is Sequence.TEACHER
-    assert SeqKD.needs_for(params) == frozenset({Need.TEACHER_GENERATIONS})
+    assert SeqKD.reads == ("teacher_text",)
+    assert SeqKD.needs_for(params) == frozenset()
 
 
 def test_seqkd_word_kd_adds_soft_cross_entropy_on_the_teacher_text() -> None:
@@ -79,6 +79,6 @@ def test_seqkd_word_kd_adds_soft_cross_entropy_on_the_teacher_text() -> None:
     assert inputs.teacher_logits is not None
     ce = gold_cross_entropy(inputs.student_logits, inputs.labels, inputs.mask)
     kd = soft_cross_entropy(inputs.student_logits, inputs.teacher_logits, 2.0)
-    got = SeqKD.token_loss(inputs, params)
+    got = SeqKD.loss({"teacher_text": inputs}, params)
     torch.testing.assert_close(got[inputs.mask], (0.5 * ce + 0.5 * kd)[inputs.mask])
-    assert SeqKD.needs_for(params) == frozenset({Need.TEACHER_GENERATIONS, Need.TEACHER_LOGITS})
+    assert SeqKD.needs_for(params) == frozenset({Need.TEACHER_LOGITS})

@@ -11,8 +11,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from kdbench.config import load_experiment
 from kdbench.data import TEMPLATE_PIECES
 from kdbench.errors import KdbenchError
+from kdbench.grid.collect import collect
+from kdbench.grid.graph import StageKind
+from kdbench.grid.selection import resolve_selection
 from kdbench.registry import load_registries
-from kdbench.runner import Runner
 from kdbench.zoo import build_tiny_model, check_same_vocabulary, count_parameters, train_tokenizer
 from kdbench_plugins.families import GPT2, OPT, TINY_STUDENTS, TINY_TEACHER
 
@@ -39,11 +41,13 @@ def test_paper_scale_resolution_takes_local_path_overrides(tmp_path: Path) -> No
     models = experiment.models.model_copy(update={"scale": "paper", "students": ["120M"],
                                                   "teachers": {"gpt2": "/models/gpt2-xl-sft"}})
     experiment = experiment.model_copy(update={"models": models})
-    runner = Runner(experiment, load_registries(), tmp_path / "out", tmp_path / "cache")
-    teacher, students = runner.checkpoints(GPT2)
-    assert teacher.path == "/models/gpt2-xl-sft"
-    assert [(s.label, s.path) for s in students] == [("120M", "gpt2")]
-    assert not (tmp_path / "cache").exists()
+    registries = load_registries()
+    graph = collect(experiment, registries, resolve_selection(experiment, registries, ["sft"], ["gpt2"], None))
+    checkpoints = [(n.label, n.spec.path) for n in graph if n.kind is StageKind.CHECKPOINT]
+    assert checkpoints == [("gpt2/gpt2-xl", "/models/gpt2-xl-sft"), ("gpt2/120M", "gpt2")]
+    assert not any(n.kind in (StageKind.TOKENIZER, StageKind.INIT) for n in graph)  # nothing is built at paper scale
+    keys = {n.label: n.key for n in graph if n.kind is StageKind.CHECKPOINT}
+    assert graph.same_vocabulary == [(keys["gpt2/gpt2-xl"], keys["gpt2/120M"])]  # checked before anything trains
 
 
 @pytest.mark.parametrize("family,model_type", [(GPT2, "gpt2"), (OPT, "opt")])

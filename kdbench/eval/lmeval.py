@@ -31,7 +31,7 @@ import torch
 from kdbench.config import LmEvalConfig
 from kdbench.data import Record, format_prompt
 from kdbench.errors import KdbenchError
-from kdbench.scoring import exact_match, rouge_l
+from kdbench.eval.scoring import exact_match, rouge_l
 
 if TYPE_CHECKING:
     from lm_eval.models.huggingface import HFLM
@@ -66,7 +66,7 @@ def _heldout_yaml(data_file: Path, cache_dir: Path, max_new_tokens: int) -> str:
     # Written by hand: a YAML dumper cannot emit lm-eval's !function tag. json.dumps quotes paths.
     metrics = "\n".join(f"  - {{metric: {name}, aggregation: mean, higher_is_better: true}}" for name in HELDOUT_METRICS)
     return f"""\
-# Written by kdbench.lmeval: the experiment's evaluation records as an lm-eval generation task.
+# Written by kdbench.eval.lmeval: the experiment's evaluation records as an lm-eval generation task.
 task: {HELDOUT_TASK}
 dataset_path: json
 dataset_kwargs:
@@ -112,8 +112,8 @@ def write_heldout_task(records: Sequence[Record], folder: Path, max_new_tokens: 
     # lm-eval resolves `!function module.fn` to a .py file beside the YAML; this one only forwards to
     # kdbench, so the logic stays in the package and works from any working directory.
     (folder / f"{_FUNCTIONS_MODULE}.py").write_text(
-        '"""Written by kdbench.lmeval: the functions the kdbench_heldout task YAML names."""\n\n'
-        "from kdbench.lmeval import doc_to_text, process_results  # noqa: F401\n",
+        '"""Written by kdbench.eval.lmeval: the functions the kdbench_heldout task YAML names."""\n\n'
+        "from kdbench.eval.lmeval import doc_to_text, process_results  # noqa: F401\n",
         encoding="utf-8",
     )
     (folder / f"{HELDOUT_TASK}.yaml").write_text(_heldout_yaml(data_file, cache_dir, max_new_tokens), encoding="utf-8")

@@ -1,12 +1,14 @@
 """Leaderboards built only from the ``result.json`` files a run leaves behind.
 
-Each finished cell writes ``<run_dir>/cells/<family>/<student>/<method>/seed<k>/result.json``
-(schema_version 1). Reading nothing but those files means a leaderboard can be rebuilt at any
-time, from a partial run, or on another machine, without re-running anything.
+Each cell writes ``<run_dir>/cells/<family>/<student>/<method>/seed<k>/result.json``
+(``kdbench.results.schema``). Reading nothing but those files means a leaderboard can be rebuilt at
+any time, from a partial run, or on another machine, without re-running anything.
 
 Aggregation: for each (family, student, method) every metric pools its per-evaluation-seed
-values across all train seeds, then reports the mean and the sample standard deviation
-(ddof=1; 0.0 for a single value).
+values across the train seeds that were scored, then reports the mean and the sample standard
+deviation (ddof=1; 0.0 for a single value). Seeds that failed or diverged are not averaged in: the
+row carries their status and reason instead. Rows rank by the experiment's primary metric
+(``evaluation.primary_metric``, recorded in every result).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import csv
 import io
 import json
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,24 +26,22 @@ from rich.table import Table
 from rich.text import Text
 
 from kdbench.errors import KdbenchError
+from kdbench.results.schema import REQUIRED_KEYS, SCHEMA_VERSION, STATUSES
 
-SCHEMA_VERSION = 1
 RENDER_FORMATS: tuple[str, ...] = ("md", "csv", "json")
-PRIMARY_METRIC = "rougeL"
 TEACHER_KIND = "teacher"
-_REQUIRED_KEYS: tuple[str, ...] = ("family", "student", "method", "kind", "train_seed", "metrics")
 _RESULT_GLOB = "cells/**/result.json"
 _MISSING = "—"
 _BASE_RECORD_KEYS: tuple[str, ...] = (
-    "family", "student", "method", "kind", "n_seeds", "n_train_seeds", "wall_seconds", "params",
+    "family", "student", "method", "kind", "status", "n_seeds", "n_train_seeds", "wall_seconds", "params",
 )
 
 
 def load_results(run_dir: Path) -> list[dict[str, Any]]:
     """Read every ``cells/**/result.json`` under ``run_dir``, sorted by path.
 
-    Nothing is skipped silently: invalid JSON, a schema_version other than 1 or a missing
-    required key raises KdbenchError naming the file, so a leaderboard never quietly drops a cell.
+    Nothing is skipped silently: invalid JSON, another schema_version or a missing required key
+    raises KdbenchError naming the file, so a leaderboard never quietly drops a cell.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -75,12 +75,14 @@ def _read_result(path: Path) -> dict[str, Any]:
             f"{str(path)!r} has schema_version {result.get('schema_version')!r}; expected "
             f"{SCHEMA_VERSION}. It was written by an incompatible kdbench; re-run that cell."
         )
-    missing_keys = [key for key in _REQUIRED_KEYS if key not in result]
+    missing_keys = [key for key in REQUIRED_KEYS if key not in result]
     if missing_keys:
         raise KdbenchError(
-            f"{str(path)!r} lacks required key(s) {missing_keys}; expected all of "
-            f"{list(_REQUIRED_KEYS)}."
+            f"{str(path)!r} lacks required key(s) {missing_keys}; expected every key of "
+            "kdbench.results.schema.CellResult. Delete it and re-run that cell."
         )
+    if result["status"] not in STATUSES:
+        raise KdbenchError(f"{str(path)!r} has status {result['status']!r}; expected one of {list(STATUSES)}.")
     if not isinstance(result["metrics"], dict) or not all(
         isinstance(per_seed, dict) for per_seed in result["metrics"].values()
     ):
@@ -102,11 +104,14 @@ class LeaderboardRow:
     metrics_mean: dict[str, float]
     metrics_std: dict[str, float]
     n_seeds: int  # distinct (train seed, eval seed) pairs pooled
-    n_train_seeds: int
+    n_train_seeds: int  # train seeds scored (status ok)
     wall_seconds: float | None  # mean of wall_seconds.total over train seeds
     params: int | None  # parameter count of the model this row evaluates
     config_hashes: list[str]
     higher_is_better: dict[str, bool] = field(default_factory=dict)
+    primary_metric: str | None = None  # what the row ranks by, from the experiment
+    status: str = "ok"  # ok when every train seed was scored; else the status of the first that was not
+    failures: list[dict[str, Any]] = field(default_factory=list)  # per unscored seed: seed, status, reason, stage, step
 
     @property
     def is_teacher(self) -> bool:
@@ -116,8 +121,8 @@ class LeaderboardRow:
 def build_leaderboard(results: list[dict[str, Any]]) -> list[LeaderboardRow]:
     """Group results by (family, student, method), pool metric values across seeds, and order.
 
-    Order: family alphabetically; within a family the teacher row first, then by student,
-    then by the primary metric (rougeL, else the alphabetically first metric) best first.
+    Order: family alphabetically; within a family the teacher row first, then by student, then by
+    the primary metric best first (rows that could not be scored last).
     """
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for result in results:
@@ -147,9 +152,14 @@ def _aggregate_group(key: tuple[str, str, str], group: list[dict[str, Any]]) -> 
     pooled_values: dict[str, list[float]] = {}
     seed_pairs: set[tuple[str, str]] = set()
     higher_is_better: dict[str, bool] = {}
-    for result in group:
+    scored = [result for result in group if result["status"] == "ok"]
+    failures = [{"seed": r["train_seed"], "status": r["status"], **r.get("failure", {})}
+                for r in group if r["status"] != "ok"]
+    for failure in failures:
+        failure.pop("traceback", None)
+    primary = str(group[0]["primary_metric"])
+    for result in scored:
         train_seed = str(result["train_seed"])
-        primary = _primary_metric(result["metrics"])
         for metric, per_eval_seed in result["metrics"].items():
             for eval_seed, value in per_eval_seed.items():
                 pooled_values.setdefault(metric, []).append(float(value))
@@ -163,11 +173,7 @@ def _aggregate_group(key: tuple[str, str, str], group: list[dict[str, Any]]) -> 
         metric: statistics.stdev(values) if len(values) > 1 else 0.0
         for metric, values in pooled_values.items()
     }
-    wall_totals = [
-        float(result["wall_seconds"]["total"])
-        for result in group
-        if isinstance(result.get("wall_seconds"), dict) and "total" in result["wall_seconds"]
-    ]
+    wall_totals = [float(result["wall_seconds"]["total"]) for result in scored]
     kind = str(group[0]["kind"])
     return LeaderboardRow(
         family=family,
@@ -177,11 +183,14 @@ def _aggregate_group(key: tuple[str, str, str], group: list[dict[str, Any]]) -> 
         metrics_mean=dict(sorted(metrics_mean.items())),
         metrics_std=dict(sorted(metrics_std.items())),
         n_seeds=len(seed_pairs),
-        n_train_seeds=len({str(result["train_seed"]) for result in group}),
+        n_train_seeds=len({str(result["train_seed"]) for result in scored}),
         wall_seconds=statistics.fmean(wall_totals) if wall_totals else None,
-        params=_model_params(group[0], kind),
-        config_hashes=sorted({str(r["config_hash"]) for r in group if "config_hash" in r}),
+        params=_model_params(scored[0] if scored else group[0], kind),
+        config_hashes=sorted({str(r["config_hash"]) for r in group}),
         higher_is_better=higher_is_better,
+        primary_metric=primary,
+        status=failures[0]["status"] if failures else "ok",
+        failures=failures,
     )
 
 
@@ -195,27 +204,22 @@ def _model_params(result: Mapping[str, Any], kind: str) -> int | None:
     return None
 
 
-def _primary_metric(metric_names: Iterable[str]) -> str | None:
-    names = sorted(metric_names)
-    if PRIMARY_METRIC in names:
-        return PRIMARY_METRIC
-    return names[0] if names else None
-
-
-def _row_sort_key(row: LeaderboardRow) -> tuple[str, int, str, float, str]:
-    metric = _primary_metric(row.metrics_mean)
-    if metric is None:
-        ranking = float("inf")  # rows without metrics sink to the bottom of their student
+def _row_sort_key(row: LeaderboardRow) -> tuple[str, int, str, int, float, str]:
+    metric = row.primary_metric
+    if row.status != "ok" or metric not in row.metrics_mean:
+        ranking = float("inf")  # rows that could not be scored sink to the bottom of their student
     else:
         mean = row.metrics_mean[metric]
         ranking = -mean if row.higher_is_better.get(metric, True) else mean
-    return (row.family, 0 if row.is_teacher else 1, row.student, ranking, row.method)
+    return (row.family, 0 if row.is_teacher else 1, row.student, int(row.status != "ok"), ranking, row.method)
 
 
 def _all_metrics(rows: Sequence[LeaderboardRow]) -> list[str]:
     # Union over rows so every record/column set is the same even if a metric is missing somewhere.
     # The primary metric leads, the rest follow alphabetically.
-    return sorted({metric for row in rows for metric in row.metrics_mean}, key=lambda m: (m != PRIMARY_METRIC, m))
+    primaries = [row.primary_metric for row in rows if row.primary_metric]
+    primary = max(set(primaries), key=primaries.count) if primaries else None
+    return sorted({metric for row in rows for metric in row.metrics_mean}, key=lambda m: (m != primary, m))
 
 
 def _round(value: float | None) -> float | None:
@@ -231,10 +235,12 @@ def leaderboard_records(rows: Sequence[LeaderboardRow]) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for row in rows:
         base_values = (
-            row.family, row.student, row.method, row.kind, row.n_seeds, row.n_train_seeds,
+            row.family, row.student, row.method, row.kind, row.status, row.n_seeds, row.n_train_seeds,
             _round(row.wall_seconds), row.params,
         )
         record: dict[str, Any] = dict(zip(_BASE_RECORD_KEYS, base_values))
+        record["primary_metric"] = row.primary_metric
+        record["failures"] = row.failures
         for metric in metrics:
             record[f"{metric}_mean"] = _round(row.metrics_mean.get(metric))
             record[f"{metric}_std"] = _round(row.metrics_std.get(metric))
@@ -242,9 +248,23 @@ def leaderboard_records(rows: Sequence[LeaderboardRow]) -> list[dict[str, Any]]:
     return records
 
 
+def status_text(row: LeaderboardRow) -> str:
+    """``ok``, or why seeds of the row were not scored: ``diverged (seed 0, step 2, gpt2/s1/kd/seed0: train):
+    loss became nan …``."""
+    if row.status == "ok":
+        return "ok"
+    parts = []
+    for failure in row.failures:
+        where = ", ".join(str(p) for p in (f"seed {failure['seed']}",
+                                            f"step {failure['step']}" if failure.get("step") else None,
+                                            failure.get("stage")) if p)
+        parts.append(f"{failure['status']} ({where}): {failure.get('reason', '')}")
+    return "; ".join(parts)
+
+
 def _mean_pm_std(row: LeaderboardRow, metric: str) -> str:
     if metric not in row.metrics_mean:
-        return _MISSING
+        return row.status if row.status != "ok" else _MISSING
     return f"{row.metrics_mean[metric]:.2f} ± {row.metrics_std[metric]:.2f}"
 
 
@@ -259,7 +279,7 @@ def _format_params(params: int | None) -> str:
 def _render_markdown(rows: Sequence[LeaderboardRow]) -> str:
     metrics = _all_metrics(rows)
     header = ["family", "student", "method", "kind", *metrics, "seeds", "train seeds", "wall s",
-              "params"]
+              "params", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         cells = [
@@ -272,6 +292,7 @@ def _render_markdown(rows: Sequence[LeaderboardRow]) -> str:
             str(row.n_train_seeds),
             _format_wall(row.wall_seconds),
             _format_params(row.params),
+            status_text(row),
         ]
         # A literal pipe would split the cell in GitHub Markdown.
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
@@ -279,7 +300,9 @@ def _render_markdown(rows: Sequence[LeaderboardRow]) -> str:
 
 
 def _render_csv(rows: Sequence[LeaderboardRow]) -> str:
-    records = leaderboard_records(rows)
+    # One line per row: the failures become the status text.
+    records = [{**record, "failures": status_text(row) if row.failures else ""}
+               for record, row in zip(leaderboard_records(rows), rows)]
     buffer = io.StringIO()
     fieldnames = list(records[0]) if records else list(_BASE_RECORD_KEYS)
     writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
@@ -306,7 +329,7 @@ def _best_methods(rows: Sequence[LeaderboardRow], metrics: Sequence[str]) -> set
     best: set[tuple[int, str]] = set()
     student_groups: dict[tuple[str, str], list[int]] = {}
     for index, row in enumerate(rows):
-        if not row.is_teacher:
+        if not row.is_teacher and row.status == "ok":
             student_groups.setdefault((row.family, row.student), []).append(index)
     for indices in student_groups.values():
         for metric in metrics:
@@ -332,6 +355,9 @@ def rich_table(rows: Sequence[LeaderboardRow], title: str) -> Table:
         table.add_column(metric, justify="right")
     table.add_column("seeds", justify="right")
     table.add_column("wall s", justify="right")
+    unscored = any(row.status != "ok" for row in rows)
+    if unscored:
+        table.add_column("status")
 
     best = _best_methods(rows, metrics)
     for index, row in enumerate(rows):
@@ -346,6 +372,7 @@ def rich_table(rows: Sequence[LeaderboardRow], title: str) -> Table:
             *metric_cells,
             str(row.n_seeds),
             _format_wall(row.wall_seconds),
+            *([Text(status_text(row), style="red" if row.status != "ok" else "")] if unscored else []),
             style="dim italic" if row.is_teacher else None,
         )
     return table

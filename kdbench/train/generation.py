@@ -1,7 +1,8 @@
 """Generation: sampled or greedy responses for evaluation and stored teacher samples, and on-policy
 samples of the student during training (plain, or from the teacher-mixed distribution of MiniLLM).
 
-Sampling is always from the full distribution: temperature 1, top-k 0, top-p 1.
+Sampling is always from the full distribution: temperature 1, top-k 0, top-p 1. Every random draw
+comes from a seed or a generator the caller gives; torch's global generator is left as it was.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from transformers import GenerationConfig
 
 from kdbench.data import Record, TokenizedExample, format_prompt
+from kdbench.process import seeded
 
-GREEDY = "greedy"
+GREEDY = "greedy"  # the evaluation-seed label of greedy decoding
 
 
 def batch_progress(observer: Any, stage: str, total: int) -> Callable[[], None]:
@@ -53,29 +55,32 @@ def generation_config(greedy: bool, max_new_tokens: int, eos_id: int, pad_id: in
 @torch.no_grad()
 def generate_responses(model: Any, tokenizer: Any, records: Sequence[Record], seed_label: str, max_new_tokens: int,
                        batch_size: int, on_batch: Callable[[], None] | None = None) -> list[str]:
-    """One response per record, in the records' order; text after the first EOS is dropped."""
+    """One response per record, in the records' order; text after the first EOS is dropped. Sampling
+    draws from torch's generator seeded with ``seed_label`` for the call (``model.generate`` takes no
+    generator of its own) and puts the global state back afterwards."""
     model.eval()
-    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
     prompts = [format_prompt(r) for r in records]
     # Batch prompts of similar length together; results are put back in the original order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses: list[str] = [""] * len(prompts)
-    if seed_label != GREEDY:
-        torch.manual_seed(int(seed_label))
-    for start in range(0, len(order), batch_size):
-        indices = order[start:start + batch_size]
-        encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
-        width = encoded["input_ids"].shape[1]
-        budget = new_token_budget(model, max_new_tokens, width)
-        config = generation_config(seed_label == GREEDY, budget, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        new_tokens = model.generate(**encoded, generation_config=config)[:, width:] if budget else encoded["input_ids"][:, :0]
-        for i, row in zip(indices, new_tokens.tolist()):
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            responses[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-        if on_batch is not None:
-            on_batch()
+    with seeded(0 if seed_label == GREEDY else int(seed_label)):
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            # Left padding: decoder-only generation continues from the right edge (the caller's tokenizer
+            # keeps its own padding side).
+            encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True, padding_side="left",
+                                add_special_tokens=False).to(model.device)
+            width = encoded["input_ids"].shape[1]
+            budget = new_token_budget(model, max_new_tokens, width)
+            config = generation_config(seed_label == GREEDY, budget, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            new_tokens = (model.generate(**encoded, generation_config=config)[:, width:] if budget
+                          else encoded["input_ids"][:, :0])
+            for i, row in zip(indices, new_tokens.tolist()):
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id)]
+                responses[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            if on_batch is not None:
+                on_batch()
     return responses
 
 
@@ -102,9 +107,10 @@ def _left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device) -
 
 @torch.no_grad()
 def sample_continuations(model: Any, examples: Sequence[TokenizedExample], max_new_tokens: int, eos_id: int,
-                         pad_id: int, max_length: int) -> list[TokenizedExample]:
+                         pad_id: int, max_length: int, generator: torch.Generator) -> list[TokenizedExample]:
     """One sampled response (temperature 1, top-k 0, top-p 1) per example's prompt, from ``model`` as it
-    is now: on-policy samples for objectives such as dpkd. Returned as prompt + response + EOS."""
+    is now: on-policy samples for objectives such as dpkd. Returned as prompt + response + EOS. The draws
+    follow ``generator`` (one seed taken from it per call)."""
     was_training = model.training
     model.eval()
     prompts = [e.input_ids[: e.prompt_length] for e in examples]
@@ -112,7 +118,8 @@ def sample_continuations(model: Any, examples: Sequence[TokenizedExample], max_n
     width = input_ids.shape[1]
     # Training prompts are shorter than the model's positions (max_prompt_length < max_length).
     config = generation_config(False, max(1, new_token_budget(model, max_new_tokens, width)), eos_id, pad_id)
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    with seeded(int(torch.randint(2**62, (1,), generator=generator))):
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     samples: list[TokenizedExample] = []
     for prompt, row in zip(prompts, output[:, width:].tolist()):
         response = row[: row.index(eos_id)] if eos_id in row else row
@@ -136,9 +143,10 @@ class Rollout:
 
 @torch.no_grad()
 def sample_mixture(student: Any, teacher: Any, prompts: Sequence[list[int]], alpha: float, max_new_tokens: int,
-                   eos_id: int, pad_id: int) -> Rollout:
+                   eos_id: int, pad_id: int, generator: torch.Generator) -> Rollout:
     """Sample token by token from ``(1 − α)·q + α·p`` (MiniLLM's teacher-mixed sampling; α = 0 is plain
-    student sampling), with KV caches for both models, recording each token's probabilities."""
+    student sampling), with KV caches for both models, recording each token's probabilities. Every draw
+    comes from ``generator`` (a CPU generator; the probabilities are moved to it)."""
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
@@ -162,7 +170,7 @@ def sample_mixture(student: Any, teacher: Any, prompts: Sequence[list[int]], alp
             log_mix = torch.logaddexp(log_q + math.log1p(-alpha), log_p + math.log(alpha))
         else:
             log_mix = log_q
-        token = torch.multinomial(log_mix.exp(), 1).squeeze(-1)  # (b,)
+        token = torch.multinomial(log_mix.exp().cpu(), 1, generator=generator).squeeze(-1).to(device)  # (b,)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         records["token"].append(token)
         records["live"].append(~finished)

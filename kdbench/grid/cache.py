@@ -1,8 +1,9 @@
 """Stage outputs keyed by everything they depend on, so a second run reuses them.
 
-An entry is a folder ``<root>/<stage>/<key>/``; ``key`` hashes the stage's inputs (settings and the
-keys of the stages it reads), and ``inputs.json`` inside records them. Entries are built in a
-temporary folder and renamed into place, so a killed run never leaves a half-written entry.
+An entry is a folder ``<root>/<kind>/<key>/``; ``key`` is the stage's key in the stage graph (its
+settings, code version and parents' keys, ``kdbench.grid.graph``), and ``inputs.json`` inside records
+the node. Entries are built in a temporary folder and renamed into place, so a killed run never leaves
+a half-written entry.
 
 Under a multi-process launch only the main process writes an entry. A stage every process must
 take part in (training, sharded generation) is built by all of them, each in its own staging
@@ -19,11 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench import distributed
-from kdbench.config import config_hash
 from kdbench.errors import KdbenchError
-
-# Bump when a stage's output format or meaning changes, so old entries are not reused.
-CACHE_VERSION = 1
 
 
 def default_cache_dir() -> Path:
@@ -34,25 +31,26 @@ class StageCache:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def key(self, stage: str, inputs: dict[str, Any]) -> str:
-        return config_hash({"stage": stage, "cache_version": CACHE_VERSION, **inputs})
+    def entries(self) -> list[tuple[str, str]]:
+        """(kind, key) of every finished entry."""
+        return sorted((path.parent.parent.name, path.parent.name) for path in self.root.glob("*/*/inputs.json"))
 
-    def get_or_build(self, stage: str, inputs: dict[str, Any], build: Callable[[Path], None],
+    def get_or_build(self, kind: str, key: str, record: dict[str, Any], build: Callable[[Path], None],
                      collective: bool = False) -> tuple[Path, bool]:
-        """The entry's folder and whether it was reused; ``build(folder)`` fills a new one. ``collective``
-        stages are built by every process (see the module docstring); others by the main process only."""
-        key = self.key(stage, inputs)
-        final = self.root / stage / key
+        """The entry's folder and whether it was reused; ``build(folder)`` fills a new one and ``record`` is
+        written beside it as ``inputs.json``. ``collective`` stages are built by every process (see the module
+        docstring); others by the main process only."""
+        final = self.root / kind / key
         if (final / "inputs.json").is_file():
             return final, True
         if collective or distributed.is_main():
-            staging = self.root / stage / f".building-{key}-{os.getpid()}"
+            staging = self.root / kind / f".building-{key}-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             try:
                 build(staging)
                 if distributed.is_main():
-                    (staging / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
+                    (staging / "inputs.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
                     shutil.rmtree(final, ignore_errors=True)  # an unfinished entry without inputs.json
                     os.replace(staging, final)
             finally:

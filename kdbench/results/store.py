@@ -1,8 +1,9 @@
 """Where a run's results go, written atomically so a killed run never leaves half a file.
 
-``<out>/cells/<family>/<student>/<method>/seed<k>/`` holds ``result.json`` (schema below, read by
-``kdbench.report``), ``config.json`` (the resolved settings of the cell), ``train_log.jsonl`` and
-``samples.json``. ``result.json`` is written last: its presence means the cell is finished.
+``<out>/cells/<family>/<student>/<method>/seed<k>/`` holds ``result.json`` (``kdbench.results.schema``,
+read by ``kdbench.report``), ``config.json`` (the resolved settings of the cell), ``train_log.jsonl`` and
+``samples.json``. ``result.json`` is written last: a cell is finished when it holds status ``ok`` and
+the key of the cell's stage in this run's graph.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+from kdbench.results.schema import CellResult
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -42,8 +43,9 @@ def cell_dir(out_dir: Path, family: str, student: str, method: str, seed: int) -
     return out_dir / "cells" / family / student / method / f"seed{seed}"
 
 
-def finished_result(directory: Path, config_hash: str) -> dict[str, Any] | None:
-    """The cell's result if it finished with exactly this config; None means (re)run it."""
+def finished_result(directory: Path, key: str) -> CellResult | None:
+    """The cell's result if it was scored by exactly this stage (same key, so the same settings, parents and
+    code versions); None means (re)run it: absent, unreadable, stale, failed or diverged."""
     path = directory / "result.json"
     if not path.is_file():
         return None
@@ -51,7 +53,7 @@ def finished_result(directory: Path, config_hash: str) -> dict[str, Any] | None:
         result = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None
-    return result if result.get("config_hash") == config_hash else None
+    return result if isinstance(result, dict) and result.get("key") == key and result.get("status") == "ok" else None
 
 
 def peak_memory_mb() -> float:
@@ -64,7 +66,7 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     import accelerate
     import deepspeed
     import torch

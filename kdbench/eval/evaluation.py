@@ -1,7 +1,7 @@
 """Evaluation as both papers do it: generate a response per test prompt, cut at EOS, score it.
 
 Generation samples with temperature 1, top-k 0 and top-p 1 (the model's full distribution) once
-per evaluation seed; greedy decoding is an option. Metrics are plugins (``kdbench.scoring`` holds
+per evaluation seed; greedy decoding is an option. Metrics are plugins (``kdbench.eval.scoring`` holds
 ROUGE-L and exact match); each is averaged over examples, ×100, per seed.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 
 from kdbench import distributed
 from kdbench.data import Record, format_prompt
-from kdbench.generation import batch_progress, generate_responses
-from kdbench.scoring import corpus_score
+from kdbench.eval.scoring import corpus_score
+from kdbench.train.generation import batch_progress, generate_responses
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Evaluation: generate responses, score them (ROUGE-L, exact match, lm-eval)."""

@@ -1,0 +1,212 @@
+"""``collect``: the one walk over the grid. Experiment + selection → the stage graph, nothing run.
+
+Per family, in run order: the starting checkpoints (hub names or local folders at paper scale; a
+tokenizer trained on the data and randomly initialised models at tiny scale), the tokenised training
+split, the teacher's SFT and its evaluation row; then for every student, method and training seed the
+stages its objective needs (the shared SFT init, the stored teacher generations), its training and
+its evaluation. Everything downstream of this module — ``--dry-run``, the executors, resume, the
+lineage recorded in every result — reads the graph built here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from kdbench.config import Experiment, TeacherGenerationConfig, TrainingConfig, config_hash
+from kdbench.grid.graph import Node, StageGraph, StageKind
+from kdbench.grid.selection import Selection, method_params
+from kdbench.grid.stages import BUILDERS
+from kdbench.objectives import Need, Objective, ObjectiveParams, active_reads
+from kdbench.registry import Registries
+from kdbench.train.sources import teacher_use
+from kdbench.zoo import ModelFamily, TinyArch
+
+TEACHER_METHOD = "teacher"
+# Keys of a cell's config that are the method's own; everything else is shared by every cell it is compared with.
+METHOD_KEYS = ("method", "params", "method_training", "student")
+
+
+# -- what each kind of node carries for its builder (not part of any key) --------------------------
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    path: str  # hub name or local folder
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    family: ModelFamily
+    arch: TinyArch
+    seed: int
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    objective: type[Objective]
+    params: ObjectiveParams
+    settings: TrainingConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    settings: TeacherGenerationConfig
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One leaderboard entry to produce: (family, student, method, training seed) and its resolved settings."""
+
+    family: str
+    student: str
+    method: str
+    seed: int
+    kind: str  # "student", or "teacher" for the teacher's own row
+    config: dict[str, Any]
+    eval_seeds: list[str]
+    teacher: str  # key of the family's teacher model (its size goes into every row of the family)
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}/{self.student}/{self.method}/seed{self.seed}"
+
+    @property
+    def shared_hash(self) -> str:
+        """Hash of everything but the objective: equal across the cells a leaderboard compares."""
+        return config_hash({k: v for k, v in self.config.items() if k not in METHOD_KEYS})
+
+
+# -- the walk --------------------------------------------------------------------------------------
+
+class _Collector:
+    def __init__(self, experiment: Experiment, registries: Registries, selection: Selection) -> None:
+        self.experiment, self.registries, self.selection = experiment, registries, selection
+        self.graph = StageGraph()
+        self.data = {"dataset": experiment.data.dataset, "options": experiment.data.options}
+        self.shared = {"experiment": experiment.name, "data": experiment.data.model_dump(),
+                       "scale": experiment.models.scale, "training": experiment.training.model_dump(),
+                       "teacher_training": experiment.teacher_training.model_dump(),
+                       "evaluation": experiment.evaluation.model_dump(), "eval_seeds": selection.eval_seeds,
+                       "teacher_generations": experiment.teacher_generations.model_dump()}
+
+    def add(self, kind: StageKind, label: str, inputs: dict[str, Any], deps: dict[str, str], family: str | None,
+            spec: Any = None) -> str:
+        return self.graph.add(Node(kind, label, BUILDERS[kind].version, inputs, deps, family, spec))
+
+    # -- starting points ---------------------------------------------------------------------------
+    def tokenizer(self) -> str:
+        inputs = {"data": self.data, "vocab_size": self.experiment.data.tokenizer_vocab_size}
+        return self.add(StageKind.TOKENIZER, "data", inputs, {}, None)
+
+    def tiny_model(self, family: ModelFamily, label: str, arch: TinyArch, seed: int, tokenizer: str) -> str:
+        inputs = {"family": family.name, "arch": dataclasses.asdict(arch), "max_length": self.experiment.data.max_length,
+                  "seed": seed}
+        return self.add(StageKind.INIT, f"{family.name}/{label}", inputs, {"tokenizer": tokenizer}, family.name,
+                        InitSpec(family, arch, seed))
+
+    def checkpoint(self, family: ModelFamily, label: str, path: str) -> str:
+        return self.add(StageKind.CHECKPOINT, f"{family.name}/{label}", {"checkpoint": path}, {}, family.name,
+                        CheckpointSpec(path))
+
+    def tokenized(self, tokenizer: str) -> str:
+        """The training split tokenised by the tokenizer of ``tokenizer`` (a tokenizer or model node)."""
+        data = self.experiment.data
+        inputs = {"data": self.data, "max_length": data.max_length, "max_prompt_length": data.max_prompt_length}
+        return self.add(StageKind.TOKENIZE, "data", inputs, {"tokenizer": tokenizer}, None)
+
+    # -- stages ------------------------------------------------------------------------------------
+    def trained(self, family: str, label: str, init: str, data: str, objective: type[Objective], params: ObjectiveParams,
+                settings: TrainingConfig, seed: int, teacher: str | None = None) -> str:
+        """``init`` trained with ``objective``; the teacher and its stored generations join the deps when the
+        objective or a source it reads uses them."""
+        reads = active_reads(objective, params)
+        sources = [self.registries.sources.get(name) for name in reads]
+        _, uses_teacher = teacher_use(objective, params, {s.name: s for s in sources})
+        deps = {"init": init, "data": data}
+        if uses_teacher:
+            assert teacher is not None, f"{objective.name} needs a teacher"
+            deps["teacher"] = teacher
+        if any(Need.TEACHER_GENERATIONS in s.needs for s in sources):
+            assert teacher is not None, f"{objective.name} reads the teacher's generations"
+            deps["texts"] = self.generations(family, teacher)
+        inputs = {"objective": {"name": objective.name, "version": objective.version},
+                  "sources": {s.name: s.version for s in sources},
+                  "params": dataclasses.asdict(params), "training": settings.model_dump(), "seed": seed,
+                  "sample_max_new_tokens": self.experiment.teacher_generations.max_new_tokens
+                  if any(s.samples_student for s in sources) else None}
+        return self.add(StageKind.TRAIN, label, inputs, deps, family, TrainSpec(objective, params, settings, seed))
+
+    def generations(self, family: str, teacher: str) -> str:
+        settings = self.experiment.teacher_generations
+        teacher_label = self.graph[teacher].label
+        inputs = {"generation": settings.model_dump(), "data": self.data}
+        return self.add(StageKind.GENERATE, teacher_label, inputs, {"teacher": teacher}, family, GenerateSpec(settings))
+
+    def cell(self, cell: Cell, model: str) -> str:
+        evaluation = self.experiment.evaluation
+        inputs = {"cell": {"family": cell.family, "student": cell.student, "method": cell.method, "seed": cell.seed,
+                           "kind": cell.kind},
+                  "evaluation": evaluation.model_dump(), "eval_seeds": cell.eval_seeds, "data": self.data,
+                  "max_prompt_length": self.experiment.data.max_prompt_length}
+        return self.add(StageKind.EVAL, cell.label, inputs, {"model": model}, cell.family, cell)
+
+    def family(self, family: ModelFamily) -> None:
+        """The teacher (SFT first when the experiment says so) and every student cell of one family."""
+        experiment, selection = self.experiment, self.selection
+        models = experiment.models
+        teacher_label, student_labels = family.checkpoints(models.scale, models.students)
+        if models.scale == "paper":
+            overrides = models.student_paths.get(family.name, {})
+            teacher_base = self.checkpoint(family, teacher_label, models.teachers.get(family.name, teacher_label))
+            students = {label: self.checkpoint(family, label, overrides.get(label, name))
+                        for label, name in student_labels.items()}
+            tokenizers = {key: key for key in (teacher_base, *students.values())}  # each model's own tokenizer
+        else:
+            tokenizer = self.tokenizer()
+            teacher_base = self.tiny_model(family, teacher_label, family.tiny_teacher, experiment.teacher.seed, tokenizer)
+            students = {label: self.tiny_model(family, label, family.tiny_students[label], 0, tokenizer)
+                        for label in student_labels}
+            tokenizers = {key: tokenizer for key in (teacher_base, *students.values())}
+        for student in students.values():  # checked before anything trains (kdbench.grid.execute)
+            self.graph.same_vocabulary.append((teacher_base, student))
+
+        sft = self.registries.objectives.get("sft")
+        teacher = teacher_base
+        if experiment.teacher.train:
+            teacher = self.trained(family.name, f"{family.name}/{teacher_label}", teacher_base,
+                                   self.tokenized(tokenizers[teacher_base]), sft, sft.make_params({}),
+                                   experiment.teacher_training, experiment.teacher.seed)
+        base = {**self.shared, "family": family.name, "teacher": {"label": teacher_label, "key": teacher}}
+        self.cell(Cell(family.name, teacher_label, TEACHER_METHOD, experiment.teacher.seed, "teacher",
+                       {**base, "method": TEACHER_METHOD, "params": {}, "seed": experiment.teacher.seed},
+                       selection.eval_seeds, teacher), teacher)
+
+        for label, student in students.items():
+            data = self.tokenized(tokenizers[student])
+            for method in selection.methods:
+                objective = self.registries.objectives.get(method)
+                params = method_params(experiment, objective)
+                for seed in selection.seeds:
+                    init = student
+                    if Need.SFT_INIT in objective.needs_for(params):  # the very stage the sft cell of this student trains
+                        init = self.trained(family.name, f"{family.name}/{label}/sft/seed{seed}", student, data, sft,
+                                            sft.make_params({}), experiment.training_for(sft.name), seed)
+                    cell = Cell(family.name, label, method, seed, "student",
+                                {**base, "student": {"label": label, "key": student}, "method": method,
+                                 "params": dataclasses.asdict(params),
+                                 "method_training": experiment.method_training.get(method, {}), "seed": seed},
+                                selection.eval_seeds, teacher)
+                    trained = self.trained(family.name, cell.label, init, data, objective, params,
+                                           experiment.training_for(method), seed, teacher)
+                    self.cell(cell, trained)
+
+
+def collect(experiment: Experiment, registries: Registries, selection: Selection) -> StageGraph:
+    """Every stage ``selection`` of ``experiment`` needs, with its key, in run order. Reads settings only:
+    no weights, tokenizers or data are loaded, nothing is written."""
+    collector = _Collector(experiment, registries, selection)
+    for name in selection.families:
+        collector.family(registries.families.get(name))
+    return collector.graph

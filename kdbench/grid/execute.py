@@ -1,0 +1,152 @@
+"""Running a stage graph: resume, failure isolation, and the in-process executor.
+
+The in-process executor walks the graph in order on every process of a launch (one process, or all of
+those ``accelerate launch`` / the deepspeed launcher started): cells whose result holds their key and
+status ``ok`` are finished and skipped with everything only they needed; a stage whose entry is in the
+cache is reused; the rest is built. A stage that raises, or whose loss becomes non-finite, marks the
+cells downstream of it ``failed`` or ``diverged`` (with the stage, the step and the reason) and every
+other cell still runs. A mistake the user can fix (``KdbenchError``) or Ctrl-C stops the run instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdbench import distributed
+from kdbench.config import Experiment
+from kdbench.errors import KdbenchError
+from kdbench.grid.graph import Node, StageGraph, StageKind
+from kdbench.grid.stages import BUILDERS, FROZEN_ROLES, RunContext, failure_of, write_unscored_cell
+from kdbench.registry import Registries
+from kdbench.results import store
+from kdbench.results.schema import CellResult, Failure, Status
+from kdbench.zoo import check_same_vocabulary, load_tokenizer
+
+
+@dataclass
+class RunSummary:
+    """What a run left: the result of every cell of the graph (from this run or an earlier one)."""
+
+    results: dict[str, CellResult] = field(default_factory=dict)  # cell label → result
+    built: list[str] = field(default_factory=list)  # keys of the stages built by this run
+    reused: list[str] = field(default_factory=list)  # keys of the stages found in the cache
+
+    @property
+    def unscored(self) -> list[CellResult]:
+        return [result for result in self.results.values() if result["status"] != "ok"]
+
+
+def cell_folder(out_dir: Path, node: Node) -> Path:
+    cell = node.spec
+    return store.cell_dir(out_dir, cell.family, cell.student, cell.method, cell.seed)
+
+
+def finished_cells(graph: StageGraph, out_dir: Path) -> dict[str, CellResult]:
+    """Cells an earlier run scored with exactly this key, by key."""
+    found = {}
+    for node in graph.cells():
+        result = store.finished_result(cell_folder(out_dir, node), node.key)
+        if result is not None:
+            found[node.key] = result
+    return found
+
+
+def check_vocabularies(graph: StageGraph, needed: set[str]) -> None:
+    """Teacher and student checkpoints of a family must share a vocabulary: checked before anything trains
+    (tiny models are built from one tokenizer, so only named checkpoints need it)."""
+    for teacher, student in graph.same_vocabulary:
+        nodes = graph[teacher], graph[student]
+        if student in needed and all(n.kind is StageKind.CHECKPOINT for n in nodes):
+            paths = [n.spec.path for n in nodes]
+            check_same_vocabulary(load_tokenizer(paths[0]), load_tokenizer(paths[1]), *paths)
+
+
+def run_stage(node: Node, context: RunContext, summary: RunSummary) -> None:
+    """Build (or reuse) one stage and record its output in ``context``."""
+    builder = BUILDERS[node.kind]
+    if node.kind is StageKind.CHECKPOINT:
+        context.outputs[node.key] = node.spec.path
+        return
+    if node.kind is StageKind.EVAL:
+        builder.build(node, context, cell_folder(context.out_dir, node))
+        summary.built.append(node.key)
+        return
+    stage = f"{node.label}: {node.kind.value}"
+    context.hook.kdbench_on_stage_start(stage=stage, total=None)
+    started = time.perf_counter()
+    path, cached = context.cache.get_or_build(node.kind.value, node.key, node.describe(),
+                                              lambda folder: builder.build(node, context, folder), builder.collective)
+    seconds = time.perf_counter() - started
+    context.hook.kdbench_on_stage_end(stage=stage, seconds=seconds, cached=cached)
+    context.outputs[node.key] = str(path)
+    (summary.reused if cached else summary.built).append(node.key)
+    if node.kind is StageKind.TRAIN:
+        stats = json.loads((path / "train_stats.json").read_text())
+        context.train_stats[node.key] = {**stats, "this_run": 0.0 if cached else seconds}
+
+
+def agree(failure: tuple[Status, Failure] | None) -> tuple[Status, Failure] | None:
+    """Every process of a launch takes the same view of a stage: failed if it failed anywhere. (A process
+    that raised inside a collective operation leaves the others waiting there; a non-finite loss is seen by
+    all processes at once, since it is reduced over them.)"""
+    if distributed.world_size() == 1:
+        return failure
+    seen: list[Any] = distributed.gather_objects(failure)
+    return next((f for f in seen if f is not None), None)
+
+
+def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries, out_dir: Path,
+              cache_dir: Path) -> RunSummary:
+    """Run every stage the unfinished cells of ``graph`` need, in graph order, on this process."""
+    started = time.perf_counter()
+    context = RunContext(graph, experiment, registries, out_dir, cache_dir)
+    summary = RunSummary()
+    finished = finished_cells(graph, out_dir)
+    to_run = [node for node in graph.cells() if node.key not in finished]
+    needed = {key for node in to_run for key in graph.lineage(node.key)}
+    check_vocabularies(graph, needed)
+    context.hook.kdbench_on_run_start(plan={
+        "experiment": experiment.name, "out_dir": str(out_dir), "cells": [n.label for n in graph.cells()],
+        "to_run": [n.label for n in to_run], "stages": len(graph)})
+    for node in graph.cells():
+        if node.key in finished:
+            summary.results[node.label] = finished[node.key]
+    # A model a stage only runs (the teacher, a model under evaluation) stays loaded until its last reader.
+    readers = Counter(parent for node in graph if node.key in needed
+                      for role, parent in node.deps.items() if role in FROZEN_ROLES)
+    failures: dict[str, tuple[Status, Failure]] = {}
+    for node in graph:
+        if node.key not in needed:
+            continue
+        upstream = next((failures[parent] for parent in node.deps.values() if parent in failures), None)
+        if upstream is not None:  # skipped: an ancestor failed, and the cell reports that ancestor
+            failures[node.key] = upstream
+        else:
+            failure = None
+            try:
+                run_stage(node, context, summary)
+            except (KdbenchError, KeyboardInterrupt):
+                raise
+            except Exception as error:  # noqa: BLE001  (isolated: reported in the result, the grid goes on)
+                failure = failure_of(node, error)
+            failure = agree(failure)
+            if failure is not None:
+                failures[node.key] = failure
+        if node.kind is StageKind.EVAL:
+            if node.key in failures:
+                status, reason = failures[node.key]
+                summary.results[node.label] = write_unscored_cell(context, node, status, reason)
+            else:
+                summary.results[node.label] = json.loads((cell_folder(out_dir, node) / "result.json").read_text())
+        for role, parent in node.deps.items():
+            if role in FROZEN_ROLES:
+                readers[parent] -= 1
+                if readers[parent] == 0:
+                    context.release(parent)
+    context.hook.kdbench_on_run_end(out_dir=str(out_dir), seconds=time.perf_counter() - started)
+    return summary

@@ -1,0 +1,401 @@
+"""``kdbench run --dry-run``: the stage graph rendered, with optimizer steps and memory per GPU.
+
+The plan is the graph ``collect`` built — the very nodes and keys a run executes — annotated with
+estimates from settings alone (``kdbench.grid.estimate``): nothing is loaded, trained or written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kdbench.config import Experiment
+from kdbench.errors import KdbenchError
+from kdbench.grid.collect import CheckpointSpec, InitSpec, TrainSpec
+from kdbench.grid.estimate import (
+    GIB,
+    MemoryEstimate,
+    ModelSize,
+    SplitSizes,
+    dataset_sizes,
+    estimate_activations,
+    estimate_memory,
+    paper_model_size,
+    tiny_model_size,
+)
+from kdbench.grid.graph import Node, StageGraph, StageKind
+from kdbench.grid.selection import Selection
+from kdbench.grid.stages import FROZEN_ROLES
+from kdbench.objectives import active_reads
+from kdbench.registry import Registries
+from kdbench.train.engine import total_optimizer_steps
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """One training stage: what is trained, how, for how long, and its memory per GPU."""
+
+    model: str
+    params: int | None
+    objective: str
+    engine: str
+    precision: str
+    zero_stage: int | None  # None: the plain accelerate engine (DDP, no ZeRO)
+    gpus: int
+    batch_size: int
+    grad_accum: int
+    steps: int | None  # None: unknown (no data size and no max_steps)
+    steps_estimated: bool
+    sequences: int  # sequences per prompt run with gradients in one micro-batch
+    teacher_params: int  # frozen models resident on the GPU meanwhile (the teacher); 0 when none
+    memory: MemoryEstimate | None  # None: model size unknown
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.gpus
+
+    def describe(self) -> dict[str, Any]:
+        memory = None if self.memory is None else {
+            "weights": self.memory.weights, "gradients": self.memory.gradients, "optimizer": self.memory.optimizer,
+            "teacher": self.memory.teacher, "activations": self.memory.activations, "total": self.memory.total}
+        return {"model": self.model, "params": self.params, "objective": self.objective, "engine": self.engine,
+                "precision": self.precision, "zero_stage": self.zero_stage, "gpus": self.gpus,
+                "batch_size": self.batch_size, "grad_accum": self.grad_accum, "global_batch": self.global_batch,
+                "steps": self.steps, "steps_estimated": self.steps_estimated, "sequences": self.sequences,
+                "resident_params": self.teacher_params, "memory_bytes": memory}
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """A node of the graph with what running it means."""
+
+    node: Node
+    number: int  # position in run order, from 1
+    work: str
+    training: TrainingPlan | None = None
+
+    @property
+    def name(self) -> str:
+        """The kind, and for training the objective: "train sft", "train kd"."""
+        if self.node.kind is StageKind.TRAIN:
+            return f"train {self.node.inputs['objective']['name']}"
+        return self.node.kind.value
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    """A teacher or student the family's cells start from, with its size when known."""
+
+    family: str
+    role: str  # teacher or student
+    label: str
+    checkpoint: str  # hub name, local path, or the tiny architecture
+    key: str  # its node in the graph
+    size: ModelSize | None
+    problem: str = ""  # why the size is unknown
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``kdbench run`` would do: the graph in run order, with example counts before the
+    prompt-length filter (None: unknown), model sizes, training steps and memory."""
+
+    experiment: str
+    scale: str
+    gpus: int
+    dataset: str
+    train_examples: int | None
+    eval_examples: int | None
+    data: SplitSizes
+    eval_seeds: list[str]
+    graph: StageGraph
+    models: list[PlannedModel]
+    stages: list[PlannedStage]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def training_stages(self) -> list[PlannedStage]:
+        return [stage for stage in self.stages if stage.training is not None]
+
+    def stage(self, key: str) -> PlannedStage:
+        return next(stage for stage in self.stages if stage.node.key == key)
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``kdbench run --dry-run --format json`` prints."""
+        stages = [{**s.node.describe(), "number": s.number, "name": s.name, "work": s.work,
+                   "training": None if s.training is None else s.training.describe()} for s in self.stages]
+        models = [{"family": m.family, "role": m.role, "label": m.label, "checkpoint": m.checkpoint, "key": m.key,
+                   "params": None if m.size is None else m.size.params, "size_from": None if m.size is None else m.size.source}
+                  for m in self.models]
+        cells = [{"label": node.label, "key": node.key, "lineage": self.graph.lineage(node.key)}
+                 for node in self.graph.cells()]
+        return {"experiment": self.experiment, "scale": self.scale, "gpus": self.gpus, "dataset": self.dataset,
+                "train_examples": self.train_examples, "eval_examples": self.eval_examples,
+                "data_estimated": self.data.estimated, "eval_seeds": self.eval_seeds, "models": models,
+                "stages": stages, "cells": cells, "notes": self.notes}
+
+
+class _Planner:
+    """Annotates the nodes of one graph; one instance per ``build_plan`` call."""
+
+    def __init__(self, experiment: Experiment, registries: Registries, selection: Selection, graph: StageGraph,
+                 gpus: int) -> None:
+        self.experiment, self.registries, self.selection, self.graph, self.gpus = (
+            experiment, registries, selection, graph, gpus)
+        self.notes: list[str] = []
+        self.data = dataset_sizes(registries.datasets.get(experiment.data.dataset), experiment.data.options)
+        self.train_examples = self.data.get("train")
+        self.eval_examples = self._capped(self.data.get(experiment.evaluation.split), experiment.evaluation.max_examples)
+        self.eval_work = self._eval_work()
+        self.sizes: dict[str, ModelSize | None] = {}  # starting-model key → size
+        self.models = self._models()
+
+    @staticmethod
+    def _capped(count: int | None, limit: int | None) -> int | None:
+        return min(count, limit) if count is not None and limit else count
+
+    def _eval_work(self) -> str:
+        """What evaluating one model does: generations on the evaluation split and extra sets, lm-eval tasks."""
+        evaluation, seeds = self.experiment.evaluation, len(self.selection.eval_seeds)
+
+        def generations(label: str, count: int | None, estimated: bool) -> str:
+            if count is None:
+                return f"{label}: ? examples × {seeds} seeds"
+            mark = "≈" if estimated else ""
+            return f"{label}: {mark}{count:,} examples × {seeds} seeds = {mark}{count * seeds:,} generations"
+
+        parts = [generations(evaluation.split, self.eval_examples, self.data.estimated)]
+        if self.gpus > 1:
+            parts[0] += f" (sharded over {self.gpus} GPUs)"
+        for label, extra in evaluation.datasets.items():
+            sizes = dataset_sizes(self.registries.datasets.get(extra.dataset), extra.options)
+            parts.append(generations(label, self._capped(sizes.get(extra.split), extra.max_examples), sizes.estimated))
+            if sizes.sizes is None or sizes.estimated:
+                self.notes.append(f"evaluation set {label}: {sizes.how}")
+            if extra.min_response_tokens:
+                self.notes.append(f"evaluation set {label}: counted before dropping responses under "
+                                  f"{extra.min_response_tokens} tokens")
+        if evaluation.lm_eval.tasks:
+            limit = f", at most {evaluation.lm_eval.limit:,} examples each" if evaluation.lm_eval.limit else ""
+            parts.append(f"lm-eval: {', '.join(evaluation.lm_eval.tasks)}{limit}")
+        return "; ".join(parts)
+
+    # -- models -------------------------------------------------------------------------------
+    def _models(self) -> list[PlannedModel]:
+        """The starting models of every family, teacher first, with their sizes."""
+        teachers = {teacher for teacher, _ in self.graph.same_vocabulary}
+        starts = dict.fromkeys(key for pair in self.graph.same_vocabulary for key in pair)
+        return [self._model(self.graph[key], "teacher" if key in teachers else "student") for key in starts]
+
+    def _model(self, node: Node, role: str) -> PlannedModel:
+        assert node.family is not None
+        label = node.label.split("/", 1)[1]
+        if isinstance(node.spec, InitSpec):
+            arch = node.spec.arch
+            size: ModelSize | None = tiny_model_size(node.spec.family, arch, self.experiment.data)
+            self.sizes[node.key] = size
+            return PlannedModel(node.family, role, label, f"width {arch.width}, {arch.layers} layers, {arch.heads} heads",
+                                node.key, size)
+        assert isinstance(node.spec, CheckpointSpec)
+        try:
+            size = paper_model_size(node.spec.path, self.registries.families.get(node.family))
+        except KdbenchError as error:
+            self.notes.append(f"{node.family}/{label}: size unknown, {error}")
+            self.sizes[node.key] = None
+            return PlannedModel(node.family, role, label, node.spec.path, node.key, None, str(error))
+        self.sizes[node.key] = size
+        return PlannedModel(node.family, role, label, node.spec.path, node.key, size)
+
+    def size_of(self, key: str) -> ModelSize | None:
+        """The size of the model a node produces: that of the starting model it was trained from."""
+        node = self.graph[key]
+        while node.kind is StageKind.TRAIN:
+            node = self.graph[node.deps["init"]]
+        return self.sizes.get(node.key)
+
+    # -- stages -------------------------------------------------------------------------------
+    def resident(self) -> list[set[str]]:
+        """Per node in run order, the models the executor holds loaded for running while it runs: each from
+        its first reader to its last (``kdbench.grid.execute``)."""
+        order = list(self.graph.nodes)
+        spans: dict[str, list[int]] = {}
+        for index, node in enumerate(self.graph):
+            for role, parent in node.deps.items():
+                if role in FROZEN_ROLES:
+                    spans.setdefault(parent, [index, index])[1] = index
+        return [{key for key, (first, last) in spans.items() if first <= index <= last} for index in range(len(order))]
+
+    def training(self, node: Node, frozen: set[str]) -> TrainingPlan:
+        """How one model is trained, and its memory per GPU (frozen models loaded meanwhile included)."""
+        spec: TrainSpec = node.spec
+        settings = spec.settings
+        if settings.max_steps is not None or self.train_examples is not None:
+            steps: int | None = total_optimizer_steps(settings, self.train_examples or 0, self.gpus)
+        else:
+            steps = None
+        estimated = settings.max_steps is None and self.data.estimated
+        sequences = len(active_reads(spec.objective, spec.params))
+        size = self.size_of(node.key)
+        frozen_params = sum(s.params for s in (self.size_of(k) for k in frozen) if s is not None)
+        deepspeed = settings.engine == "deepspeed"
+        memory = None
+        if size is not None:
+            activations = estimate_activations(size, settings.batch_size, self.experiment.data.max_length,
+                                               settings.precision, settings.gradient_checkpointing, sequences)
+            # Plain accelerate mixes precision by autocast: fp32 weights, gradients and Adam state, replicated (DDP).
+            # Frozen models are loaded in the shared training precision, whatever a method's own.
+            memory = estimate_memory(size.params, settings.precision if deepspeed else "fp32",
+                                     settings.zero_stage if deepspeed else 0, self.gpus, frozen_params, activations,
+                                     teacher_precision=self.experiment.training.precision)
+        return TrainingPlan(node.label, size.params if size else None, spec.objective.name, settings.engine,
+                            settings.precision, settings.zero_stage if deepspeed else None, self.gpus,
+                            settings.batch_size, settings.grad_accum, steps, estimated, sequences, frozen_params, memory)
+
+    def work(self, node: Node, training: TrainingPlan | None) -> str:
+        experiment = self.experiment
+        if node.kind is StageKind.CHECKPOINT:
+            return f"load {node.spec.path}"
+        if node.kind is StageKind.TOKENIZER:
+            return (f"byte-level BPE of {experiment.data.tokenizer_vocab_size:,} tokens on the training split, plus "
+                    "template pieces")
+        if node.kind is StageKind.INIT:
+            arch = node.spec.arch
+            return f"random init, width {arch.width}, {arch.layers} layers, {arch.heads} heads"
+        if node.kind is StageKind.TOKENIZE:
+            return f"tokenise the training split ({self._count(self.train_examples)} records)"
+        if node.kind is StageKind.GENERATE:
+            return self._generation_work()
+        if node.kind is StageKind.EVAL:
+            return self.eval_work
+        assert training is not None
+        return f"{training.objective} on {self.graph[node.deps['init']].label}: {_steps(training)} optimizer steps"
+
+    def _count(self, n: int | None) -> str:
+        return "?" if n is None else f"{'≈' if self.data.estimated else ''}{n:,}"
+
+    def _generation_work(self) -> str:
+        settings, n = self.experiment.teacher_generations, self.train_examples
+        if n is None:
+            count = "? prompts"
+        else:  # the executor shards the prompts over the processes
+            mark = "≈" if self.data.estimated else ""
+            share = -(-n // self.gpus)
+            count = f"{mark}{n:,} prompts" + (f", {mark}{share:,} per GPU" if self.gpus > 1 else "")
+            count += f", in {mark}{-(-share // settings.batch_size):,} batches of {settings.batch_size}"
+        return f"one teacher sample per training prompt: {count}, ≤ {settings.max_new_tokens} new tokens each"
+
+    def stages(self) -> list[PlannedStage]:
+        planned = []
+        for number, (node, frozen) in enumerate(zip(self.graph, self.resident()), start=1):
+            training = self.training(node, frozen) if node.kind is StageKind.TRAIN else None
+            planned.append(PlannedStage(node, number, self.work(node, training), training))
+        return planned
+
+
+def build_plan(graph: StageGraph, experiment: Experiment, registries: Registries, selection: Selection,
+               gpus: int = 1) -> Plan:
+    """``graph`` annotated for ``gpus`` GPUs (processes): model sizes, optimizer steps and memory per GPU.
+    Loads no weights and trains nothing."""
+    if gpus < 1:
+        raise KdbenchError(f"the number of GPUs must be at least 1, got {gpus}.")
+    planner = _Planner(experiment, registries, selection, graph, gpus)
+    stages = planner.stages()
+    data = planner.data
+    notes = [f"training examples: {data.how}"]
+    if data.sizes is not None:
+        notes.append(f"records are counted before the prompt-length filter (data.max_prompt_length = "
+                     f"{experiment.data.max_prompt_length} tokens), so step and example counts are upper bounds")
+    if planner.train_examples is not None:
+        if any(-(-planner.train_examples // s.training.batch_size) < gpus for s in stages if s.training is not None):
+            notes.append(f"{planner.train_examples:,} training examples give some GPU no micro-batch per epoch; "
+                         "lower batch_size or the number of GPUs")
+    notes += planner.notes
+    notes.append("memory: ZeRO model states (Rajbhandari et al. 2020) plus the frozen models loaded meanwhile (the teacher, "
+                 "whole on every GPU in the training precision, from its first reader to its last); activations are an "
+                 "estimate (Korthikanti et al. 2022) for micro-batch × data.max_length = "
+                 f"{experiment.data.max_length} tokens per sequence")
+    return Plan(experiment.name, experiment.models.scale, gpus, experiment.data.dataset, planner.train_examples,
+                planner.eval_examples, data, list(selection.eval_seeds), graph, planner.models, stages, notes)
+
+
+# -- printing -------------------------------------------------------------------------------------
+
+def _gib(nbytes: int) -> str:
+    if 0 < nbytes < GIB / 200:  # would print as 0.00, which reads as "nothing"
+        return "<0.01"
+    return f"{nbytes / GIB:.2f}"
+
+
+def _steps(plan: TrainingPlan) -> str:
+    return "?" if plan.steps is None else f"{'≈' if plan.steps_estimated else ''}{plan.steps:,}"
+
+
+def _params(count: int | None) -> str:
+    if count is None:
+        return "?"
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    """The plan as rich tables: models, stages in run order, training settings and memory per GPU."""
+    mark = "≈" if plan.data.estimated else ""
+    train = "?" if plan.train_examples is None else f"{mark}{plan.train_examples:,}"
+    evaluation = "?" if plan.eval_examples is None else f"{mark}{plan.eval_examples:,}"
+    console.print(f"[bold]Dry run of {plan.experiment}[/bold] — scale {plan.scale}, {plan.gpus} GPU(s), dataset "
+                  f"{plan.dataset}: {train} training examples, {evaluation} evaluation examples × "
+                  f"{len(plan.eval_seeds)} seeds; {len(plan.stages)} stages, {len(plan.graph.cells())} cells. "
+                  "Nothing is loaded or trained.")
+    for family in dict.fromkeys(model.family for model in plan.models):
+        models = Table(title=f"{family}: models")
+        for column in ("role", "label", "checkpoint", "parameters", "layers × width, heads", "vocab", "size from"):
+            models.add_column(column, justify="right" if column in ("parameters", "vocab") else "left")
+        for model in (m for m in plan.models if m.family == family):
+            size = model.size
+            if size is None:
+                models.add_row(model.role, model.label, model.checkpoint, "?", "?", "?", model.problem)
+            else:
+                models.add_row(model.role, model.label, model.checkpoint, f"{size.params:,}",
+                               f"{size.layers} × {size.hidden}, {size.heads}", f"{size.vocab:,}", size.source)
+        console.print(models)
+
+    numbers = {stage.node.key: stage.number for stage in plan.stages}
+    stages = Table(title="stages in run order (key: the cache key; after: the stages it reads)")
+    for column in ("#", "stage", "for", "after", "key", "work"):
+        stages.add_column(column, justify="right" if column == "#" else "left")
+    for stage in plan.stages:
+        after = ", ".join(str(numbers[parent]) for parent in stage.node.deps.values())
+        stages.add_row(str(stage.number), stage.name, stage.node.label, after or "–", stage.node.key[:8], stage.work)
+    console.print(stages)
+
+    if plan.training_stages:
+        training = Table(title="training stages")
+        for column in ("#", "stage", "model", "params", "precision", "ZeRO", "GPUs",
+                       "micro × accum × GPUs = global", "seqs", "optimizer steps"):
+            training.add_column(column, justify="left" if column in ("stage", "model", "precision") else "right")
+        memory = Table(title="memory per GPU, GiB (activations: estimate)")
+        for column in ("#", "stage", "weights", "gradients", "optimizer", "teacher", "activations*", "total"):
+            memory.add_column(column, justify="left" if column == "stage" else "right")
+        for stage in plan.training_stages:
+            t = stage.training
+            assert t is not None
+            zero = "DDP" if t.zero_stage is None else str(t.zero_stage)
+            training.add_row(str(stage.number), stage.name, t.model, _params(t.params), t.precision, zero, str(t.gpus),
+                             f"{t.batch_size} × {t.grad_accum} × {t.gpus} = {t.global_batch}", str(t.sequences), _steps(t))
+            m = t.memory
+            if m is None:
+                memory.add_row(str(stage.number), t.model, "?", "?", "?", "?", "?", "?")
+            else:
+                memory.add_row(str(stage.number), t.model, _gib(m.weights), _gib(m.gradients), _gib(m.optimizer),
+                               _gib(m.teacher) if m.teacher else "–", _gib(m.activations), _gib(m.total))
+        console.print(training)
+        console.print(memory)
+    console.print("[bold]Notes[/bold]")
+    for note in plan.notes:
+        console.print(f"• {note}", markup=False)
+    console.print("• seqs: sequences per prompt the student runs with gradients in a micro-batch (gold, teacher text, "
+                  "own sample, rollout); ≈: from documented data sizes; *: activations after Korthikanti et al. 2022, "
+                  "per layer s·b·h·(34 + 5·a·s/h) bytes in 16-bit (2·s·b·h with gradient checkpointing) plus the output "
+                  "layer, an estimate", markup=False)

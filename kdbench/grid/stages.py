@@ -1,0 +1,383 @@
+"""What each kind of stage does, with the version of the code that does it.
+
+A builder turns one node of the stage graph into its output: a cache entry (tokenizer, model init,
+tokenised data, a trained model, stored generations) or, for a cell's evaluation, its result folder.
+It reads its parents' outputs through the ``RunContext`` and never branches on an objective's name:
+the objective and the sequence sources it reads declare what they need.
+
+Bump a builder's ``version`` when what it produces changes: every node of that kind, and everything
+downstream, gets a new key and is rebuilt; nothing else is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kdbench import distributed
+from kdbench.config import EvalDatasetConfig, Experiment, config_hash
+from kdbench.data import TEMPLATE_PIECES, Record, TokenizedExample, format_prompt, tokenize_records
+from kdbench.errors import KdbenchError
+from kdbench.eval.evaluation import evaluate
+from kdbench.grid.cache import StageCache
+from kdbench.grid.graph import Node, StageGraph, StageKind
+from kdbench.objectives import Objective, ObjectiveParams
+from kdbench.registry import Registries
+from kdbench.results import store
+from kdbench.results.schema import SCHEMA_VERSION, CellResult, CodeVersions, Failure, Status
+from kdbench.train.engine import Tracking, TrainingData, train
+from kdbench.train.generation import batch_progress, generate_responses
+from kdbench.zoo import (
+    build_tiny_model,
+    count_config_parameters,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+if TYPE_CHECKING:
+    from kdbench.grid.collect import Cell, GenerateSpec, InitSpec, TrainSpec
+
+LM_EVAL_SEED = "lm-eval"  # the eval-seed label of lm-eval scores (lm-eval decodes greedily, once)
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FROZEN_ROLES = ("teacher", "model")  # parents a node runs without training them: loaded once, kept while needed
+
+
+class SilentObservers:
+    """Stands in for the hook relay on every process but the main one, so progress is drawn once."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda **kwargs: None
+
+
+class RunContext:
+    """What every builder may read while a graph runs: the experiment, the plugins, where the cache and
+    the results live, the observers, this process's device, and the outputs of the stages run so far."""
+
+    def __init__(self, graph: StageGraph, experiment: Experiment, registries: Registries, out_dir: Path,
+                 cache_dir: Path) -> None:
+        self.graph = graph
+        self.experiment = experiment
+        self.registries = registries
+        self.out_dir = out_dir
+        self.cache = StageCache(cache_dir)
+        self.hook = registries.manager.hook if distributed.is_main() else SilentObservers()
+        self.metrics = [registries.metrics.get(name) for name in experiment.evaluation.metrics]
+        # The frozen teacher and evaluated models run in the training precision on this process's device.
+        self.dtype = PRECISION_DTYPES[experiment.training.precision]
+        self.device = distributed.device()
+        self.outputs: dict[str, str] = {}  # node key → its output: a cache folder, or a checkpoint's hub name or path
+        # training node key → its train_stats.json, plus "this_run": the seconds this invocation spent on it
+        self.train_stats: dict[str, dict[str, Any]] = {}
+        self._frozen: dict[str, torch.nn.Module] = {}
+        self._splits: dict[str, dict[str, list[Record]]] = {}
+
+    # -- parents' outputs --------------------------------------------------------------------------
+    def path(self, key: str) -> str:
+        return self.outputs[key]
+
+    def frozen(self, key: str) -> torch.nn.Module:
+        """The model node ``key`` produced, loaded once for running (teacher, evaluated model) in the training
+        precision on this process's device, and kept until ``release``."""
+        if key not in self._frozen:
+            self._frozen[key] = load_model(self.path(key), self.dtype, self.device)
+        return self._frozen[key]
+
+    def release(self, key: str) -> None:
+        self._frozen.pop(key, None)
+
+    def splits(self, dataset: str, options: dict[str, Any]) -> dict[str, list[Record]]:
+        key = config_hash({"dataset": dataset, "options": options})
+        if key not in self._splits:
+            self._splits[key] = self.registries.datasets.get(dataset).load(dict(options))
+        return self._splits[key]
+
+    def train_records(self) -> list[Record]:
+        return self.splits(self.experiment.data.dataset, self.experiment.data.options)["train"]
+
+    def tokenized(self, key: str) -> list[TokenizedExample]:
+        return [TokenizedExample(**e) for e in json.loads((Path(self.path(key)) / "train.json").read_text())]
+
+    def teacher_texts(self, key: str, tokenizer: Any) -> list[TokenizedExample]:
+        """The stored teacher samples of ``key``, tokenised in the order of the tokenised training split."""
+        responses = json.loads((Path(self.path(key)) / "generations.json").read_text())
+        records = [{**record, "response": response} for record, response in zip(self.train_records(), responses)]
+        data = self.experiment.data
+        # Prompts are the gold ones, so the same records survive the prompt-length filter: index i of
+        # both lists is the same prompt.
+        return tokenize_records(records, tokenizer, data.max_length, data.max_prompt_length)
+
+    def model_parameters(self, key: str) -> int | None:
+        """Parameters of a model stage's output (counted from its config when it is not loaded); None when
+        this run has not reached it."""
+        if key in self._frozen:
+            return count_parameters(self._frozen[key])
+        if key not in self.outputs:
+            return None
+        from transformers import AutoConfig
+
+        return count_config_parameters(AutoConfig.from_pretrained(self.path(key)))
+
+    def eval_records(self, tokenizer: Any, extra: EvalDatasetConfig | None = None) -> list[Record]:
+        """The evaluation split (of the experiment's data, or of an extra evaluation set) without prompts
+        over ``data.max_prompt_length`` tokens (as both papers drop them), without gold responses under the
+        set's ``min_response_tokens``, cut to ``max_examples``."""
+        evaluation = self.experiment.evaluation
+        if extra is None:
+            records = self.splits(self.experiment.data.dataset, self.experiment.data.options)[evaluation.split]
+            min_response, max_examples = 0, evaluation.max_examples
+        else:
+            records = self.splits(extra.dataset, extra.options)[extra.split]
+            min_response, max_examples = extra.min_response_tokens, extra.max_examples
+
+        def n_tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        limit = self.experiment.data.max_prompt_length
+        kept = [r for r in records if n_tokens(format_prompt(r)) <= limit
+                and (min_response == 0 or n_tokens(r["response"]) >= min_response)]
+        return kept[:max_examples] if max_examples else kept
+
+
+@dataclass(frozen=True)
+class Builder:
+    """How one kind of node is built. ``collective`` stages are built by every process of a launch
+    (training, sharded generation); the main process alone builds the others. ``cached`` stages write a
+    cache entry; a checkpoint has nothing to build and a cell writes its result folder instead."""
+
+    kind: StageKind
+    version: int
+    build: Callable[[Node, RunContext, Path], None]
+    collective: bool = False
+    cached: bool = True
+
+
+# -- builders --------------------------------------------------------------------------------------
+
+def build_tokenizer(node: Node, context: RunContext, folder: Path) -> None:
+    texts = (format_prompt(r) + r["response"] for r in context.train_records())
+    train_tokenizer(texts, node.inputs["vocab_size"], folder, TEMPLATE_PIECES)
+
+
+def build_init(node: Node, context: RunContext, folder: Path) -> None:
+    spec: InitSpec = node.spec
+    tokenizer = load_tokenizer(context.path(node.deps["tokenizer"]))
+    build_tiny_model(spec.family, spec.arch, tokenizer, context.experiment.data.max_length, spec.seed, folder)
+
+
+def build_tokenize(node: Node, context: RunContext, folder: Path) -> None:
+    data = context.experiment.data
+    tokenizer = load_tokenizer(context.path(node.deps["tokenizer"]))
+    examples = tokenize_records(context.train_records(), tokenizer, data.max_length, data.max_prompt_length)
+    if not examples:
+        raise KdbenchError(f"no training example fits data.max_prompt_length={data.max_prompt_length}; "
+                           "raise it or shorten the prompts.")
+    (folder / "train.json").write_text(json.dumps([dataclasses.asdict(e) for e in examples]))
+
+
+def build_generations(node: Node, context: RunContext, folder: Path) -> None:
+    """One sampled teacher response per training prompt, split over the processes of a launch."""
+    spec: GenerateSpec = node.spec
+    settings = spec.settings
+    teacher = context.frozen(node.deps["teacher"])
+    tokenizer = load_tokenizer(context.path(node.deps["teacher"]))
+    records = context.train_records()
+    advance = batch_progress(context.hook, f"{node.label}: generate",
+                             -(-distributed.shard_size(len(records)) // settings.batch_size))
+    responses = distributed.map_sharded(records, lambda share: generate_responses(
+        teacher, tokenizer, share, str(settings.seed), settings.max_new_tokens, settings.batch_size, advance))
+    (folder / "generations.json").write_text(json.dumps(responses))
+
+
+def build_training(node: Node, context: RunContext, folder: Path) -> None:
+    """Provide what the objective and its sources declared (teacher, stored generations), then train."""
+    spec: TrainSpec = node.spec
+    init = context.path(node.deps["init"])
+    tokenizer = load_tokenizer(init)
+    texts = context.teacher_texts(node.deps["texts"], tokenizer) if "texts" in node.deps else None
+    teacher = context.frozen(node.deps["teacher"]) if "teacher" in node.deps else None
+    data = TrainingData(context.tokenized(node.deps["data"]), tokenizer.pad_token_id, tokenizer.eos_token_id, texts,
+                        context.experiment.teacher_generations.max_new_tokens)
+    sources = {name: context.registries.sources.get(name) for name in node.inputs["sources"]}
+    _, stats = train(lambda: load_model(init), spec.objective, spec.params, data, spec.settings, spec.seed, teacher,
+                     sources=sources, observer=context.hook, stage=f"{node.label}: train",
+                     tracking=tracking(context, node.label, spec.objective, spec.params, spec.settings),
+                     save_to=folder, tokenizer=tokenizer)
+    payload = dataclasses.asdict(stats)
+    log = payload.pop("log")
+    (folder / "train_stats.json").write_text(json.dumps(payload))
+    (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+
+def tracking(context: RunContext, label: str, objective: type[Objective], params: ObjectiveParams,
+             settings: Any) -> Tracking | None:
+    """Where the experiment's trackers log a training stage: ``<out>/tracking/<label>``."""
+    if not context.experiment.trackers:
+        return None
+    flat = {"objective": objective.name, **{f"params.{k}": v for k, v in dataclasses.asdict(params).items()},
+            **{f"training.{k}": v for k, v in settings.model_dump().items()}}
+    scalars = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+    return Tracking(tuple(context.experiment.trackers), str(context.out_dir / "tracking"), label, scalars)
+
+
+def build_cell(node: Node, context: RunContext, folder: Path) -> None:
+    """Evaluate the cell's model on every evaluation set and write its folder; ``result.json`` goes last."""
+    cell: Cell = node.spec
+    started = time.perf_counter()
+    evaluation = context.experiment.evaluation
+    model_key = node.deps["model"]
+    model_path = context.path(model_key)
+    tokenizer = load_tokenizer(model_path)
+    network = context.frozen(model_key)
+    records = context.eval_records(tokenizer)
+    scores = evaluate(network, tokenizer, records, context.metrics, cell.eval_seeds, evaluation.max_new_tokens,
+                      evaluation.batch_size, context.hook, f"{cell.label}: eval")
+    eval_examples = {"": len(records)}
+    for label, extra in evaluation.datasets.items():  # extra sets: "<label>/<metric>" columns
+        extra_records = context.eval_records(tokenizer, extra)
+        extra_scores = evaluate(network, tokenizer, extra_records, context.metrics, cell.eval_seeds,
+                                evaluation.max_new_tokens, evaluation.batch_size, context.hook,
+                                f"{cell.label}: eval {label}")
+        scores["metrics"].update({f"{label}/{name}": v for name, v in extra_scores["metrics"].items()})
+        scores["per_task"].update({f"{label}/{seed}": v for seed, v in extra_scores["per_task"].items()})
+        scores["seconds"] += extra_scores["seconds"]
+        eval_examples[label] = len(extra_records)
+    higher_is_better = {name: m.higher_is_better for name in scores["metrics"] for m in context.metrics
+                        if name.rsplit("/", 1)[-1] == m.name}
+    if evaluation.lm_eval.tasks:
+        scores["seconds"] += score_lm_eval(context, network, tokenizer, records, scores["metrics"], higher_is_better)
+    # The cell's own training: the stats of the stage that made its model (none for an untrained teacher).
+    stats = context.train_stats.get(model_key, {})
+    train_seconds = float(stats.get("seconds", 0.0))
+    teacher_params = context.model_parameters(cell.teacher)
+    params = ({"teacher": teacher_params} if cell.kind == "teacher"
+              else {"student": count_parameters(network), "teacher": teacher_params})
+    result = cell_result(context, node, "ok")
+    result.update(
+        metrics=scores["metrics"],
+        higher_is_better=higher_is_better,
+        per_task=scores["per_task"],
+        eval_examples=eval_examples[""],
+        eval_examples_by_dataset=eval_examples,
+        wall_seconds={"train": train_seconds, "eval": scores["seconds"], "total": train_seconds + scores["seconds"],
+                      "this_run": time.perf_counter() - started + stats.get("this_run", 0.0)},
+        tokens={"train": stats.get("tokens", 0), "response": stats.get("response_tokens", 0)},
+        optimizer_steps=stats.get("steps", 0),
+        forward_passes={"student": stats.get("student_forwards", 0), "teacher": stats.get("teacher_forwards", 0)},
+        params={role: count for role, count in params.items() if count is not None},
+    )
+    if distributed.is_main():
+        store.atomic_write_json(folder / "config.json", cell.config)
+        store.atomic_write_json(folder / "samples.json", scores["samples"])
+        train_log = Path(model_path) / "train_log.jsonl"
+        if train_log.is_file():
+            store.atomic_write_text(folder / "train_log.jsonl", train_log.read_text())
+        store.atomic_write_json(folder / "result.json", result)  # last: marks the cell finished
+    distributed.barrier()  # every process sees the finished cell before any moves on
+    context.hook.kdbench_on_cell_end(cell=cell.label, result=result)
+
+
+def score_lm_eval(context: RunContext, model: Any, tokenizer: Any, heldout: list[Record],
+                  metrics: dict[str, dict[str, float]], higher_is_better: dict[str, bool]) -> float:
+    """lm-eval tasks on the in-memory model, added to ``metrics`` as ``lm_eval/<task>/<metric>``; returns
+    the seconds taken. lm-eval runs an in-memory model in one process, so the main process scores it."""
+    from kdbench.eval.lmeval import lm_eval_scores
+
+    started = time.perf_counter()
+    if distributed.is_main():
+        work_dir = context.cache.root / "lm_eval" / config_hash([format_prompt(r) for r in heldout])
+        scores = lm_eval_scores(model, tokenizer, context.experiment.evaluation.lm_eval, heldout, work_dir)
+        for name, value in scores.values.items():
+            metrics[f"lm_eval/{name}"] = {LM_EVAL_SEED: value}
+            higher_is_better[f"lm_eval/{name}"] = scores.higher_is_better[name]
+    return time.perf_counter() - started
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+def code_versions(graph: StageGraph, key: str) -> CodeVersions:
+    """The versions of every builder, objective and source the cell at ``key`` was built with."""
+    lineage = [graph[k] for k in graph.lineage(key)]
+    trainings = [node for node in lineage if node.kind is StageKind.TRAIN]
+    return {"stages": {node.kind.value: node.version for node in lineage},
+            "objectives": {n.inputs["objective"]["name"]: n.inputs["objective"]["version"] for n in trainings},
+            "sources": {name: version for n in trainings for name, version in n.inputs["sources"].items()},
+            "libraries": store.library_versions()}
+
+
+def cell_result(context: RunContext, node: Node, status: Status, failure: Failure | None = None) -> CellResult:
+    """The fields every result has, scored or not; a scored cell fills in its measurements."""
+    cell: Cell = node.spec
+    graph = context.graph
+    result: CellResult = {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "experiment": context.experiment.name,
+        "key": node.key,
+        "lineage": graph.lineage(node.key),
+        "versions": code_versions(graph, node.key),
+        "config_hash": config_hash(cell.config),
+        "shared_config_hash": cell.shared_hash,
+        "family": cell.family, "student": cell.student, "method": cell.method,
+        "kind": "teacher" if cell.kind == "teacher" else "student",
+        "train_seed": cell.seed,
+        "primary_metric": context.experiment.evaluation.primary,
+        "metrics": {}, "higher_is_better": {}, "per_task": {},
+        "eval_examples": 0, "eval_examples_by_dataset": {},
+        "wall_seconds": {"train": 0.0, "eval": 0.0, "total": 0.0, "this_run": 0.0},
+        "tokens": {"train": 0, "response": 0},
+        "optimizer_steps": 0,
+        "processes": distributed.world_size(),
+        "forward_passes": {"student": 0, "teacher": 0},
+        "params": {},
+        "peak_memory_mb": store.peak_memory_mb(),
+        "finished_at": store.now_iso(),
+    }
+    if failure is not None:
+        result["failure"] = failure
+    return result
+
+
+def failure_of(node: Node, error: BaseException) -> tuple[Status, Failure]:
+    """How a stage that raised ``error`` is reported: ``diverged`` with its step, or ``failed``."""
+    from kdbench.train.engine import Diverged
+
+    stage = f"{node.label}: {node.kind.value}"
+    if isinstance(error, Diverged):
+        return "diverged", {"reason": str(error), "stage": stage, "stage_key": node.key, "step": error.step}
+    frames = "".join(traceback.format_exception(type(error), error, error.__traceback__)[-6:])
+    return "failed", {"reason": f"{type(error).__name__}: {error}".splitlines()[0][:500], "stage": stage,
+                      "stage_key": node.key, "step": None, "traceback": frames[-4000:]}
+
+
+def write_unscored_cell(context: RunContext, node: Node, status: Status, failure: Failure) -> CellResult:
+    """A cell that could not be scored: its result says why, and its report row shows it."""
+    cell: Cell = node.spec
+    result = cell_result(context, node, status, failure)
+    folder = store.cell_dir(context.out_dir, cell.family, cell.student, cell.method, cell.seed)
+    if distributed.is_main():
+        store.atomic_write_json(folder / "config.json", cell.config)
+        store.atomic_write_json(folder / "result.json", result)
+    distributed.barrier()
+    context.hook.kdbench_on_cell_end(cell=cell.label, result=result)
+    return result
+
+
+BUILDERS: dict[StageKind, Builder] = {builder.kind: builder for builder in (
+    Builder(StageKind.CHECKPOINT, 1, lambda node, context, folder: None, cached=False),
+    Builder(StageKind.TOKENIZER, 1, build_tokenizer),
+    Builder(StageKind.INIT, 1, build_init),
+    Builder(StageKind.TOKENIZE, 1, build_tokenize),
+    Builder(StageKind.TRAIN, 1, build_training, collective=True),
+    Builder(StageKind.GENERATE, 1, build_generations, collective=True),
+    Builder(StageKind.EVAL, 1, build_cell, collective=True, cached=False),
+)}

@@ -1,0 +1,91 @@
+"""The shape of ``result.json``: one cell's outcome, written by the executor, read by ``kdbench report``.
+
+Every cell of a run writes one, whether it finished (``status: ok``) or not (``failed``, ``diverged``):
+a leaderboard shows the rows that could not be scored with their reason rather than dropping them.
+Modelled on lm-evaluation-harness's ``result_schema.py``: a TypedDict with a comment on every key, and
+one version, bumped whenever a key changes meaning or disappears.
+"""
+
+from typing import Literal
+
+# typing_extensions' TypedDict sees NotRequired on every Python kdbench supports (typing's does from 3.11).
+from typing_extensions import NotRequired, TypedDict
+
+# The one schema version: kdbench writes it, ``kdbench report`` reads only it.
+SCHEMA_VERSION = 2
+
+Status = Literal["ok", "failed", "diverged"]
+STATUSES: tuple[Status, ...] = ("ok", "failed", "diverged")
+
+
+class Failure(TypedDict):
+    """Why a cell has no scores."""
+
+    reason: str  # one line: the exception, or the non-finite loss and the step it appeared at
+    stage: str  # label of the stage that failed, "gpt2/s1/kd/seed0: train"; an ancestor's when the cell was skipped
+    stage_key: str  # that stage's key in the stage graph
+    step: int | None  # optimizer step of a diverged training stage; None otherwise
+    traceback: NotRequired[str]  # the Python traceback of a failed stage (last frames)
+
+
+class CodeVersions(TypedDict):
+    """Versions of the code the cell was built with; bumping one re-runs exactly the cells it reaches."""
+
+    stages: dict[str, int]  # stage kind → version of its builder, over the cell's lineage
+    objectives: dict[str, int]  # objective name → version, over the lineage's training stages
+    sources: dict[str, int]  # sequence source name → version, over the lineage's training stages
+    libraries: dict[str, str]  # kdbench, torch, transformers, accelerate, deepspeed, python
+
+
+class WallSeconds(TypedDict):
+    train: float  # the cell's own training stage (0 for the teacher row when its SFT was cached elsewhere)
+    eval: float  # generation and scoring, every evaluation set and lm-eval included
+    total: float  # train + eval
+    this_run: float  # what this invocation spent on the cell (0 s of training when it came from the cache)
+
+
+class Tokens(TypedDict):
+    train: int  # non-padding tokens the student read during its own training stage, all processes
+    response: int  # gold response tokens the loss was taken on, all processes
+
+
+class ForwardPasses(TypedDict):
+    student: int  # student forward passes with gradients during its own training stage (per micro-batch, per sequence)
+    teacher: int  # teacher forward passes under teacher forcing during that stage
+
+
+class CellResult(TypedDict):
+    """``<out>/cells/<family>/<student>/<method>/seed<k>/result.json``."""
+
+    schema_version: int  # SCHEMA_VERSION of the kdbench that wrote it
+    status: Status  # ok: scored; failed: a stage raised; diverged: a training loss became non-finite
+    failure: NotRequired[Failure]  # present exactly when status is not ok
+    experiment: str  # the experiment's name
+    key: str  # key of the cell's evaluation stage: the cell is finished when a result with this key and status ok exists
+    lineage: list[str]  # keys of every stage the cell was built from, its own included, in run order
+    versions: CodeVersions
+    config_hash: str  # hash of the cell's resolved settings (config.json)
+    shared_config_hash: str  # hash of the settings every cell it is compared with shares (all but the method's own)
+    family: str  # model family, "gpt2"
+    student: str  # student label ("s1", "120M"); the teacher's label on the teacher row
+    method: str  # objective name; "teacher" on the teacher row
+    kind: Literal["student", "teacher"]
+    train_seed: int
+    primary_metric: str  # the metric leaderboards rank by: the experiment's evaluation.primary_metric
+    metrics: dict[str, dict[str, float]]  # metric → evaluation seed ("10", "greedy", "lm-eval") → score; {} unless ok
+    higher_is_better: dict[str, bool]  # metric → direction
+    per_task: dict[str, dict[str, dict[str, float]]]  # evaluation seed → task → metric → score
+    eval_examples: int  # examples scored on the experiment's own evaluation split
+    eval_examples_by_dataset: dict[str, int]  # "" (own split) or the extra set's label → examples scored
+    wall_seconds: WallSeconds
+    tokens: Tokens
+    optimizer_steps: int  # of the cell's own training stage
+    processes: int  # data-parallel processes that trained and evaluated it
+    forward_passes: ForwardPasses
+    params: dict[str, int]  # "student" and "teacher" → parameter count (the teacher row: "teacher" only)
+    peak_memory_mb: float  # peak resident memory of the process (CPU), or peak CUDA allocation
+    finished_at: str  # ISO 8601, UTC
+
+
+REQUIRED_KEYS: tuple[str, ...] = tuple(
+    key for key in CellResult.__annotations__ if key not in CellResult.__optional_keys__)

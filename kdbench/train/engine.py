@@ -1,0 +1,331 @@
+"""The training loop: one function, read top to bottom, the same for every objective.
+
+It runs through accelerate, with DeepSpeed (ZeRO stage from the experiment) or plain accelerate.
+The runner's share of every loss lives here and nowhere else: running the models on the sequences
+an objective reads (``kdbench.train.sources`` makes them), shifting, masking, the ``kd_ratio`` mix
+``(1 - kd_ratio)·CE_gold + kd_ratio·L_objective`` and normalisation by the global count of response
+tokens (or sequences) in an optimizer step. It never branches on an objective's name or on the kind
+of sequence it reads.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin
+
+from kdbench import process
+from kdbench.config import TrainingConfig
+from kdbench.data import TokenizedExample
+from kdbench.distributed import launched_world_size
+from kdbench.objectives import (
+    GOLD,
+    Objective,
+    ObjectiveParams,
+    Reduction,
+    SequenceView,
+    active_reads,
+    gold_cross_entropy,
+    masked_loss_sum,
+)
+from kdbench.train.sources import MicroBatches, PromptOrder, Sequences, SequenceSource, SourceContext, teacher_use
+
+
+class Diverged(Exception):
+    """The loss of a training stage became non-finite: the cell is reported ``diverged`` at ``step``."""
+
+    def __init__(self, stage: str, step: int, loss: float) -> None:
+        super().__init__(f"loss became {loss} at optimizer step {step}; lower the learning rate or check the objective")
+        self.stage, self.step, self.loss = stage, step, loss
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    tokens: int = 0  # non-padding tokens the student read, all processes
+    response_tokens: int = 0  # tokens the loss was taken on, all processes
+    student_forwards: int = 0
+    teacher_forwards: int = 0
+    student_samples: int = 0  # responses sampled from the student during training (on-policy objectives)
+    seconds: float = 0.0
+    log: list[dict[str, float]] = field(default_factory=list)  # per optimizer step: step, loss, lr
+
+
+def deepspeed_config(settings: TrainingConfig) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": settings.batch_size,
+        "gradient_accumulation_steps": settings.grad_accum,
+        "gradient_clipping": settings.grad_clip,
+        # ZeRO-3 shards weights; gathering them on save writes an ordinary HF folder.
+        "zero_optimization": {"stage": settings.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "bf16": {"enabled": settings.precision == "bf16"},
+        "fp16": {"enabled": settings.precision == "fp16", "auto_cast": False},
+        "zero_allow_untested_optimizer": True,  # our optimizer is plain torch AdamW
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """accelerate trackers (``tensorboard``, ``wandb``) for one training stage: logs go under ``directory``
+    as run ``name``. Not part of any cache key: logging does not change the model."""
+
+    trackers: tuple[str, ...]
+    directory: str
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)  # flat scalars: TensorBoard's hparams take no nesting
+
+
+def make_accelerator(settings: TrainingConfig, tracking: Tracking | None = None) -> Accelerator:
+    """A fresh engine with the stage's settings; call it inside ``process.training_state``."""
+    mixed_precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[settings.precision]
+    common: dict[str, Any] = {
+        "mixed_precision": mixed_precision,
+        "gradient_accumulation_steps": settings.grad_accum,
+        # Without GPUs, accelerate makes a multi-process launch a gloo group only when told it is on the CPU
+        # (a single process keeps DeepSpeed's own communication set-up).
+        "cpu": not torch.cuda.is_available() and launched_world_size() > 1,
+    }
+    if tracking is not None and tracking.trackers:
+        common.update(log_with=list(tracking.trackers), project_dir=tracking.directory)
+    if settings.engine == "deepspeed":
+        return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=deepspeed_config(settings)), **common)
+    return Accelerator(**common)
+
+
+def lr_lambda(settings: TrainingConfig, total_steps: int) -> Any:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak."""
+    warmup = min(settings.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def total_optimizer_steps(settings: TrainingConfig, n_examples: int, world_size: int) -> int:
+    if settings.max_steps is not None:
+        return settings.max_steps
+    assert settings.epochs is not None
+    micro_batches_per_epoch = math.ceil(n_examples / settings.batch_size) // world_size
+    return max(1, math.ceil(settings.epochs * micro_batches_per_epoch / settings.grad_accum))
+
+
+def loss_scale(world_size: int, grad_accum: int, global_response_tokens: int) -> float:
+    """Factor on a micro-batch's summed token loss so that, after the engine divides by
+    ``grad_accum`` and DDP averages over ``world_size`` ranks, the gradient is that of
+    sum(all token losses of the optimizer step) / global_response_tokens."""
+    return world_size * grad_accum / max(global_response_tokens, 1)
+
+
+def forward_logits(model: torch.nn.Module, sequences: Sequences) -> torch.Tensor:
+    """Logits shifted so position i predicts token i+1, (b, t-1, vocab). Left-padded batches (rollouts)
+    carry their own ``position_ids``."""
+    return model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask,
+                 position_ids=sequences.position_ids).logits[:, :-1]
+
+
+def sequence_view(model: torch.nn.Module, sequences: Sequences, teacher: torch.nn.Module | None) -> SequenceView:
+    """The student (and, when given, the frozen teacher) run on ``sequences``, aligned with their labels."""
+    student_logits = forward_logits(model, sequences)  # (b, t-1, vocab)
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = forward_logits(teacher, sequences)  # (b, t-1, vocab)
+    return SequenceView(student_logits, sequences.input_ids[:, 1:], sequences.response_mask[:, 1:], teacher_logits,
+                        sequences.extras)
+
+
+def objective_count(objective: type[Objective], micro: Mapping[str, Sequences]) -> int:
+    """What the objective term of a micro-batch is averaged over: the response tokens, or the sequences,
+    of the first sequence it reads."""
+    first = micro[objective.reads[0]]
+    return len(first) if objective.reduction is Reduction.SEQUENCE else first.response_tokens()
+
+
+@dataclass(frozen=True)
+class LossSums:
+    """Σ gold CE over response tokens and Σ objective loss of one micro-batch, and the forward passes it ran."""
+
+    ce: torch.Tensor
+    objective: torch.Tensor
+    student_forwards: int
+    teacher_forwards: int
+
+
+def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
+                    micro: Mapping[str, Sequences], teacher: torch.nn.Module | None) -> LossSums:
+    """Run the student on every sequence the step reads (the teacher too, on the ones the objective reads,
+    when it needs teacher logits), then sum both terms. The gold forward pass serves the CE term and an
+    objective that reads gold alike; with ``kd_ratio = 0`` only the gold CE is computed (sft, teachers)."""
+    reads = active_reads(objective, params)
+    teacher_reads = set(objective.reads) if teacher is not None and params.kd_ratio > 0 else set()
+    views = {name: sequence_view(model, micro[name], teacher if name in teacher_reads else None) for name in reads}
+    gold = views[GOLD]
+    ce_sum = gold_cross_entropy(gold.student_logits, gold.labels, gold.mask).sum()
+    objective_sum = torch.zeros_like(ce_sum) if params.kd_ratio == 0 else masked_loss_sum(objective, views, params)
+    return LossSums(ce_sum, objective_sum, len(views), len(teacher_reads))
+
+
+def set_activation_checkpointing(model: Any, enabled: bool) -> None:
+    """Recompute activations in backward (the ``gradient_checkpointing`` setting). transformers 5 calls it
+    activation checkpointing; older releases only know the gradient-checkpointing name."""
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{prefix}_checkpointing_{'enable' if enabled else 'disable'}")()
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a training stage reads: the gold sequences, and the stored teacher samples of the same
+    prompts (same order) when a source needs them; the ids and bound sampling needs."""
+
+    examples: Sequence[TokenizedExample]
+    pad_id: int
+    eos_id: int | None = None
+    teacher_texts: Sequence[TokenizedExample] | None = None
+    sample_max_new_tokens: int = 64  # bound on every response sampled from the student while training
+
+
+def make_sources(objective: type[Objective], params: ObjectiveParams, registry: Mapping[str, type[SequenceSource]],
+                 context: SourceContext) -> dict[str, SequenceSource]:
+    """One instance of every source the step reads, with the options the objective gives it."""
+    options = objective.source_options(params)
+    return {name: registry[name](context, options.get(name)) for name in active_reads(objective, params)}
+
+
+def train(
+    student: torch.nn.Module | Callable[[], torch.nn.Module],
+    objective: type[Objective],
+    params: ObjectiveParams,
+    data: TrainingData,
+    settings: TrainingConfig,
+    seed: int,
+    teacher: torch.nn.Module | None = None,
+    *,
+    sources: Mapping[str, type[SequenceSource]] | None = None,
+    observer: Any = None,
+    stage: str = "train",
+    tracking: Tracking | None = None,
+    save_to: Path | None = None,
+    tokenizer: Any = None,
+) -> tuple[torch.nn.Module, TrainStats]:
+    """Train ``student`` in place with ``objective``; return the unwrapped model and the stats.
+
+    ``student`` may be a function that loads it: it is then called once the engine exists, so that under
+    ZeRO-3 ``from_pretrained`` partitions the weights as it loads them instead of every process holding
+    the whole model first. ``sources`` are the sequence-source classes by name (default: every installed
+    one). With ``save_to``, the trained model (ZeRO-3 shards gathered) and ``tokenizer`` are written there
+    as an ordinary HF folder by the main process. A non-finite loss raises ``Diverged``. Whatever the
+    stage changes process-wide is restored on return (``process.training_state``)."""
+    if sources is None:
+        from kdbench.registry import load_registries
+
+        sources = {name: load_registries().sources.get(name) for name in active_reads(objective, params)}
+    needs_logits, needs_teacher = teacher_use(objective, params, sources)
+    assert teacher is not None or not needs_teacher, f"{objective.name} needs a teacher"
+    with process.training_state(settings.engine, settings.threads, seed):
+        accelerator = make_accelerator(settings, tracking)
+        if not isinstance(student, torch.nn.Module):
+            student = student()
+        if tracking is not None and tracking.trackers:
+            accelerator.init_trackers(tracking.name, config=tracking.config)
+        if settings.gradient_checkpointing:
+            set_activation_checkpointing(student, True)
+        world = accelerator.num_processes
+        total_steps = total_optimizer_steps(settings, len(data.examples), world)
+        optimizer = torch.optim.AdamW(student.parameters(), lr=settings.lr, betas=settings.betas,
+                                      weight_decay=settings.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings, total_steps))
+        # The scheduler stays outside accelerate: prepared, it would advance once per process per step.
+        model, optimizer = accelerator.prepare(student, optimizer)
+        if needs_teacher:
+            teacher = teacher.to(accelerator.device).eval()  # type: ignore[union-attr]
+        # Two generators, the same on every process: the data order, and every draw a source makes.
+        order = PromptOrder([len(e.input_ids) for e in data.examples], settings.batch_size,
+                            torch.Generator().manual_seed(seed), accelerator.process_index, world)
+        context = SourceContext(data.examples, data.teacher_texts, order, lambda: accelerator.unwrap_model(model),
+                                teacher if needs_teacher else None, accelerator.device, data.pad_id, data.eos_id,
+                                data.sample_max_new_tokens, max(len(e.input_ids) for e in data.examples),
+                                torch.Generator().manual_seed(seed + 1))
+        batches = MicroBatches(context, make_sources(objective, params, sources, context))
+        stats = TrainStats()
+        if observer is not None:
+            observer.kdbench_on_stage_start(stage=stage, total=total_steps)
+        started = time.perf_counter()
+        model.train()
+
+        def global_sum(value: int) -> int:
+            return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum").item())
+
+        for step in range(total_steps):
+            group = [batches.next() for _ in range(settings.grad_accum)]
+
+            # Normalise by the response tokens of the whole optimizer step, across micro-batches and
+            # ranks, not per micro-batch: otherwise short-response batches get more weight per token.
+            # Each term by its own count: the objective may read other sequences, or average over pairs.
+            gold_count = global_sum(sum(micro[GOLD].response_tokens() for micro in group))
+            target_count = global_sum(sum(objective_count(objective, micro) for micro in group))
+            # accelerate/DeepSpeed divide the loss by grad_accum and DDP averages gradients over ranks;
+            # the scales undo both, so the gradient is exactly that of the step's token means.
+            ce_scale = loss_scale(world, settings.grad_accum, gold_count)
+            objective_scale = loss_scale(world, settings.grad_accum, target_count)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in group:
+                with accelerator.accumulate(model):
+                    sums = batch_loss_sums(model, objective, params, micro, teacher if needs_logits else None)
+                    stats.student_forwards += sums.student_forwards
+                    stats.teacher_forwards += sums.teacher_forwards
+                    loss = (1 - params.kd_ratio) * sums.ce * ce_scale + params.kd_ratio * sums.objective * objective_scale
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and settings.engine != "deepspeed":
+                        accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)  # DeepSpeed clips from its config
+                    optimizer.step()  # a no-op until the accumulation boundary (DeepSpeed steps in backward)
+                    optimizer.zero_grad()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    step_loss += loss.detach() / (world * settings.grad_accum)
+                    stats.tokens += micro[GOLD].non_padding_tokens()
+            loss_value = float(accelerator.reduce(step_loss, "sum").item())
+            stats.response_tokens += gold_count
+            record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+            stats.log.append(record)
+            if not math.isfinite(loss_value):  # every process sees the same reduced value, so all stop together
+                raise Diverged(stage, step + 1, loss_value)
+            if observer is not None:
+                observer.kdbench_on_step_end(stage=stage, step=step + 1, metrics=record)
+            accelerator.log({"train/loss": loss_value, "train/lr": record["lr"]}, step=step + 1)  # no-op without trackers
+        for tracker in accelerator.trackers:  # not end_training(): that also tears down the process group
+            tracker.finish()
+        if settings.gradient_checkpointing:
+            set_activation_checkpointing(student, False)  # sampling and evaluation want the KV cache back
+        stats.steps = total_steps
+        stats.tokens = global_sum(stats.tokens)
+        stats.student_samples = global_sum(context.counters.get("student_samples", 0))
+        stats.seconds = time.perf_counter() - started
+        model.eval()
+        if save_to is not None:
+            save_trained(model, accelerator, tokenizer, save_to)
+        trained = accelerator.unwrap_model(model)
+        accelerator.free_memory()  # the engine's optimizer state leaves the GPU before evaluation loads a model
+    return trained, stats
+
+
+def save_trained(model: torch.nn.Module, accelerator: Accelerator, tokenizer: Any, directory: Path) -> None:
+    """Write an ordinary HF folder (gathering ZeRO-3 shards first) from the main process only."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,132 @@
+"""Sequence sources: where the sequences of a training step come from, apart from the losses that read them.
+
+A source makes one kind of sequence for a micro-batch of training prompts: the data set's gold
+responses, the teacher's stored samples, fresh samples of the student as it is now, rollouts from a
+teacher-mixed distribution. Objectives name the sources they read (``Objective.reads``); the engine
+asks each for its sequences and hands the loss one ``SequenceView`` per source. Sources are plugins
+(``kdbench_register_sequence_sources``): an on-policy fraction or a replay buffer is a new source, not
+a new path through the training loop. The built-in ones are in ``kdbench_plugins.sources``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from kdbench.data import TokenizedExample, collate, length_grouped_batches
+from kdbench.objectives import GOLD, Need, Objective, ObjectiveParams
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """A batch of prompt + response sequences on the training device, as a source hands them over."""
+
+    input_ids: torch.Tensor  # (b, t)
+    attention_mask: torch.Tensor  # (b, t)
+    response_mask: torch.Tensor  # (b, t) bool: the tokens a loss is taken on (response, EOS included)
+    position_ids: torch.Tensor | None = None  # (b, t) for left-padded batches; None: 0, 1, 2, … per row
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)  # (b, t-1) per-token values, aligned with labels
+
+    @classmethod
+    def collate(cls, examples: Sequence[TokenizedExample], pad_id: int, device: torch.device) -> Sequences:
+        """Right-padded examples, moved to ``device``."""
+        batch = {name: tensor.to(device) for name, tensor in collate(list(examples), pad_id).items()}
+        return cls(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def response_tokens(self) -> int:
+        """Tokens a token loss is taken on: response positions that some earlier position predicts."""
+        return int(self.response_mask[:, 1:].sum())
+
+    def non_padding_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+class PromptOrder:
+    """This process's micro-batches of training prompts, in the stage's data order: length-grouped,
+    reshuffled every epoch from one generator that every process seeds alike, each taking its share."""
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, rank: int, world: int) -> None:
+        self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
+        self.rank, self.world = rank, world
+        self.order: list[list[int]] = []
+
+    def next(self) -> list[int]:
+        if len(self.order) < self.world:  # every process gets one micro-batch per turn; a new epoch reshuffles
+            self.order = length_grouped_batches(self.lengths, self.batch_size, self.generator)
+            self.order = self.order[: len(self.order) - len(self.order) % self.world]
+        turn, self.order = self.order[: self.world], self.order[self.world:]
+        return turn[self.rank]
+
+
+@dataclass
+class SourceContext:
+    """What a source may read while a training stage runs."""
+
+    gold: Sequence[TokenizedExample]  # the training prompts with their gold responses (data order indexes these)
+    teacher_texts: Sequence[TokenizedExample] | None  # stored teacher samples, index for index (TEACHER_GENERATIONS)
+    prompts: PromptOrder
+    student: Callable[[], torch.nn.Module]  # the student as it is at this moment (unwrapped from the engine)
+    teacher: torch.nn.Module | None  # present when some source or the objective needs it
+    device: torch.device
+    pad_id: int
+    eos_id: int | None
+    max_new_tokens: int  # bound on every response sampled from the student during training
+    max_length: int  # of a training sequence
+    generator: torch.Generator  # the stage's sampling randomness: every draw a source makes comes from here
+    counters: dict[str, int] = field(default_factory=dict)  # what sources count ("student_samples"), read into the stats
+
+
+class SequenceSource:
+    """Base class of sequence-source plugins: one instance per training stage and process."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `kdbench plugins`
+    version: ClassVar[int] = 1  # bump when the sequences it makes change: it re-keys every stage that reads it
+    needs: ClassVar[frozenset[Need]] = frozenset()
+    samples_student: ClassVar[bool] = False  # draws from the student: the sample bound joins the stage's key
+    drives_prompts: ClassVar[bool] = False  # chooses which prompts come next (rollout reuse); at most one per step
+    Options: ClassVar[type | None] = None  # a frozen dataclass of options an objective passes (``source_options``)
+
+    def __init__(self, context: SourceContext, options: Any = None) -> None:
+        self.context = context
+        self.options = options
+
+    def next_prompts(self) -> list[int]:
+        """For ``drives_prompts`` sources: the prompts of the next micro-batch."""
+        raise NotImplementedError
+
+    def sequences(self, prompts: list[int]) -> Sequences:
+        """The sequences of these prompts (indices into ``context.gold``), on ``context.device``."""
+        raise NotImplementedError
+
+
+class MicroBatches:
+    """Each micro-batch of a training stage: its prompts (from the data order, or from the one source
+    that drives them), then every source's sequences for those prompts, by source name."""
+
+    def __init__(self, context: SourceContext, sources: Mapping[str, SequenceSource]) -> None:
+        assert GOLD in sources, "every step reads the gold sequences (the CE term)"
+        drivers = [source for source in sources.values() if source.drives_prompts]
+        assert len(drivers) <= 1, f"only one source may choose the prompts, got {[d.name for d in drivers]}"
+        self.context, self.sources = context, sources
+        self.driver = drivers[0] if drivers else None
+
+    def next(self) -> dict[str, Sequences]:
+        prompts = self.driver.next_prompts() if self.driver is not None else self.context.prompts.next()
+        return {name: source.sequences(prompts) for name, source in self.sources.items()}
+
+
+def teacher_use(objective: type[Objective], params: ObjectiveParams,
+                sources: Mapping[str, type[SequenceSource]]) -> tuple[bool, bool]:
+    """(teacher logits under teacher forcing, the teacher model at all) for training with ``objective``:
+    the objective may need its logits, a source it reads may sample from it; with ``kd_ratio = 0`` neither."""
+    if params.kd_ratio == 0:
+        return False, False
+    logits = Need.TEACHER_LOGITS in objective.needs_for(params)
+    return logits, logits or any(Need.TEACHER_MODEL in sources[name].needs for name in objective.reads)

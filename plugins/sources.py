@@ -1,0 +1,110 @@
+"""The built-in sequence sources: gold responses, stored teacher text, fresh student samples and
+teacher-mixed rollouts. A preference pair is an objective reading two of them (``dpkd``: teacher text
+preferred over a student sample). DESIGN.md, "Objectives, sequences and what the runner owns"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kdbench import hookimpl
+from kdbench.objectives import GOLD, Need
+from kdbench.train.generation import positions_from_mask, sample_continuations, sample_mixture
+from kdbench.train.sources import Sequences, SequenceSource
+
+
+class Gold(SequenceSource):
+    name = GOLD
+    summary = "the data set's responses"
+
+    def sequences(self, prompts: list[int]) -> Sequences:
+        context = self.context
+        return Sequences.collate([context.gold[i] for i in prompts], context.pad_id, context.device)
+
+
+class TeacherText(SequenceSource):
+    name = "teacher_text"
+    summary = "one stored teacher sample per training prompt (temperature 1), generated once per teacher and cached"
+    needs = frozenset({Need.TEACHER_GENERATIONS})
+
+    def sequences(self, prompts: list[int]) -> Sequences:
+        context = self.context
+        assert context.teacher_texts is not None, "the runner provides the teacher's generations"
+        return Sequences.collate([context.teacher_texts[i] for i in prompts], context.pad_id, context.device)
+
+
+class StudentSamples(SequenceSource):
+    name = "student_samples"
+    summary = "a fresh sample of the student as it is at this step, one per prompt (temperature 1)"
+    samples_student = True
+
+    def sequences(self, prompts: list[int]) -> Sequences:
+        context = self.context
+        assert context.eos_id is not None, "sampling the student needs the EOS id"
+        samples = sample_continuations(context.student(), [context.gold[i] for i in prompts], context.max_new_tokens,
+                                       context.eos_id, context.pad_id, context.max_length, context.generator)
+        context.counters["student_samples"] = context.counters.get("student_samples", 0) + len(samples)
+        return Sequences.collate(samples, context.pad_id, context.device)
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    """``batches`` micro-batches of prompts are sampled from ``(1 − teacher_mix)·q + teacher_mix·p``, then
+    trained on for ``inner_epochs`` passes, each pass in a new order."""
+
+    teacher_mix: float = 0.2
+    batches: int = 4
+    inner_epochs: int = 4
+
+
+class Rollouts(SequenceSource):
+    """Collected in groups with per-token log-probabilities (``old_logp`` of the sampling student,
+    ``teacher_logp``, ``mixture_logp``), and reused: this source decides the prompts of each step."""
+
+    name = "rollouts"
+    summary = "teacher-mixed rollouts (1−α)·q + α·p with per-token log-probabilities, reused for inner epochs"
+    needs = frozenset({Need.TEACHER_MODEL})
+    samples_student = True
+    drives_prompts = True
+    Options = RolloutOptions
+
+    def __init__(self, context: object, options: RolloutOptions | None = None) -> None:
+        super().__init__(context, options or RolloutOptions())  # type: ignore[arg-type]
+        self.queue: list[tuple[list[int], Sequences]] = []
+        self.current: tuple[list[int], Sequences] | None = None
+
+    def collect(self) -> None:
+        context, options = self.context, self.options
+        assert context.teacher is not None and context.eos_id is not None
+        collected = []
+        for _ in range(options.batches):
+            prompts = context.prompts.next()
+            token_ids = [context.gold[i].input_ids[: context.gold[i].prompt_length] for i in prompts]
+            rollout = sample_mixture(context.student(), context.teacher, token_ids, options.teacher_mix,
+                                     context.max_new_tokens, context.eos_id, context.pad_id, context.generator)
+            not_a_label = torch.zeros_like(rollout.response_mask[:, :1])  # position 0 is predicted by nothing
+            collected.append((prompts, Sequences(
+                rollout.input_ids, rollout.attention_mask, torch.cat([not_a_label, rollout.response_mask], dim=1),
+                positions_from_mask(rollout.attention_mask),
+                {"old_logp": rollout.student_logp, "teacher_logp": rollout.teacher_logp,
+                 "mixture_logp": rollout.mixture_logp})))
+            context.counters["student_samples"] = context.counters.get("student_samples", 0) + len(prompts)
+        for _ in range(options.inner_epochs):
+            order = torch.randperm(len(collected), generator=context.generator).tolist()
+            self.queue.extend(collected[i] for i in order)
+
+    def next_prompts(self) -> list[int]:
+        if not self.queue:
+            self.collect()
+        self.current = self.queue.pop(0)
+        return self.current[0]
+
+    def sequences(self, prompts: list[int]) -> Sequences:
+        assert self.current is not None and self.current[0] is prompts
+        return self.current[1]
+
+
+@hookimpl
+def kdbench_register_sequence_sources() -> list[type[SequenceSource]]:
+    return [Gold, TeacherText, StudentSamples, Rollouts]

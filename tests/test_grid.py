@@ -1,0 +1,123 @@
+"""The stage graph from settings alone: keys, dependencies, versions and what a change invalidates."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from kdbench.config import Experiment, load_experiment
+from kdbench.grid import stages
+from kdbench.grid.collect import collect
+from kdbench.grid.graph import StageGraph, StageKind
+from kdbench.grid.selection import resolve_selection
+from kdbench.registry import Registries, Registry, load_registries
+from kdbench_plugins.kd import KD
+
+
+@pytest.fixture(scope="module")
+def registries() -> Registries:
+    return load_registries()
+
+
+def graph_of(experiment: Experiment, registries: Registries, methods: str = "sft,kd,seqkd,minillm,dpkd") -> StageGraph:
+    selection = resolve_selection(experiment, registries, methods.split(","), ["gpt2", "opt"], None)
+    return collect(experiment, registries, selection)
+
+
+def keys_by_label(graph: StageGraph) -> dict[tuple[str, str], str]:
+    return {(node.kind.value, node.label): node.key for node in graph}
+
+
+def with_objective(registries: Registries, objective: type) -> Registries:
+    """The same plugins, with ``objective`` in place of the one of its name."""
+    objectives: Registry = Registry("objective")
+    for name in registries.objectives:
+        objectives.add(name, objective if name == objective.name else registries.objectives.get(name), "test")
+    return dataclasses.replace(registries, objectives=objectives)
+
+
+def changed(before: StageGraph, after: StageGraph) -> set[tuple[str, str]]:
+    old, new = keys_by_label(before), keys_by_label(after)
+    assert old.keys() == new.keys()
+    return {label for label in old if old[label] != new[label]}
+
+
+def test_collect_builds_the_graph_from_settings_alone(registries: Registries, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KDBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    graph = graph_of(load_experiment(None), registries)
+    assert list(tmp_path.iterdir()) == []  # nothing loaded or written
+    assert keys_by_label(graph) == keys_by_label(graph_of(load_experiment(None), registries))  # keys are stable
+    order = list(graph.nodes)
+    for node in graph:
+        assert all(order.index(parent) < order.index(node.key) for parent in node.deps.values())
+    # one tokenizer and one tokenised split for both families; a teacher, its SFT and its row per family
+    kinds = [node.kind for node in graph]
+    assert kinds.count(StageKind.TOKENIZER) == 1 and kinds.count(StageKind.TOKENIZE) == 1
+    assert kinds.count(StageKind.GENERATE) == 2  # one per teacher, read by seqkd and dpkd
+    assert len(graph.cells()) == 2 * (1 + 5)
+    keys = keys_by_label(graph)
+    # the sft cell's training is the SFT init minillm and dpkd start from: one node
+    sft = keys[("train", "gpt2/s1/sft/seed0")]
+    for method in ("minillm", "dpkd"):
+        assert graph[keys[("train", f"gpt2/s1/{method}/seed0")]].deps["init"] == sft
+    assert "teacher" not in graph[sft].deps  # sft never reads the teacher, so its cells do not depend on it
+    assert graph[keys[("train", "gpt2/s1/kd/seed0")]].deps["teacher"] == keys[("train", "gpt2/teacher")]
+    assert set(graph[keys[("train", "gpt2/s1/dpkd/seed0")]].deps) == {"init", "data", "teacher", "texts"}
+    lineage = graph.lineage(keys[("eval", "gpt2/s1/sft/seed0")])
+    assert [graph[k].kind.value for k in lineage] == ["tokenizer", "init", "tokenize", "train", "eval"]
+
+
+def test_bumping_an_objectives_version_rekeys_exactly_its_cells(registries: Registries) -> None:
+    experiment = load_experiment(None)
+    before = graph_of(experiment, registries)
+
+    class KDFixed(KD):
+        version = KD.version + 1
+
+    after = graph_of(experiment, with_objective(registries, KDFixed))
+    assert changed(before, after) == {("train", f"{f}/s1/kd/seed0") for f in ("gpt2", "opt")} | {
+        ("eval", f"{f}/s1/kd/seed0") for f in ("gpt2", "opt")}
+
+
+def test_bumping_a_sources_version_rekeys_the_stages_that_read_it(registries: Registries) -> None:
+    from kdbench_plugins.sources import TeacherText
+
+    class TeacherTextFixed(TeacherText):
+        version = TeacherText.version + 1
+
+    sources: Registry = Registry("sequence source")
+    for name in registries.sources:
+        sources.add(name, TeacherTextFixed if name == "teacher_text" else registries.sources.get(name), "test")
+    experiment = load_experiment(None)
+    after = graph_of(experiment, dataclasses.replace(registries, sources=sources))
+    assert changed(graph_of(experiment, registries), after) == {
+        (kind, f"{f}/s1/{m}/seed0") for kind in ("train", "eval") for f in ("gpt2", "opt") for m in ("seqkd", "dpkd")}
+
+
+def test_bumping_a_stage_builder_rekeys_that_kind_and_everything_downstream(registries: Registries,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    experiment = load_experiment(None)
+    before = graph_of(experiment, registries)
+    builder = stages.BUILDERS[StageKind.GENERATE]
+    monkeypatch.setitem(stages.BUILDERS, StageKind.GENERATE, dataclasses.replace(builder, version=builder.version + 1))
+    after = graph_of(experiment, registries)
+    assert changed(before, after) == {("generate", f"{f}/teacher") for f in ("gpt2", "opt")} | {
+        (kind, f"{f}/s1/{m}/seed0") for kind in ("train", "eval") for f in ("gpt2", "opt") for m in ("seqkd", "dpkd")}
+
+
+def test_a_methods_own_setting_rekeys_only_its_cells(registries: Registries) -> None:
+    experiment = load_experiment(None)
+    tuned = experiment.model_copy(update={"method_training": {"kd": {"lr": 1e-3}}})
+    assert changed(graph_of(experiment, registries), graph_of(tuned, registries)) == {
+        (kind, f"{f}/s1/kd/seed0") for kind in ("train", "eval") for f in ("gpt2", "opt")}
+    # the teacher's settings reach its own row and every cell whose training reads the teacher, but not sft's
+    teacher = experiment.teacher.model_copy(update={"training": experiment.teacher_training.model_copy(update={"lr": 1e-3})})
+    moved = changed(graph_of(experiment, registries), graph_of(experiment.model_copy(update={"teacher": teacher}),
+                                                              registries))
+    cells = {label for kind, label in moved if kind == "eval"}
+    assert cells == {f"{f}/{c}" for f in ("gpt2", "opt")
+                     for c in ("teacher/teacher/seed0", "s1/kd/seed0", "s1/seqkd/seed0", "s1/minillm/seed0", "s1/dpkd/seed0")}
