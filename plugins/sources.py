@@ -11,7 +11,7 @@ import torch
 from kdbench import hookimpl
 from kdbench.objectives import GOLD, Need
 from kdbench.train.generation import positions_from_mask, sample_continuations, sample_mixture
-from kdbench.train.sources import Sequences, SequenceSource
+from kdbench.train.sources import Sequences, SequenceSource, SourceContext
 
 
 class Gold(SequenceSource):
@@ -69,8 +69,8 @@ class Rollouts(SequenceSource):
     drives_prompts = True
     Options = RolloutOptions
 
-    def __init__(self, context: object, options: RolloutOptions | None = None) -> None:
-        super().__init__(context, options or RolloutOptions())  # type: ignore[arg-type]
+    def __init__(self, context: SourceContext, options: RolloutOptions | None = None) -> None:
+        super().__init__(context, options or RolloutOptions())
         self.queue: list[tuple[list[int], Sequences]] = []
         self.current: tuple[list[int], Sequences] | None = None
 

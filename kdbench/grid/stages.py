@@ -28,6 +28,7 @@ from kdbench.data import TEMPLATE_PIECES, Record, TokenizedExample, format_promp
 from kdbench.errors import KdbenchError
 from kdbench.eval.evaluation import evaluate
 from kdbench.grid.cache import StageCache
+from kdbench.grid.estimate import paper_model_size, tiny_model_size
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.objectives import Objective, ObjectiveParams
 from kdbench.registry import Registries
@@ -35,14 +36,7 @@ from kdbench.results import store
 from kdbench.results.schema import SCHEMA_VERSION, CellResult, CodeVersions, Failure, Status
 from kdbench.train.engine import Tracking, TrainingData, train
 from kdbench.train.generation import batch_progress, generate_responses
-from kdbench.zoo import (
-    build_tiny_model,
-    count_config_parameters,
-    count_parameters,
-    load_model,
-    load_tokenizer,
-    train_tokenizer,
-)
+from kdbench.zoo import build_tiny_model, count_parameters, load_model, load_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
     from kdbench.grid.collect import Cell, GenerateSpec, InitSpec, TrainSpec
@@ -117,15 +111,20 @@ class RunContext:
         return tokenize_records(records, tokenizer, data.max_length, data.max_prompt_length)
 
     def model_parameters(self, key: str) -> int | None:
-        """Parameters of a model stage's output (counted from its config when it is not loaded); None when
-        this run has not reached it."""
+        """Parameters of the model a stage produces: counted on the model when it is loaded, else from the
+        config of the model it started from (training does not change the count), built or not; None when
+        no config can be found offline."""
         if key in self._frozen:
             return count_parameters(self._frozen[key])
-        if key not in self.outputs:
+        node = self.graph[key]
+        while node.kind is StageKind.TRAIN:
+            node = self.graph[node.deps["init"]]
+        if node.kind is StageKind.INIT:
+            return tiny_model_size(node.spec.family, node.spec.arch, self.experiment.data).params
+        try:
+            return paper_model_size(node.spec.path, self.registries.families.get(str(node.family))).params
+        except KdbenchError:
             return None
-        from transformers import AutoConfig
-
-        return count_config_parameters(AutoConfig.from_pretrained(self.path(key)))
 
     def eval_records(self, tokenizer: Any, extra: EvalDatasetConfig | None = None) -> list[Record]:
         """The evaluation split (of the experiment's data, or of an extra evaluation set) without prompts
@@ -150,15 +149,14 @@ class RunContext:
 
 @dataclass(frozen=True)
 class Builder:
-    """How one kind of node is built. ``collective`` stages are built by every process of a launch
-    (training, sharded generation); the main process alone builds the others. ``cached`` stages write a
-    cache entry; a checkpoint has nothing to build and a cell writes its result folder instead."""
+    """How one kind of node is built into ``folder``: its cache entry, or for a cell its result folder (a
+    checkpoint has nothing to build). ``collective`` stages are built by every process of a launch
+    (training, sharded generation, evaluation); the main process alone builds the others."""
 
     kind: StageKind
     version: int
     build: Callable[[Node, RunContext, Path], None]
     collective: bool = False
-    cached: bool = True
 
 
 # -- builders --------------------------------------------------------------------------------------
@@ -373,11 +371,11 @@ def write_unscored_cell(context: RunContext, node: Node, status: Status, failure
 
 
 BUILDERS: dict[StageKind, Builder] = {builder.kind: builder for builder in (
-    Builder(StageKind.CHECKPOINT, 1, lambda node, context, folder: None, cached=False),
+    Builder(StageKind.CHECKPOINT, 1, lambda node, context, folder: None),
     Builder(StageKind.TOKENIZER, 1, build_tokenizer),
     Builder(StageKind.INIT, 1, build_init),
     Builder(StageKind.TOKENIZE, 1, build_tokenize),
     Builder(StageKind.TRAIN, 1, build_training, collective=True),
     Builder(StageKind.GENERATE, 1, build_generations, collective=True),
-    Builder(StageKind.EVAL, 1, build_cell, collective=True, cached=False),
+    Builder(StageKind.EVAL, 1, build_cell, collective=True),
 )}

@@ -53,7 +53,7 @@ class TrainStats:
     response_tokens: int = 0  # tokens the loss was taken on, all processes
     student_forwards: int = 0
     teacher_forwards: int = 0
-    student_samples: int = 0  # responses sampled from the student during training (on-policy objectives)
+    student_samples: int = 0  # responses sampled from the student during training, all processes (on-policy sources)
     seconds: float = 0.0
     log: list[dict[str, float]] = field(default_factory=list)  # per optimizer step: step, loss, lr
 
