@@ -121,3 +121,20 @@ def test_a_methods_own_setting_rekeys_only_its_cells(registries: Registries) -> 
     cells = {label for kind, label in moved if kind == "eval"}
     assert cells == {f"{f}/{c}" for f in ("gpt2", "opt")
                      for c in ("teacher/teacher/seed0", "s1/kd/seed0", "s1/seqkd/seed0", "s1/minillm/seed0", "s1/dpkd/seed0")}
+
+
+def test_each_training_seed_starts_a_tiny_student_from_its_own_initialisation(registries: Registries) -> None:
+    """Seeds vary the initialisation as well as the data order (a pretrained checkpoint is the same for all)."""
+    experiment = load_experiment(None)
+    selection = resolve_selection(experiment, registries, ["sft", "kd"], ["gpt2"], 3)
+    graph = collect(experiment, registries, selection)
+    for method in ("sft", "kd"):
+        inits = [graph[graph[graph[cell.deps["model"]].key].deps["init"]] for cell in graph.cells()
+                 if cell.spec.method == method]
+        assert [node.spec.seed for node in inits] == [0, 1, 2] and len({node.key for node in inits}) == 3
+    one_seed = collect(experiment, registries, resolve_selection(experiment, registries, ["sft", "kd"], ["gpt2"], 1))
+    assert {n.key for n in one_seed} <= {n.key for n in graph}  # seed 0 keeps its stages (and the references their keys)
+    paper = experiment.model_copy(update={"models": experiment.models.model_copy(
+        update={"scale": "paper", "students": ["120M"]})})
+    graph = collect(paper, registries, resolve_selection(paper, registries, ["sft"], ["gpt2"], 3))
+    assert len({graph[graph[cell.deps["model"]].deps["init"]].key for cell in graph.cells() if cell.spec.kind == "student"}) == 1

@@ -9,6 +9,7 @@ results, exactly one leaderboard is printed, and the leaderboard has the schema 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -35,10 +36,24 @@ LAUNCHERS = {
 }
 
 
+def _free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+# Each launch gets a free rendezvous port: both launchers default to 29500, which anything else on the machine
+# (another test run, a lingering socket) may hold.
+PORT_OPTIONS = {"accelerate": ["--main_process_port"], "deepspeed": ["--master_port"]}
+
+
 def _run(command: list[str], root: Path, name: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str],
                                                                               Path, Path]:
     out, cache = root / f"out-{name}", root / f"cache-{name}"
     env = {**env, "KDBENCH_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    if name in PORT_OPTIONS:
+        launcher, module = command[: command.index("kdbench") - 1], command[command.index("kdbench") - 1:]
+        command = [*launcher, *PORT_OPTIONS[name], _free_port(), *module]
     completed = subprocess.run([*command, "run", "-e", str(root / "mp.yaml"), "--out", str(out)], capture_output=True,
                                text=True, env=env, timeout=600, cwd=root)
     assert completed.returncode == 0, completed.stderr[-4000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kdbench.config import load_experiment
@@ -62,6 +63,13 @@ def test_tiny_models_are_ordinary_hf_folders(family: object, model_type: str, to
     assert teacher.config.vocab_size == student.config.vocab_size == len(tokenizer)
     assert count_parameters(teacher) > 10 * count_parameters(student)
     assert AutoTokenizer.from_pretrained(tmp_path / "student").get_vocab() == tokenizer.get_vocab()
+    # the seed decides the initialisation, and only the seed: each training seed gets its own student
+    build_tiny_model(family, TINY_STUDENTS["s1"], tokenizer, 64, 0, tmp_path / "again")
+    build_tiny_model(family, TINY_STUDENTS["s1"], tokenizer, 64, 1, tmp_path / "other")
+    weights = {name: dict(AutoModelForCausalLM.from_pretrained(tmp_path / name).named_parameters())
+               for name in ("student", "again", "other")}
+    assert all(torch.equal(p, weights["again"][n]) for n, p in weights["student"].items())
+    assert not all(torch.equal(p, weights["other"][n]) for n, p in weights["student"].items())
 
 
 def test_vocabulary_mismatch_is_a_clear_error(tokenizer_dir: Path, tmp_path: Path) -> None:

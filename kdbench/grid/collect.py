@@ -32,11 +32,13 @@ METHOD_KEYS = ("method", "params", "method_training", "student")
 
 @dataclass(frozen=True)
 class CheckpointSpec:
+    label: str  # the teacher's or student's label in the family
     path: str  # hub name or local folder
 
 
 @dataclass(frozen=True)
 class InitSpec:
+    label: str  # the teacher's or student's label in the family
     family: ModelFamily
     arch: TinyArch
     seed: int
@@ -100,15 +102,16 @@ class _Collector:
         inputs = {"data": self.data, "vocab_size": self.experiment.data.tokenizer_vocab_size}
         return self.add(StageKind.TOKENIZER, "data", inputs, {}, None)
 
-    def tiny_model(self, family: ModelFamily, label: str, arch: TinyArch, seed: int, tokenizer: str) -> str:
+    def tiny_model(self, family: ModelFamily, label: str, arch: TinyArch, seed: int, tokenizer: str,
+                   name: str | None = None) -> str:
         inputs = {"family": family.name, "arch": dataclasses.asdict(arch), "max_length": self.experiment.data.max_length,
                   "seed": seed}
-        return self.add(StageKind.INIT, f"{family.name}/{label}", inputs, {"tokenizer": tokenizer}, family.name,
-                        InitSpec(family, arch, seed))
+        return self.add(StageKind.INIT, f"{family.name}/{name or label}", inputs, {"tokenizer": tokenizer}, family.name,
+                        InitSpec(label, family, arch, seed))
 
     def checkpoint(self, family: ModelFamily, label: str, path: str) -> str:
         return self.add(StageKind.CHECKPOINT, f"{family.name}/{label}", {"checkpoint": path}, {}, family.name,
-                        CheckpointSpec(path))
+                        CheckpointSpec(label, path))
 
     def tokenized(self, tokenizer: str) -> str:
         """The training split tokenised by the tokenizer of ``tokenizer`` (a tokenizer or model node)."""
@@ -157,19 +160,23 @@ class _Collector:
         experiment, selection = self.experiment, self.selection
         models = experiment.models
         teacher_label, student_labels = family.checkpoints(models.scale, models.students)
+        # The model each (student, training seed) starts from: a pretrained checkpoint is the same for every
+        # seed; a tiny student is initialised with the training seed, so seeds also vary the initialisation.
         if models.scale == "paper":
             overrides = models.student_paths.get(family.name, {})
             teacher_base = self.checkpoint(family, teacher_label, models.teachers.get(family.name, teacher_label))
-            students = {label: self.checkpoint(family, label, overrides.get(label, name))
-                        for label, name in student_labels.items()}
+            checkpoints = {label: self.checkpoint(family, label, overrides.get(label, name))
+                           for label, name in student_labels.items()}
+            students = {(label, seed): key for label, key in checkpoints.items() for seed in selection.seeds}
             tokenizers = {key: key for key in (teacher_base, *students.values())}  # each model's own tokenizer
         else:
             tokenizer = self.tokenizer()
             teacher_base = self.tiny_model(family, teacher_label, family.tiny_teacher, experiment.teacher.seed, tokenizer)
-            students = {label: self.tiny_model(family, label, family.tiny_students[label], 0, tokenizer)
-                        for label in student_labels}
+            students = {(label, seed): self.tiny_model(family, label, family.tiny_students[label], seed, tokenizer,
+                                                       f"{label}/seed{seed}")
+                        for label in student_labels for seed in selection.seeds}
             tokenizers = {key: tokenizer for key in (teacher_base, *students.values())}
-        for student in students.values():  # checked before anything trains (kdbench.grid.execute)
+        for student in dict.fromkeys(students.values()):  # checked before anything trains (kdbench.grid.execute)
             self.graph.same_vocabulary.append((teacher_base, student))
 
         sft = self.registries.objectives.get("sft")
@@ -183,12 +190,13 @@ class _Collector:
                        {**base, "method": TEACHER_METHOD, "params": {}, "seed": experiment.teacher.seed},
                        selection.eval_seeds, teacher), teacher)
 
-        for label, student in students.items():
-            data = self.tokenized(tokenizers[student])
+        for label in student_labels:
             for method in selection.methods:
                 objective = self.registries.objectives.get(method)
                 params = method_params(experiment, objective)
                 for seed in selection.seeds:
+                    student = students[label, seed]
+                    data = self.tokenized(tokenizers[student])
                     init = student
                     if Need.SFT_INIT in objective.needs_for(params):  # the very stage the sft cell of this student trains
                         init = self.trained(family.name, f"{family.name}/{label}/sft/seed{seed}", student, data, sft,

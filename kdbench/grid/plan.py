@@ -185,14 +185,17 @@ class _Planner:
 
     # -- models -------------------------------------------------------------------------------
     def _models(self) -> list[PlannedModel]:
-        """The starting models of every family, teacher first, with their sizes."""
+        """The starting models of every family, teacher first, with their sizes: one row per model (a tiny
+        student initialised once per training seed is one row), every starting node sized."""
         teachers = {teacher for teacher, _ in self.graph.same_vocabulary}
         starts = dict.fromkeys(key for pair in self.graph.same_vocabulary for key in pair)
-        return [self._model(self.graph[key], "teacher" if key in teachers else "student") for key in starts]
+        models = [self._model(self.graph[key], "teacher" if key in teachers else "student") for key in starts]
+        rows = {(m.family, m.role, m.label): m for m in reversed(models)}  # the first of each, in order
+        return [m for m in models if rows[m.family, m.role, m.label] is m]
 
     def _model(self, node: Node, role: str) -> PlannedModel:
         assert node.family is not None
-        label = node.label.split("/", 1)[1]
+        label = node.spec.label
         if isinstance(node.spec, InitSpec):
             arch = node.spec.arch
             size: ModelSize | None = tiny_model_size(node.spec.family, arch, self.experiment.data)
