@@ -61,6 +61,16 @@ def _reset_accelerate() -> None:
 
 
 @contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """torch's global generators seeded with ``seed`` inside and restored on exit: for library calls that
+    draw from them and take no generator (``model.generate``, weight initialisation)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
 def training_state(engine: str, threads: int | None, seed: int) -> Iterator[None]:
     """Everything one training stage changes process-wide, restored on exit: environment variables
     (the launcher's, DeepSpeed's, accelerate's), accelerate's state, transformers' ZeRO-3 registration,
@@ -72,12 +82,10 @@ def training_state(engine: str, threads: int | None, seed: int) -> Iterator[None
     if engine == "deepspeed":
         values.update(launcher_environment())
     saved_threads = torch.get_num_threads()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with environment(values), torch.random.fork_rng(devices=devices):
+    with environment(values), seeded(seed):
         _reset_accelerate()
         if threads:
             torch.set_num_threads(threads)
-        torch.manual_seed(seed)
         try:
             yield
         finally:
@@ -85,13 +93,3 @@ def training_state(engine: str, threads: int | None, seed: int) -> Iterator[None
             unset_hf_deepspeed_config()
             _reset_accelerate()
             torch.set_num_threads(saved_threads)
-
-
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """torch's global generators seeded with ``seed`` inside and restored on exit: for library calls that
-    draw from them and take no generator (``model.generate``, weight initialisation)."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield

@@ -44,7 +44,7 @@ class StudentSamples(SequenceSource):
         assert context.eos_id is not None, "sampling the student needs the EOS id"
         samples = sample_continuations(context.student(), [context.gold[i] for i in prompts], context.max_new_tokens,
                                        context.eos_id, context.pad_id, context.max_length, context.generator)
-        context.counters["student_samples"] = context.counters.get("student_samples", 0) + len(samples)
+        context.counters["student_samples"] += len(samples)
         return Sequences.collate(samples, context.pad_id, context.device)
 
 
@@ -89,7 +89,7 @@ class Rollouts(SequenceSource):
                 positions_from_mask(rollout.attention_mask),
                 {"old_logp": rollout.student_logp, "teacher_logp": rollout.teacher_logp,
                  "mixture_logp": rollout.mixture_logp})))
-            context.counters["student_samples"] = context.counters.get("student_samples", 0) + len(prompts)
+            context.counters["student_samples"] += len(prompts)
         for _ in range(options.inner_epochs):
             order = torch.randperm(len(collected), generator=context.generator).tolist()
             self.queue.extend(collected[i] for i in order)

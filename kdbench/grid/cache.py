@@ -31,10 +31,6 @@ class StageCache:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def entries(self) -> list[tuple[str, str]]:
-        """(kind, key) of every finished entry."""
-        return sorted((path.parent.parent.name, path.parent.name) for path in self.root.glob("*/*/inputs.json"))
-
     def get_or_build(self, kind: str, key: str, record: dict[str, Any], build: Callable[[Path], None],
                      collective: bool = False) -> tuple[Path, bool]:
         """The entry's folder and whether it was reused; ``build(folder)`` fills a new one and ``record`` is

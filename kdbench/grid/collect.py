@@ -14,7 +14,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from kdbench.config import Experiment, TeacherGenerationConfig, TrainingConfig, config_hash
+from kdbench.config import DataConfig, Experiment, TeacherGenerationConfig, TrainingConfig, config_hash
+from kdbench.grid.estimate import ModelSize, paper_model_size, tiny_model_size
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.selection import Selection, method_params
 from kdbench.grid.stages import BUILDERS
@@ -34,6 +35,11 @@ METHOD_KEYS = ("method", "params", "method_training", "student")
 class CheckpointSpec:
     label: str  # the teacher's or student's label in the family
     path: str  # hub name or local folder
+    family: ModelFamily
+
+    def size(self, data: DataConfig) -> ModelSize:
+        """From its config alone (local folder, HF cache or the family's table); KdbenchError when none is found."""
+        return paper_model_size(self.path, self.family)
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,10 @@ class InitSpec:
     family: ModelFamily
     arch: TinyArch
     seed: int
+
+    def size(self, data: DataConfig) -> ModelSize:
+        """As the init stage builds it, from the family's config class."""
+        return tiny_model_size(self.family, self.arch, data)
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,7 @@ class _Collector:
 
     def checkpoint(self, family: ModelFamily, label: str, path: str) -> str:
         return self.add(StageKind.CHECKPOINT, f"{family.name}/{label}", {"checkpoint": path}, {}, family.name,
-                        CheckpointSpec(label, path))
+                        CheckpointSpec(label, path, family))
 
     def tokenized(self, tokenizer: str) -> str:
         """The training split tokenised by the tokenizer of ``tokenizer`` (a tokenizer or model node)."""

@@ -33,8 +33,6 @@ class RunSummary:
     """What a run left: the result of every cell of the graph (from this run or an earlier one)."""
 
     results: dict[str, CellResult] = field(default_factory=dict)  # cell label → result
-    built: list[str] = field(default_factory=list)  # keys of the stages built by this run
-    reused: list[str] = field(default_factory=list)  # keys of the stages found in the cache
 
     @property
     def unscored(self) -> list[CellResult]:
@@ -66,7 +64,7 @@ def check_vocabularies(graph: StageGraph, needed: set[str]) -> None:
             check_same_vocabulary(load_tokenizer(paths[0]), load_tokenizer(paths[1]), *paths)
 
 
-def run_stage(node: Node, context: RunContext, summary: RunSummary) -> None:
+def run_stage(node: Node, context: RunContext) -> None:
     """Build (or reuse) one stage and record its output in ``context``."""
     builder = BUILDERS[node.kind]
     if node.kind is StageKind.CHECKPOINT:
@@ -74,7 +72,6 @@ def run_stage(node: Node, context: RunContext, summary: RunSummary) -> None:
         return
     if node.kind is StageKind.EVAL:
         builder.build(node, context, cell_folder(context.out_dir, node))
-        summary.built.append(node.key)
         return
     stage = f"{node.label}: {node.kind.value}"
     context.hook.kdbench_on_stage_start(stage=stage, total=None)
@@ -84,7 +81,6 @@ def run_stage(node: Node, context: RunContext, summary: RunSummary) -> None:
     seconds = time.perf_counter() - started
     context.hook.kdbench_on_stage_end(stage=stage, seconds=seconds, cached=cached)
     context.outputs[node.key] = str(path)
-    (summary.reused if cached else summary.built).append(node.key)
     if node.kind is StageKind.TRAIN:
         stats = json.loads((path / "train_stats.json").read_text())
         context.train_stats[node.key] = {**stats, "this_run": 0.0 if cached else seconds}
@@ -129,7 +125,7 @@ def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries,
         else:
             failure = None
             try:
-                run_stage(node, context, summary)
+                run_stage(node, context)
             except (KdbenchError, KeyboardInterrupt):
                 raise
             except Exception as error:  # noqa: BLE001  (isolated: reported in the result, the grid goes on)

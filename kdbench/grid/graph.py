@@ -95,21 +95,9 @@ class StageGraph:
                     pending.append(parent)
         return [k for k in self.nodes if k in wanted]
 
-    def consumers(self) -> dict[str, list[str]]:
-        """Parent key → keys of the nodes that read it, in run order."""
-        children: dict[str, list[str]] = {key: [] for key in self.nodes}
-        for node in self:
-            for parent in node.deps.values():
-                children[parent].append(node.key)
-        return children
-
-    def descendants(self, key: str) -> set[str]:
-        children = self.consumers()
-        found: set[str] = set()
-        pending = [key]
-        while pending:
-            for child in children[pending.pop()]:
-                if child not in found:
-                    found.add(child)
-                    pending.append(child)
-        return found
+    def start_of(self, key: str) -> Node:
+        """The starting model (an init or checkpoint node) the model of ``key`` was trained from."""
+        node = self.nodes[key]
+        while node.kind is StageKind.TRAIN:
+            node = self.nodes[node.deps["init"]]
+        return node

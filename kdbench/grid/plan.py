@@ -23,8 +23,6 @@ from kdbench.grid.estimate import (
     dataset_sizes,
     estimate_activations,
     estimate_memory,
-    paper_model_size,
-    tiny_model_size,
 )
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.selection import Selection
@@ -195,29 +193,23 @@ class _Planner:
 
     def _model(self, node: Node, role: str) -> PlannedModel:
         assert node.family is not None
-        label = node.spec.label
-        if isinstance(node.spec, InitSpec):
-            arch = node.spec.arch
-            size: ModelSize | None = tiny_model_size(node.spec.family, arch, self.experiment.data)
-            self.sizes[node.key] = size
-            return PlannedModel(node.family, role, label, f"width {arch.width}, {arch.layers} layers, {arch.heads} heads",
-                                node.key, size)
-        assert isinstance(node.spec, CheckpointSpec)
+        spec, label = node.spec, node.spec.label
+        if isinstance(spec, InitSpec):
+            checkpoint = f"width {spec.arch.width}, {spec.arch.layers} layers, {spec.arch.heads} heads"
+        else:
+            assert isinstance(spec, CheckpointSpec)
+            checkpoint = spec.path
         try:
-            size = paper_model_size(node.spec.path, self.registries.families.get(node.family))
+            size = self.sizes[node.key] = spec.size(self.experiment.data)
         except KdbenchError as error:
             self.notes.append(f"{node.family}/{label}: size unknown, {error}")
             self.sizes[node.key] = None
-            return PlannedModel(node.family, role, label, node.spec.path, node.key, None, str(error))
-        self.sizes[node.key] = size
-        return PlannedModel(node.family, role, label, node.spec.path, node.key, size)
+            return PlannedModel(node.family, role, label, checkpoint, node.key, None, str(error))
+        return PlannedModel(node.family, role, label, checkpoint, node.key, size)
 
     def size_of(self, key: str) -> ModelSize | None:
         """The size of the model a node produces: that of the starting model it was trained from."""
-        node = self.graph[key]
-        while node.kind is StageKind.TRAIN:
-            node = self.graph[node.deps["init"]]
-        return self.sizes.get(node.key)
+        return self.sizes.get(self.graph.start_of(key).key)
 
     # -- stages -------------------------------------------------------------------------------
     def resident(self) -> list[set[str]]:

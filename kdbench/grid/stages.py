@@ -28,13 +28,12 @@ from kdbench.data import TEMPLATE_PIECES, Record, TokenizedExample, format_promp
 from kdbench.errors import KdbenchError
 from kdbench.eval.evaluation import evaluate
 from kdbench.grid.cache import StageCache
-from kdbench.grid.estimate import paper_model_size, tiny_model_size
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.objectives import Objective, ObjectiveParams
 from kdbench.registry import Registries
 from kdbench.results import store
 from kdbench.results.schema import SCHEMA_VERSION, CellResult, CodeVersions, Failure, Status
-from kdbench.train.engine import Tracking, TrainingData, train
+from kdbench.train.engine import Diverged, Tracking, TrainingData, train
 from kdbench.train.generation import batch_progress, generate_responses
 from kdbench.zoo import build_tiny_model, count_parameters, load_model, load_tokenizer, train_tokenizer
 
@@ -116,13 +115,8 @@ class RunContext:
         no config can be found offline."""
         if key in self._frozen:
             return count_parameters(self._frozen[key])
-        node = self.graph[key]
-        while node.kind is StageKind.TRAIN:
-            node = self.graph[node.deps["init"]]
-        if node.kind is StageKind.INIT:
-            return tiny_model_size(node.spec.family, node.spec.arch, self.experiment.data).params
         try:
-            return paper_model_size(node.spec.path, self.registries.families.get(str(node.family))).params
+            return self.graph.start_of(key).spec.size(self.experiment.data).params
         except KdbenchError:
             return None
 
@@ -347,8 +341,6 @@ def cell_result(context: RunContext, node: Node, status: Status, failure: Failur
 
 def failure_of(node: Node, error: BaseException) -> tuple[Status, Failure]:
     """How a stage that raised ``error`` is reported: ``diverged`` with its step, or ``failed``."""
-    from kdbench.train.engine import Diverged
-
     stage = f"{node.label}: {node.kind.value}"
     if isinstance(error, Diverged):
         return "diverged", {"reason": str(error), "stage": stage, "stage_key": node.key, "step": error.step}

@@ -311,7 +311,7 @@ def train(
             set_activation_checkpointing(student, False)  # sampling and evaluation want the KV cache back
         stats.steps = total_steps
         stats.tokens = global_sum(stats.tokens)
-        stats.student_samples = global_sum(context.counters.get("student_samples", 0))
+        stats.student_samples = global_sum(context.counters["student_samples"])
         stats.seconds = time.perf_counter() - started
         model.eval()
         if save_to is not None:

@@ -10,6 +10,7 @@ a new path through the training loop. The built-in ones are in ``kdbench_plugins
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -79,7 +80,7 @@ class SourceContext:
     max_new_tokens: int  # bound on every response sampled from the student during training
     max_length: int  # of a training sequence
     generator: torch.Generator  # the stage's sampling randomness: every draw a source makes comes from here
-    counters: dict[str, int] = field(default_factory=dict)  # what sources count ("student_samples"), read into the stats
+    counters: Counter[str] = field(default_factory=Counter)  # what sources count ("student_samples"), read into the stats
 
 
 class SequenceSource:
