@@ -125,6 +125,7 @@ def run(
             stderr.print(f"[bold red]{result['status']}:[/] {result['family']}/{result['student']}/{result['method']}/"
                          f"seed{result['train_seed']} — {failure.get('reason', '')} (stage {failure.get('stage', '?')})",
                          highlight=False)
+    distributed.destroy_process_group()
     if summary.unscored:
         raise typer.Exit(1)
 

@@ -39,6 +39,14 @@ def init_process_group() -> None:
         PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
 
 
+def destroy_process_group() -> None:
+    """Leave the launcher's group once every process is done, so its communication threads are joined
+    here rather than torn down mid-flight at interpreter exit (where a process then aborts)."""
+    if launched_world_size() > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -71,9 +79,7 @@ def map_sharded(items: Sequence[T], fn: Callable[[Sequence[T]], list[R]]) -> lis
         return fn(items)
     share = -(-len(items) // world)
     mine = fn(items[rank() * share:(rank() + 1) * share])
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, mine)
-    return [result for part in gathered for result in part]
+    return [result for part in gather_objects(mine) for result in part]
 
 
 def gather_objects(item: T) -> list[T]:
