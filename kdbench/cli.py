@@ -42,15 +42,23 @@ CacheOption = Annotated[Optional[Path], typer.Option(
     help="Stage cache (default: $KDBENCH_CACHE_DIR or ~/.cache/kdbench).")]
 
 
-def _leaderboard(run_dir: Path) -> list[Any]:
-    """The leaderboard rows of a results folder; warns (on stderr, so stdout stays machine-readable)
-    when one family's cells ran with different shared settings."""
+def _leaderboard(run_dir: Path) -> tuple[list[Any], list[dict[str, str]]]:
+    """The leaderboard rows and protocol cards of a results folder; warns (on stderr, so stdout stays
+    machine-readable) when one family's cells ran with different shared settings."""
+    from kdbench.report.card import cards_of
     from kdbench.report.leaderboard import build_leaderboard, load_results, settings_mismatches
 
     results = load_results(run_dir)
     for mismatch in settings_mismatches(results):
         stderr.print(f"[yellow]warning:[/] not like with like — {mismatch}", highlight=False)
-    return build_leaderboard(results)
+    return build_leaderboard(results), cards_of(results)
+
+
+def _print_cards(cards: list[dict[str, str]]) -> None:
+    from kdbench.report.card import render_card
+
+    for card in cards:
+        stdout.print(f"[bold]Protocol card[/]\n{render_card(card)}", highlight=False)
 
 
 @app.command()
@@ -94,10 +102,11 @@ def run(
     if engine is not None:
         if engine not in ("deepspeed", "accelerate"):
             raise KdbenchError(f"--engine {engine!r} is not an engine; expected deepspeed or accelerate.")
-        teacher_training = config.teacher_training.model_copy(update={"engine": engine})
         config = config.model_copy(update={
             "training": config.training.model_copy(update={"engine": engine}),
-            "teacher": config.teacher.model_copy(update={"training": teacher_training}),
+            "teacher": config.teacher.model_copy(update={
+                "training": config.teacher_training.model_copy(update={"engine": engine})}),
+            "init": config.init.model_copy(update={"training": config.init_training.model_copy(update={"engine": engine})}),
         })
     registries = load_registries(plugins_dir)
     selection = resolve_selection(config, registries, _split(methods), _split(models), seeds)
@@ -115,10 +124,11 @@ def run(
     distributed.init_process_group()
     summary = run_graph(graph, config, registries, out_dir, cache_dir or default_cache_dir())
     if distributed.is_main():
-        rows = _leaderboard(out_dir)
+        rows, cards = _leaderboard(out_dir)
         atomic_write_json(out_dir / "experiment.json", config.model_dump())
         for fmt in ("md", "json"):
-            atomic_write_text(out_dir / f"leaderboard.{fmt}", render(rows, fmt) + "\n")
+            atomic_write_text(out_dir / f"leaderboard.{fmt}", render(rows, fmt, cards) + "\n")
+        _print_cards(cards)
         stdout.print(rich_table(rows, title=f"kdbench leaderboard: {config.name}"))
         for result in summary.unscored:
             failure = result.get("failure", {})
@@ -130,6 +140,50 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command("export-teachers")
+def export_teachers(
+    out: Annotated[Path, typer.Option(help="Folder to write one model folder per family into (<out>/<family>).")],
+    models: ModelsOption = None,
+    experiment: ExperimentOption = None,
+    cache_dir: CacheOption = None,
+    plugins_dir: PluginsDir = None,
+) -> None:
+    """Train each family's tiny teacher with the experiment's teacher stage and save it as an ordinary model folder.
+
+    How the tiny suite's shipped teachers (experiments/teachers/) are made: the experiment's `teacher` block is run
+    from a random initialisation (any `models.teachers` folder it names is ignored), selected on validation as
+    every training stage is, and written with its tokenizer, training statistics and log. An experiment that
+    names the folders in `models.teachers` (with `teacher.train: false`) then starts every run from them."""
+    import shutil
+
+    from kdbench.config import load_experiment
+    from kdbench.grid.cache import default_cache_dir
+    from kdbench.grid.collect import TEACHER_METHOD, collect
+    from kdbench.grid.execute import build_stages
+    from kdbench.grid.selection import resolve_selection
+    from kdbench.registry import load_registries
+
+    config = load_experiment(experiment)
+    if config.models.scale != "tiny":
+        raise KdbenchError(f"export-teachers trains tiny teachers; experiment {config.name!r} has models.scale "
+                           f"{config.models.scale!r}. Give a tiny-scale experiment (such as the default).")
+    if out.exists() and not out.is_dir():
+        raise KdbenchError(f"--out {out} is a file; expected a folder to write one model folder per family into.")
+    config = config.model_copy(update={"teacher": config.teacher.model_copy(update={"train": True}),
+                                       "models": config.models.model_copy(update={"teachers": {}})})
+    registries = load_registries(plugins_dir)
+    selection = resolve_selection(config, registries, ["sft"], _split(models), 1)
+    graph = collect(config, registries, selection)
+    teachers = {node.family: node.deps["model"] for node in graph.cells() if node.spec.method == TEACHER_METHOD}
+    built = build_stages(graph, list(teachers.values()), config, registries, cache_dir or default_cache_dir())
+    for family, key in teachers.items():
+        target = out / str(family)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(built[key], target)
+        stdout.print(f"{family}: teacher written to {target} (stage key {key})", highlight=False)
+
+
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A results folder written by `kdbench run`.")] = Path("results/tiny"),
@@ -138,11 +192,12 @@ def report(
     """Leaderboard of a results folder: mean ± std over seeds for every (family, student, method)."""
     from kdbench.report.leaderboard import render, rich_table
 
-    rows = _leaderboard(run_dir)
+    rows, cards = _leaderboard(run_dir)
     if format == "table":
+        _print_cards(cards)
         stdout.print(rich_table(rows, title=f"kdbench leaderboard: {run_dir}"))
     else:
-        sys.stdout.write(render(rows, format) + "\n")
+        sys.stdout.write(render(rows, format, cards) + "\n")
 
 
 @app.command()

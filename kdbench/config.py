@@ -62,13 +62,53 @@ class TrainingConfig(Strict):
     epochs: float | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)
     threads: int | None = Field(None, ge=1, description="torch CPU threads; all cores when omitted")
+    length_bucket: int = Field(16, ge=1, description="micro-batches per bucket sorted by length (less padding); 1: "
+                               "random batches, which mix tasks whose lengths differ (the tiny suite)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% more compute")
+    lm_coef: float = Field(0.0, ge=0, description="weight of the pre-training LM term on lm_data (MiniLLM's lm_coef = 1; "
+                           "0: none)")
+    lm_kd_ratio: float = Field(0.5, ge=0, le=1, description="the LM term's own mix, (1 − r)·CE + r·word-KD on lm_data")
 
     @model_validator(mode="after")
-    def _one_length(self) -> TrainingConfig:
-        if (self.epochs is None) == (self.max_steps is None):
-            raise ValueError("give exactly one of epochs or max_steps")
+    def _a_length(self) -> TrainingConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("give epochs or max_steps (both: whichever ends first, as MiniLLM's 5,000 steps or 10 epochs)")
         return self
+
+
+BUDGET_FIELDS = ("epochs", "max_steps", "batch_size", "grad_accum")  # what sets a stage's optimizer steps and data
+# What no method may set for itself under the uniform protocol: its budget, and the pre-training term.
+UNIFORM_FIELDS = (*BUDGET_FIELDS, "lm_coef", "lm_kd_ratio")
+
+
+class LmDataConfig(Strict):
+    """The plain-text corpus of the pre-training LM term (MiniLLM's OpenWebText; the tiny suite's world as text)."""
+
+    dataset: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    max_chunks: int | None = Field(None, ge=1, description="max_length-token chunks kept (all when omitted)")
+
+
+class SelectionConfig(Strict):
+    """Which checkpoint of a training stage is handed on: the best on the validation split (both reference
+    codebases keep the best validation ROUGE-L: LMOps ``minillm/README.md:128``, ``dpkd/main.py:537-546``),
+    or the final one."""
+
+    rule: Literal["best", "final"] = "best"
+    metric: str = Field("rougeL", description="a metric of evaluation.metrics, scored on the validation split")
+    every: int = Field(50, ge=1, description="optimizer steps between validations; the last step is always validated")
+    greedy: bool = Field(True, description="greedy decoding for validation (cheap, deterministic); false samples "
+                         "once with seed 0")
+    max_examples: int | None = Field(None, ge=1, description="validation prompts scored (all when omitted)")
+
+
+class InitConfig(Strict):
+    """The SFT student other stages start from: one per (student, training seed), trained on gold with its own
+    budget and selected by validation loss (MiniLLM's init, ``minillm/README.md:188``)."""
+
+    start: Literal["sft", "base"] = Field("sft", description="uniform protocol: every method starts from the shared "
+                                          "SFT student (sft) or from the base model (base)")
+    training: TrainingConfig | None = Field(None, description="the SFT init's training; `training` when omitted")
 
 
 class TeacherConfig(Strict):
@@ -138,6 +178,12 @@ class EvaluationConfig(Strict):
 class Experiment(Strict):
     name: str
     description: str = ""
+    protocol: Literal["uniform", "paper"] = Field(description=(
+        "uniform: every method starts from the same checkpoint with the same budget (METHODS.md); paper: each "
+        "method follows its released recipe"))
+    init: InitConfig = Field(default_factory=InitConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    lm_data: LmDataConfig | None = Field(None, description="corpus of the pre-training LM term (training.lm_coef)")
     data: DataConfig = Field(default_factory=DataConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
@@ -155,6 +201,10 @@ class Experiment(Strict):
     @property
     def teacher_training(self) -> TrainingConfig:
         return self.teacher.training or self.training
+
+    @property
+    def init_training(self) -> TrainingConfig:
+        return self.init.training or self.training
 
     def training_for(self, method: str) -> TrainingConfig:
         """The shared ``training`` with the method's own overrides (``method_training``) applied."""
@@ -177,6 +227,15 @@ class Experiment(Strict):
             except ValidationError as error:
                 errors += [f"method_training.{method}.{'.'.join(map(str, e['loc'])) or '(all)'}: {e['msg']}"
                            for e in error.errors()]
+            budget = sorted(set(overrides) & set(UNIFORM_FIELDS))
+            if self.protocol == "uniform" and budget:
+                errors.append(f"method_training.{method}: {budget} change the budget or the LM term, but protocol uniform "
+                              "gives every method the same ones; remove them, or use protocol: paper")
+        with_lm_term = [f"method_training.{m}" for m, o in self.method_training.items() if (o.get("lm_coef") or 0) > 0]
+        with_lm_term += ["training"] if self.training.lm_coef > 0 else []
+        if with_lm_term and self.lm_data is None:
+            errors.append(f"{', '.join(with_lm_term)}: lm_coef > 0 asks for a pre-training LM term, but lm_data (its "
+                          "corpus) is not set; add lm_data: {dataset: ...} or set lm_coef: 0")
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -185,7 +244,10 @@ class Experiment(Strict):
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
-        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if not item["loc"]:  # a check across fields: its message names the fields itself, one per "; "
+            lines += [f"  {part}" for part in item["msg"].removeprefix("Value error, ").split("; ")]
+            continue
+        path = ".".join(str(part) for part in item["loc"])
         given = "" if item["type"] == "missing" else f" (given: {item.get('input')!r})"
         lines.append(f"  {path}: {item['msg']}{given}")
     return f"{source} has {len(lines)} error(s):\n" + "\n".join(lines)
@@ -200,19 +262,49 @@ def parse_experiment(raw: Any, source: str) -> Experiment:
         raise KdbenchError(_format_errors(error, source)) from None
 
 
+def embedded_experiments() -> Path:
+    """The folder of the experiment files (and the tiny suite's shipped teachers) installed with kdbench."""
+    return Path(str(resources.files("kdbench.experiments")))
+
+
+def resolve_model_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Model paths in ``models`` written relative to the experiment file (``teachers/gpt2``) made absolute, so a
+    run finds them from any working directory; hub names and absolute paths stay as they are."""
+    models = raw.get("models")
+    if not isinstance(models, dict):
+        return raw
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).is_dir():
+            return str((base / value).resolve())
+        return value
+
+    teachers = models.get("teachers")
+    if isinstance(teachers, dict):
+        models = {**models, "teachers": {family: resolve(path) for family, path in teachers.items()}}
+    paths = models.get("student_paths")
+    if isinstance(paths, dict):
+        models = {**models, "student_paths": {family: {label: resolve(path) for label, path in labels.items()}
+                                              if isinstance(labels, dict) else labels
+                                              for family, labels in paths.items()}}
+    return {**raw, "models": models}
+
+
 def read_experiment_yaml(path: Path | None) -> tuple[dict[str, Any], str]:
-    """The raw mapping of ``path``, or of the embedded ``experiments/tiny.yaml`` when None."""
+    """The raw mapping of ``path``, or of the embedded ``experiments/tiny.yaml`` when None, with model paths
+    relative to the file resolved."""
     if path is None:
-        text = resources.files("kdbench.experiments").joinpath(DEFAULT_EXPERIMENT).read_text(encoding="utf-8")
-        source = f"experiments/{DEFAULT_EXPERIMENT} (embedded default)"
+        text = (embedded_experiments() / DEFAULT_EXPERIMENT).read_text(encoding="utf-8")
+        source, base = f"experiments/{DEFAULT_EXPERIMENT} (embedded default)", embedded_experiments()
     else:
         if not path.is_file():
             raise KdbenchError(f"experiment file {path} does not exist; expected a YAML file such as experiments/tiny.yaml.")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        text, source, base = path.read_text(encoding="utf-8"), str(path), path.parent
     try:
-        return yaml.safe_load(text), source
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise KdbenchError(f"{source} is not valid YAML: {error}") from None
+    return (resolve_model_paths(raw, base) if isinstance(raw, dict) else raw), source
 
 
 def load_experiment(path: Path | None = None) -> Experiment:

@@ -52,6 +52,8 @@ class DatasetSpec:
     # Split sizes (records, before any prompt-length filter) that the source documents for these
     # options: what ``kdbench run --dry-run`` plans with when ``load`` cannot run (offline).
     documented_sizes: Callable[[dict[str, Any]], dict[str, int]] | None = None
+    # Plain text for the pre-training LM term (``lm_data``): MiniLLM's OpenWebText, the tiny suite's world.
+    corpus: Callable[[dict[str, Any]], list[str]] | None = None
 
 
 def format_prompt(record: Record) -> str:
@@ -60,6 +62,14 @@ def format_prompt(record: Record) -> str:
     if context:
         return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=context)
     return PROMPT_NO_INPUT.format(instruction=record["instruction"])
+
+
+def prompt_ids(record: Record, tokenizer: Any) -> list[int]:
+    """The token ids of a record's prompt: the one tokenisation that training, student samples, rollouts,
+    stored teacher generations, evaluation and the prompt-length filters share. No BOS or other special
+    token, even from a tokenizer that adds one by default (OPT's ``</s>``), as MiniLLM's preprocessing
+    (``minillm/tools/process_data_dolly.py:53-54``) does for every model."""
+    return list(tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"])
 
 
 def normalize_record(raw: dict[str, Any], where: str) -> Record:
@@ -124,17 +134,15 @@ class TokenizedExample:
 def tokenize_records(
     records: Iterable[Record], tokenizer: Any, max_length: int, max_prompt_length: int
 ) -> list[TokenizedExample]:
-    """Prompt + response + EOS, truncated to ``max_length``; prompts longer than the bound are dropped
-    (as both papers do), not cut, so the model never sees a prompt without its instruction's end."""
+    """``prompt_ids`` + response + EOS, truncated to ``max_length``; prompts longer than the bound are
+    dropped (as both papers do), not cut, so the model never sees a prompt without its instruction's end."""
     examples: list[TokenizedExample] = []
     for record in records:
-        prompt_ids = tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-        if len(prompt_ids) > max_prompt_length:
+        prompt = prompt_ids(record, tokenizer)
+        if len(prompt) > max_prompt_length:
             continue
         response_ids = tokenizer(record["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        examples.append(TokenizedExample((prompt_ids + response_ids)[:max_length], len(prompt_ids)))
+        examples.append(TokenizedExample((prompt + response_ids)[:max_length], len(prompt)))
     return examples
 
 
@@ -156,8 +164,12 @@ def length_grouped_batches(
     lengths: list[int], batch_size: int, generator: torch.Generator, bucket_factor: int = 16
 ) -> list[list[int]]:
     """Shuffle, then sort within buckets of ``bucket_factor`` batches so a batch holds similar lengths:
-    far less padding than random batches, still a different order every epoch."""
+    far less padding than random batches, still a different order every epoch. Every batch holds exactly
+    ``batch_size`` examples (the epoch's remainder waits for the next shuffle), so an optimizer step is the
+    same number of sequences whichever method reads it."""
     order = torch.randperm(len(lengths), generator=generator).tolist()
+    if len(order) >= batch_size:
+        order = order[: len(order) - len(order) % batch_size]
     span = batch_size * bucket_factor
     batches: list[list[int]] = []
     for start in range(0, len(order), span):
@@ -165,3 +177,19 @@ def length_grouped_batches(
         batches.extend(bucket[i:i + batch_size] for i in range(0, len(bucket), batch_size))
     shuffled = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in shuffled]
+
+
+def tokenize_corpus(texts: Iterable[str], tokenizer: Any, max_length: int, max_chunks: int | None = None
+                    ) -> list[TokenizedExample]:
+    """Plain text for the pre-training LM term: the texts joined by EOS and cut into ``max_length``-token chunks
+    (every token a loss token: ``prompt_length`` 0), as MiniLLM packs its OpenWebText; at most ``max_chunks``."""
+    chunks: list[TokenizedExample] = []
+    buffer: list[int] = []
+    for text in texts:
+        buffer += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        while len(buffer) >= max_length:
+            chunks.append(TokenizedExample(buffer[:max_length], 0))
+            buffer = buffer[max_length:]
+            if max_chunks is not None and len(chunks) >= max_chunks:
+                return chunks
+    return chunks

@@ -9,6 +9,19 @@ same way for every objective — running the models on the sequences, shifting, 
 padding, the ``kd_ratio`` mix with gold cross-entropy, and normalising by the global count of
 response tokens (or sequences) in an optimizer step — so no two objectives can differ in those
 details by accident.
+
+What a step trains on. ``GOLD`` names a *role* as well as the source of the data set's responses: the
+sequences the runner's ``(1 − kd_ratio)·CE`` term reads, and the ones an objective reading ``GOLD``
+receives under that name. The role is filled by the source ``ObjectiveParams.train_on`` names — ``gold``
+by default; ``teacher_text`` for the recipes that train on the teacher's pseudo data (MiniLLM's SeqKD
+baseline, DPKD's released code), so their CE term *and* a loss reading ``GOLD`` both read the teacher's
+samples. Every other name in ``reads`` is a source as it stands. Micro-batches and loss inputs are keyed
+by role; a source filling two roles is asked once and run through the models once. ``sft`` with
+``train_on: teacher_text`` is classic SeqKD. The runner never looks at an objective's name for this.
+
+The mode of the network. ``Objective.train_mode`` says whether the student is in train mode (dropout
+on) while it trains: true by default; MiniLLM runs the policy in eval mode, so the policy that sampled a
+rollout and the one being updated are one deterministic network.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
 
-GOLD = "gold"  # the source of the data set's own responses, read by every training step for the CE term
+GOLD = "gold"  # the source of the data set's own responses; as a role, the sequences the CE term reads
 
 
 class Need(str, Enum):
@@ -46,13 +59,18 @@ class Reduction(str, Enum):
 
 @dataclass(frozen=True)
 class ObjectiveParams:
-    """Parameters every objective has. ``L = (1 - kd_ratio)·CE_gold + kd_ratio·L_objective``."""
+    """Parameters every objective has. ``L = (1 - kd_ratio)·CE(train_on) + kd_ratio·L_objective``."""
 
     kd_ratio: float = 0.5
+    # The source that fills the GOLD role: the CE term's sequences, and those a loss reading GOLD receives.
+    train_on: str = GOLD
 
     def check(self) -> list[str]:
         """Problems with the values, one message each; empty when valid."""
-        return [] if 0.0 <= self.kd_ratio <= 1.0 else [f"kd_ratio must be in [0, 1], got {self.kd_ratio}"]
+        problems = [] if 0.0 <= self.kd_ratio <= 1.0 else [f"kd_ratio must be in [0, 1], got {self.kd_ratio}"]
+        if not self.train_on:
+            problems.append(f"train_on must name a sequence source (e.g. {GOLD!r} or 'teacher_text'), got {self.train_on!r}")
+        return problems
 
 
 @dataclass(frozen=True)
@@ -113,7 +131,8 @@ class Objective:
     # the objective trained gets a new key, so exactly those re-run and no stale number is re-printed.
     version: ClassVar[int] = 1
     needs: ClassVar[frozenset[Need]] = frozenset()
-    reads: ClassVar[tuple[str, ...]] = (GOLD,)  # sequence sources, in the order ``loss`` names them
+    # Sequence sources, in the order ``loss`` names them; GOLD is the role ``params.train_on`` fills.
+    reads: ClassVar[tuple[str, ...]] = (GOLD,)
     reduction: ClassVar[Reduction] = Reduction.TOKEN
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
 
@@ -121,6 +140,12 @@ class Objective:
     def needs_for(cls, params: ObjectiveParams) -> frozenset[Need]:
         """What this objective needs with these parameters (an option may add a need)."""
         return cls.needs
+
+    @classmethod
+    def train_mode(cls, params: ObjectiveParams) -> bool:
+        """Whether the student trains in train mode (dropout on). Eval mode suits an objective whose loss
+        compares the network with itself at another moment (a PPO ratio against the policy that sampled)."""
+        return True
 
     @classmethod
     def source_options(cls, params: ObjectiveParams) -> Mapping[str, Any]:
@@ -170,12 +195,22 @@ def gold_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask:
     return -log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) * mask
 
 
-def active_reads(objective: type[Objective], params: ObjectiveParams) -> tuple[str, ...]:
-    """The sources a training step reads: gold always (for the CE term), then the objective's own, unless
-    ``kd_ratio = 0`` leaves only the gold CE to compute."""
+def step_roles(objective: type[Objective], params: ObjectiveParams) -> tuple[str, ...]:
+    """The roles a training step fills: GOLD always (the CE term), then the objective's reads, unless
+    ``kd_ratio = 0`` leaves only the CE to compute."""
     if params.kd_ratio == 0:
         return (GOLD,)
     return tuple(dict.fromkeys((GOLD, *objective.reads)))
+
+
+def source_of(role: str, params: ObjectiveParams) -> str:
+    """The source that fills ``role``: ``params.train_on`` for GOLD, the source of that name otherwise."""
+    return params.train_on if role == GOLD else role
+
+
+def active_reads(objective: type[Objective], params: ObjectiveParams) -> tuple[str, ...]:
+    """The sources a training step reads, each once: the one filling GOLD, then those of the objective."""
+    return tuple(dict.fromkeys(source_of(role, params) for role in step_roles(objective, params)))
 
 
 def masked_loss_sum(objective: type[Objective], inputs: LossInputs, params: ObjectiveParams) -> torch.Tensor:
@@ -186,3 +221,11 @@ def masked_loss_sum(objective: type[Objective], inputs: LossInputs, params: Obje
         return loss.sum()
     mask = inputs[objective.reads[0]].mask
     return torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)).sum()
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Word-level KD, ``Σ_v p(v)·(−log q(v))`` at every position, (b, t), both distributions at ``temperature``:
+    the ``kd`` objective's loss, and the distillation half of the runner's pre-training LM term."""
+    teacher_probs = F.softmax(teacher_logits.float() / temperature, dim=-1)  # (b, t, vocab)
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (b, t, vocab)
+    return -(teacher_probs * student_log_probs).sum(-1)

@@ -4,9 +4,12 @@ Records follow Dolly's schema (instruction, context, response) plus the list of 
 answers, so the paper-scale loaders and the evaluation share one path. The suite is built to be a
 real benchmark rather than a smoke test:
 
-* capacity matters: a fixed world of invented people with facts to memorise (``fact``,
-  ``describe``) and operations over several items (``reverse``, ``sort``) separate a big teacher
-  from a small student;
+* knowledge decides: an invented world of many people, each with a town, colour, pet, job and
+  age, holds far more facts than a small student can store in its training budget but within the
+  teacher's. ``fact`` asks one of them in one of several phrasings, all used in training (closed-book
+  recall of trained knowledge), and ``describe`` states them all in one sentence. A student learns
+  the sentence's template quickly, then guesses the facts from their frequencies; a teacher recalls them;
+* algorithmic tasks over a few items (``reverse``, ``sort``, ``add``) need no knowledge;
 * responses vary in length, from one word (``fact``, ``add``) to whole sentences (``describe``);
 * some tasks have one right answer (exact match is meaningful) and some have many (``example``,
   ``pick``), so mode-seeking and mean-seeking objectives can differ.
@@ -39,8 +42,8 @@ CATEGORIES: dict[str, list[str]] = {
 }
 WORDS = sorted({w for members in CATEGORIES.values() for w in members} | set(COLORS) | set(PETS))
 
-# Several phrasings per attribute: a question is held out for the test split only as a
-# (person, attribute, phrasing) triple, so the fact itself must come from the training records.
+# Several phrasings per attribute, all of them used in training: a model must store the fact, not
+# the string of one question.
 FACT_QUESTIONS: dict[str, list[str]] = {
     "town": ["Where does {name} live?", "In which town does {name} live?", "What is the home town of {name}?"],
     "color": ["What is the favourite colour of {name}?", "Which colour does {name} like best?"],
@@ -54,14 +57,14 @@ class TinySuiteOptions:
     """Size knobs of the suite. The defaults are the calibrated benchmark in experiments/tiny.yaml."""
 
     seed: int = 1234
-    n_people: int = 120
+    n_people: int = 1000
     n_towns: int = 16
-    n_train: int = 6000
+    n_train: int = 40000
     n_validation: int = 200
-    n_test: int = 300
+    n_test: int = 1000
     task_weights: dict[str, float] = field(
         default_factory=lambda: {
-            "fact": 3.0, "describe": 2.0, "reverse": 1.0, "sort": 1.0, "add": 1.0, "example": 1.0, "pick": 1.0
+            "fact": 4.0, "describe": 2.0, "reverse": 0.5, "sort": 0.5, "add": 0.5, "example": 0.5, "pick": 0.5
         }
     )
 
@@ -158,21 +161,19 @@ def generate(options: TinySuiteOptions) -> dict[str, list[dict[str, object]]]:
         raise ValueError(f"unknown tiny-suite tasks {unknown}; expected some of {', '.join(TASKS)}")
     world = make_world(options)
     rng = random.Random(options.seed + 1)
+    # Every (person, attribute, phrasing) question may be asked in any split: evaluation asks facts
+    # the training records state (closed-book recall), so what separates models is how much of the
+    # world they stored, not whether they guess an unseen phrasing.
     facts = [(p, attribute, k) for p in range(len(world)) for attribute, phrasings in FACT_QUESTIONS.items()
              for k in range(len(phrasings))]
-    rng.shuffle(facts)
-    # Hold out a slice of (person, attribute, phrasing) questions for evaluation; the same fact
-    # stays learnable in training through its other phrasings and through ``describe``.
-    n_held = max(1, len(facts) // 5)
-    held_out, train_facts = facts[:n_held], facts[n_held:]
 
     tasks = sorted(options.task_weights)
     weights = [options.task_weights[t] for t in tasks]
 
-    def draw(n: int, fact_pool: list[tuple[int, str, int]], seen: set[tuple[str, str]]) -> list[dict[str, object]]:
+    def draw(n: int, seen: set[tuple[str, str]]) -> list[dict[str, object]]:
         records: list[dict[str, object]] = []
         while len(records) < n:
-            record = _make_record(rng.choices(tasks, weights)[0], rng, world, fact_pool)
+            record = _make_record(rng.choices(tasks, weights)[0], rng, world, facts)
             key = (str(record["instruction"]), str(record["context"]))
             # Facts, descriptions and the small addition table repeat on purpose (they are
             # memorised); reverse and sort prompts of evaluation splits never appear in training.
@@ -181,8 +182,20 @@ def generate(options: TinySuiteOptions) -> dict[str, list[dict[str, object]]]:
             records.append(record)
         return records
 
-    train = draw(options.n_train, train_facts, set())
+    train = draw(options.n_train, set())
     train_keys = {(str(r["instruction"]), str(r["context"])) for r in train}
-    validation = draw(options.n_validation, held_out, train_keys)
-    test = draw(options.n_test, held_out, train_keys)
+    validation = draw(options.n_validation, train_keys)
+    test = draw(options.n_test, train_keys)
     return {"train": train, "validation": validation, "test": test}
+
+
+def world_corpus(options: TinySuiteOptions) -> list[str]:
+    """Plain text about the suite's world, the tiny stand-in for OpenWebText in the pre-training LM term: one short
+    paragraph per person (the facts the instructions ask about, in prose) and one per category of things. The same
+    ``seed`` gives the same world as ``generate``."""
+    paragraphs = [f"{person.name} lives in {person.town}. {person.name} works as a {person.job} and is {person.age} "
+                  f"years old. The favourite colour of {person.name} is {person.color}, and {person.name} keeps a "
+                  f"{person.pet}." for person in make_world(options)]
+    paragraphs += [f"Kinds of {category}: {', '.join(members)}." for category, members in sorted(CATEGORIES.items())]
+    random.Random(options.seed + 2).shuffle(paragraphs)
+    return paragraphs

@@ -1,6 +1,7 @@
 """kd — word-level knowledge distillation (forward KL), Hinton et al. 2015; Kim & Rush 2016.
 
-With the teacher run under teacher forcing on the gold sequence, at every response position:
+With the teacher run under teacher forcing on the training sequence (``GOLD``: the gold response, or the
+teacher's sample with ``train_on: teacher_text``), at every response position:
 ``L_kd = Σ_v p(v|x,y<t) · (−log q(v|x,y<t))`` — the soft cross-entropy, equal to the forward
 KL(p‖q) plus the teacher's entropy (constant in the student). A temperature τ divides both
 logits. METHODS.md, "kd".
@@ -11,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kdbench import hookimpl
-from kdbench.objectives import GOLD, LossInputs, Need, Objective, ObjectiveParams
+from kdbench.objectives import GOLD, LossInputs, Need, Objective, ObjectiveParams, soft_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,6 @@ class KDParams(ObjectiveParams):
         if not self.temperature > 0:  # also rejects NaN
             problems.append(f"temperature must be > 0, got {self.temperature}")
         return problems
-
-
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``Σ_v p(v)·(−log q(v))`` at every position, (b, t), both distributions at ``temperature``."""
-    teacher_probs = F.softmax(teacher_logits.float() / temperature, dim=-1)  # (b, t, vocab)
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (b, t, vocab)
-    return -(teacher_probs * student_log_probs).sum(-1)
 
 
 class KD(Objective):

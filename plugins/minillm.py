@@ -10,6 +10,11 @@ stores per token ``log q_old``, ``log p`` and the mixture probability, and reuse
 * PPO clip: ``ratio = exp(log q_θ − log q_old)·w_t``, ``max(−A_t·ratio, −A_t·clip(ratio, 1 ± 0.2))``;
 * plus the single-step term, the exact reverse KL ``Σ_v q_θ(v)·(log q_θ(v) − log p(v))``.
 
+As in the released code, the policy trains in eval mode (no dropout, ``minillm/minillm/model.py:14``;
+``train_mode``) and, with ``recompute_logp`` (default), ``log q_old``, ``log p`` and the mixture are
+recomputed after sampling by full forward passes (``sampler.py:105-115``), so the ratio is exactly 1 at
+the first inner step.
+
 The language-modelling term is the runner's gold cross-entropy through ``kd_ratio``. Each part can be
 switched off, to reproduce the paper's ablation (full 24.6; no length norm 14.7; no teacher-mixed
 sampling 20.4; no single-step term 23.7 on GPT-2 120M, Dolly). METHODS.md, "minillm".
@@ -40,6 +45,7 @@ class MiniLLMParams(ObjectiveParams):
     whiten: bool = True
     inner_epochs: int = 4
     rollout_batches: int = 4  # micro-batches of prompts per collection
+    recompute_logp: bool = True  # full forward passes after sampling, as released; False keeps the sampler's
 
     def check(self) -> list[str]:
         problems = super().check()
@@ -126,9 +132,14 @@ class MiniLLM(Objective):
     name = "minillm"
     summary = "MiniLLM: reverse KL by policy gradient on teacher-mixed rollouts, PPO clip, single-step term"
     paper = "Gu et al. 2024, MiniLLM: Knowledge Distillation of Large Language Models (arXiv 2306.08543)"
+    version = 2  # 2: eval mode; log-probabilities recomputed after sampling
     needs = frozenset({Need.TEACHER_LOGITS, Need.SFT_INIT})
     reads = ("rollouts",)  # averaged over the rollout tokens of the step
     Params = MiniLLMParams
+
+    @classmethod
+    def train_mode(cls, params: ObjectiveParams) -> bool:
+        return False  # the policy samples and updates without dropout, as released
 
     @staticmethod
     def loss(inputs: LossInputs, params: MiniLLMParams) -> torch.Tensor:  # (b, t)
@@ -137,7 +148,8 @@ class MiniLLM(Objective):
     @classmethod
     def source_options(cls, params: ObjectiveParams) -> dict[str, RolloutOptions]:
         assert isinstance(params, MiniLLMParams)
-        return {"rollouts": RolloutOptions(params.teacher_mix, params.rollout_batches, params.inner_epochs)}
+        return {"rollouts": RolloutOptions(params.teacher_mix, params.rollout_batches, params.inner_epochs,
+                                           params.recompute_logp)}
 
 
 @hookimpl

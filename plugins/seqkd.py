@@ -2,8 +2,17 @@
 
 The teacher samples one response per training prompt once (temperature 1, top-p 1, top-k 0, a
 max-new-tokens bound); the runner stores and reuses them. The objective is cross-entropy on the
-teacher's response instead of the gold one. With ``word_kd`` (as in the released MiniLLM scripts)
-word-level KD on the teacher text joins it: ``½·CE(ŷ) + ½·Σ_v p(v)·(−log q(v))`` on ŷ. METHODS.md, "seqkd".
+teacher's response ŷ instead of the gold one. With ``word_kd`` word-level KD on the teacher text joins
+it: ``(1 − w)·CE(ŷ) + w·Σ_v p(v)·(−log q(v))`` on ŷ, ``w = word_kd_weight`` (½).
+
+Under ``uniform`` the runner adds ``(1 − kd_ratio)·CE_gold``. MiniLLM's SeqKD baseline (``paper``
+protocol; ``minillm/scripts/gpt2/seqkd/seqkd_base.sh``: ``--type kd`` on teacher text, no gold) is
+``½·CE(ŷ) + ½·word-KD(ŷ)``: the runner's CE term moved onto the teacher text (``train_on``), and
+this objective's term pure word-KD::
+
+    seqkd: {kd_ratio: 0.5, train_on: teacher_text, word_kd: true, word_kd_weight: 1.0}
+
+METHODS.md, "seqkd".
 """
 
 from __future__ import annotations
@@ -13,19 +22,21 @@ from dataclasses import dataclass
 import torch
 
 from kdbench import hookimpl
-from kdbench.objectives import LossInputs, Need, Objective, ObjectiveParams, gold_cross_entropy
-from kdbench_plugins.kd import soft_cross_entropy
+from kdbench.objectives import LossInputs, Need, Objective, ObjectiveParams, gold_cross_entropy, soft_cross_entropy
 
 
 @dataclass(frozen=True)
 class SeqKDParams(ObjectiveParams):
     word_kd: bool = False
+    word_kd_weight: float = 0.5  # w of (1 − w)·CE(ŷ) + w·word-KD(ŷ) when word_kd; 1 leaves the CE to train_on
     temperature: float = 1.0  # of the word-level KD term only
 
     def check(self) -> list[str]:
         problems = super().check()
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.word_kd_weight <= 1.0:
+            problems.append(f"word_kd_weight must be in [0, 1], got {self.word_kd_weight}")
         return problems
 
 
@@ -48,7 +59,8 @@ class SeqKD(Objective):
         if not params.word_kd:
             return ce
         assert text.teacher_logits is not None  # needs_for asks for them
-        return 0.5 * ce + 0.5 * soft_cross_entropy(text.student_logits, text.teacher_logits, params.temperature)
+        kd = soft_cross_entropy(text.student_logits, text.teacher_logits, params.temperature)
+        return (1 - params.word_kd_weight) * ce + params.word_kd_weight * kd
 
 
 @hookimpl

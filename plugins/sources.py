@@ -4,13 +4,15 @@ preferred over a student sample). DESIGN.md, "Objectives, sequences and what the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from kdbench import hookimpl
-from kdbench.objectives import GOLD, Need
-from kdbench.train.generation import positions_from_mask, sample_continuations, sample_mixture
+from kdbench.objectives import GOLD, Need, gold_cross_entropy
+from kdbench.train.engine import forward_logits
+from kdbench.train.generation import mixture_logp, positions_from_mask, sample_continuations, sample_mixture
 from kdbench.train.sources import Sequences, SequenceSource, SourceContext
 
 
@@ -51,11 +53,28 @@ class StudentSamples(SequenceSource):
 @dataclass(frozen=True)
 class RolloutOptions:
     """``batches`` micro-batches of prompts are sampled from ``(1 − teacher_mix)·q + teacher_mix·p``, then
-    trained on for ``inner_epochs`` passes, each pass in a new order."""
+    trained on for ``inner_epochs`` passes, each pass in a new order. With ``recompute_logp`` the per-token
+    log-probabilities are those of full forward passes over the sampled sequences (``recomputed_logp``),
+    not the sampler's incremental, KV-cached ones."""
 
     teacher_mix: float = 0.2
     batches: int = 4
     inner_epochs: int = 4
+    recompute_logp: bool = True  # MiniLLM's released sampler does (minillm/minillm/sampler.py:105-115)
+
+
+@torch.no_grad()
+def recomputed_logp(student: torch.nn.Module, teacher: torch.nn.Module, sequences: Sequences,
+                    teacher_mix: float) -> dict[str, torch.Tensor]:
+    """``old_logp``, ``teacher_logp`` and ``mixture_logp`` of the sampled tokens, (b, t-1) each and 0 off the
+    response, from one full forward pass of each model as it is now (its mode included). The student pass
+    is the very computation the update's forward repeats (``forward_logits``, then a float log-softmax), so
+    at the first inner step ``log q_θ − log q_old`` is exactly 0."""
+    labels, mask = sequences.input_ids[:, 1:], sequences.response_mask[:, 1:]  # (b, t-1)
+    old = -gold_cross_entropy(forward_logits(student, sequences), labels, mask)  # (b, t-1)
+    teacher_logp = -gold_cross_entropy(forward_logits(teacher, sequences), labels, mask)  # (b, t-1)
+    mixture = mixture_logp(old, teacher_logp, teacher_mix) * mask
+    return {"old_logp": old, "teacher_logp": teacher_logp, "mixture_logp": mixture}
 
 
 class Rollouts(SequenceSource):
@@ -64,6 +83,7 @@ class Rollouts(SequenceSource):
 
     name = "rollouts"
     summary = "teacher-mixed rollouts (1−α)·q + α·p with per-token log-probabilities, reused for inner epochs"
+    version = 2  # 2: log-probabilities recomputed by full forward passes (RolloutOptions.recompute_logp)
     needs = frozenset({Need.TEACHER_MODEL})
     samples_student = True
     drives_prompts = True
@@ -84,11 +104,15 @@ class Rollouts(SequenceSource):
             rollout = sample_mixture(context.student(), context.teacher, token_ids, options.teacher_mix,
                                      context.max_new_tokens, context.eos_id, context.pad_id, context.generator)
             not_a_label = torch.zeros_like(rollout.response_mask[:, :1])  # position 0 is predicted by nothing
-            collected.append((prompts, Sequences(
+            sequences = Sequences(
                 rollout.input_ids, rollout.attention_mask, torch.cat([not_a_label, rollout.response_mask], dim=1),
                 positions_from_mask(rollout.attention_mask),
                 {"old_logp": rollout.student_logp, "teacher_logp": rollout.teacher_logp,
-                 "mixture_logp": rollout.mixture_logp})))
+                 "mixture_logp": rollout.mixture_logp})
+            if options.recompute_logp:
+                extras = recomputed_logp(context.student(), context.teacher, sequences, options.teacher_mix)
+                sequences = dataclasses.replace(sequences, extras=extras)
+            collected.append((prompts, sequences))
             context.counters["student_samples"] += len(prompts)
         for _ in range(options.inner_epochs):
             order = torch.randperm(len(collected), generator=context.generator).tolist()

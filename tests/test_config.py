@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 KDBENCH = Path(sys.executable).parent / "kdbench"  # the console script of the running environment
 MANY_MISTAKES = {
     "name": "bad",
+    "protocol": "uniform",
     "colour": "blue",  # unknown top-level key
     "training": {"lr": -1, "zero_stage": 7, "epochs": 1},
     "evaluation": {"seeds": []},
@@ -37,7 +38,7 @@ def registries() -> Registries:
 
 def _minimal(**overrides: Any) -> dict[str, Any]:
     """The smallest valid experiment mapping, with top-level overrides."""
-    raw: dict[str, Any] = {"name": "t", "training": {"epochs": 1}}
+    raw: dict[str, Any] = {"name": "t", "protocol": "uniform", "training": {"epochs": 1}}
     raw.update(overrides)
     return raw
 
@@ -97,13 +98,26 @@ def test_paper_experiments_follow_the_papers(path: Path) -> None:
 
 def test_method_training_overrides_only_that_method() -> None:
     """A method's own training fields replace the shared ones for it alone, re-validated as a whole."""
-    experiment = parse_experiment(_minimal(methods={"sft": {}, "minillm": {}},
+    experiment = parse_experiment(_minimal(protocol="paper", methods={"sft": {}, "minillm": {}},
                                            method_training={"minillm": {"lr": 5e-6, "epochs": None, "max_steps": 7}}), "t")
     assert experiment.training_for("minillm").lr == 5e-6 and experiment.training_for("minillm").max_steps == 7
     assert experiment.training_for("sft") == experiment.training
-    lines = _error_lines(_minimal(method_training={"kd": {"lrr": 1.0}, "sft": {"max_steps": 3}}))
+    lines = _error_lines(_minimal(protocol="paper", method_training={"kd": {"lrr": 1.0}, "sft": {"epochs": None}}))
     assert any("method_training.kd" in line and "lrr" in line for line in lines)
-    assert any("method_training.sft" in line and "exactly one of epochs or max_steps" in line for line in lines)
+    assert any("method_training.sft" in line and "give epochs or max_steps" in line for line in lines)
+
+
+def test_uniform_protocol_refuses_a_method_its_own_budget() -> None:
+    """Under uniform no method trains more than another: a per-method budget field is an error naming it, while
+    a learning rate of its own is allowed; the protocol itself must be named."""
+    lines = _error_lines(_minimal(methods={"sft": {}, "minillm": {}},
+                                  method_training={"minillm": {"lr": 5e-6, "epochs": None, "max_steps": 7}}))
+    assert any("method_training.minillm" in line and "protocol uniform" in line and "max_steps" in line
+               for line in lines)
+    assert parse_experiment(_minimal(methods={"minillm": {}}, method_training={"minillm": {"lr": 5e-6}}), "t")
+    unnamed = _minimal()
+    del unnamed["protocol"]
+    assert any(line.strip().startswith("protocol: Field required") for line in _error_lines(unnamed))
 
 
 def test_extra_evaluation_sets_trackers_and_method_training_are_checked(registries: Registries) -> None:
@@ -159,11 +173,19 @@ def test_prompt_length_must_be_below_max_length(lengths: tuple[int, int]) -> Non
     assert ok.data.max_prompt_length == max_length - 1
 
 
-@pytest.mark.parametrize("training", [{"epochs": 1, "max_steps": 10}, {}, {"lr": 1e-3}])
-def test_exactly_one_of_epochs_or_max_steps(training: dict[str, Any]) -> None:
-    """Both, or neither, of epochs and max_steps is an error."""
+@pytest.mark.parametrize("training", [{}, {"lr": 1e-3}])
+def test_a_training_length_is_required(training: dict[str, Any]) -> None:
+    """Neither epochs nor max_steps is an error."""
     lines = _error_lines(_minimal(training=training))
-    assert any("exactly one of epochs or max_steps" in line for line in lines)
+    assert any("give epochs or max_steps" in line for line in lines)
+
+
+def test_with_epochs_and_max_steps_whichever_ends_first_wins() -> None:
+    """MiniLLM stops at min(5,000 steps, 10 data epochs)."""
+    from kdbench.train.engine import total_optimizer_steps
+
+    both = parse_experiment(_minimal(training={"epochs": 2, "max_steps": 10, "batch_size": 4}), "t").training
+    assert total_optimizer_steps(both, 100, 1) == 10 and total_optimizer_steps(both, 12, 1) == 6
 
 
 def test_epochs_or_max_steps_alone_are_valid() -> None:
@@ -209,7 +231,7 @@ def test_unknown_plugin_names_everywhere_are_all_reported(registries: Registries
                    methods={"kdd": {}})
     errors = semantic_errors(parse_experiment(raw, "t"), registries)
     prefixes = sorted(error.split(":", 1)[0] for error in errors)
-    assert prefixes == ["data.dataset", "evaluation.metrics", "methods.kdd", "models.families"]
+    assert prefixes == ["data.dataset", "evaluation.metrics", "methods.kdd", "models.families", "selection.metric"]
 
 
 def test_unknown_dataset_option_is_a_semantic_error(registries: Registries) -> None:

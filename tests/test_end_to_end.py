@@ -16,17 +16,20 @@ import pytest
 
 EXPERIMENT = """
 name: e2e
+protocol: uniform
 data: {dataset: tiny, options: {n_train: 300, n_validation: 10, n_test: 24}, max_length: 64, max_prompt_length: 48}
 models: {scale: tiny, families: [gpt2, opt]}
 teacher: {training: {engine: deepspeed, zero_stage: 1, lr: 3.0e-3, batch_size: 32, max_steps: 30}}
+init: {training: {engine: deepspeed, zero_stage: 1, lr: 5.0e-3, batch_size: 32, max_steps: 6}}
 training: {engine: deepspeed, zero_stage: 1, lr: 5.0e-3, batch_size: 32, max_steps: 8}
+selection: {every: 4}
 methods: {sft: {}, kd: {kd_ratio: 0.5}, seqkd: {}, dpkd-token: {beta: 0.1}, dpkd: {}, minillm: {rollout_batches: 2}}
 teacher_generations: {max_new_tokens: 16, batch_size: 100}
 evaluation: {seeds: [10, 20], max_new_tokens: 16, batch_size: 24}
 """
 
-# A third-party objective that asks to start from the SFT student: the runner must train from the
-# very model the sft cell trained, not from scratch.
+# A third-party objective that asks to start from the SFT student: under the paper protocol the runner
+# must train it from the SFT init (selected by validation loss), and the other methods from the base model.
 SFT_INIT_PLUGIN = """
 from kdbench import hookimpl
 from kdbench.objectives import Need
@@ -96,7 +99,7 @@ def test_run_writes_a_result_per_cell_and_prints_the_leaderboard(first_run: dict
     assert len(results) == 14
     for path in results:
         result = json.loads(path.read_text())
-        assert result["schema_version"] == 2 and result["status"] == "ok"
+        assert result["schema_version"] == 3 and result["status"] == "ok" and result["protocol"] == "uniform"
         assert set(result["metrics"]) == {"rougeL", "exact_match"}
         assert set(result["metrics"]["rougeL"]) == {"10", "20"}
         assert all(0.0 <= v <= 100.0 for v in result["metrics"]["rougeL"].values())
@@ -137,15 +140,44 @@ def test_seqkd_trains_on_stored_teacher_generations(first_run: dict) -> None:
     assert dpkd_token["forward_passes"]["teacher"] == 8
 
 
-def test_on_policy_methods_start_from_sft_and_sample_the_student(first_run: dict) -> None:
-    """dpkd and minillm train from the sft cell's model (the same cache entry) and draw samples."""
+def test_uniform_rows_start_alike_train_alike_and_report_their_cost(first_run: dict) -> None:
+    """Under uniform every method, sft included, continues from the one SFT init of its family and seed (selected
+    by validation loss), trains the same optimizer steps on the same number of sequences, is selected on validation
+    ROUGE-L, and reports its own cost and its ancestors' (init, teacher) apart and summed."""
+    root = first_run["root"]
+    entries = {p.name: json.loads((p / "inputs.json").read_text()) for p in (root / "cache" / "train").iterdir()}
+    inits = {e["family"]: e for e in entries.values() if e["inputs"]["training"]["max_steps"] == 6}
+    assert {e["inputs"]["selection"]["metric"] for e in inits.values()} == {"loss"} and len(inits) == 2
+    by_objective = {(e["inputs"]["objective"]["name"], e["family"]): e for e in entries.values()
+                    if e["inputs"]["training"]["max_steps"] == 8}
+    for (method, family), entry in by_objective.items():
+        assert entry["roles"]["init"] == inits[family]["key"], method
+    for family in ("gpt2", "opt"):
+        results = [json.loads(p.read_text()) for p in (root / "out/cells" / family / "s1").glob("*/seed0/result.json")]
+        assert len(results) == 6
+        assert {r["optimizer_steps"] for r in results} == {8}
+        # the same prompts in the same order (minillm's prompts come in rollout groups: same count, not the same ones)
+        assert {r["cost"]["own"]["examples"] for r in results} == {8 * 32}
+        assert len({r["cost"]["own"]["tokens"] for r in results if r["method"] != "minillm"}) == 1
+        for r in results:
+            ancestors = r["cost"]["ancestors"]
+            assert ancestors[f"{family}/s1/init/seed0"]["optimizer_steps"] == 6
+            uses_teacher = f"{family}/teacher" in ancestors
+            assert uses_teacher == (r["method"] != "sft") and (not uses_teacher or
+                                                                ancestors[f"{family}/teacher"]["optimizer_steps"] == 30)
+            assert r["optimizer_steps_total"] == 8 + 6 + (30 if uses_teacher else 0) == r["cost"]["total"]["optimizer_steps"]
+            assert r["validation"]["metric"] == "rougeL" and [p["step"] for p in r["validation"]["curve"]] == [4, 8]
+            best = max(r["validation"]["curve"], key=lambda p: p["value"])  # the first of equals
+            assert r["selected_step"] == best["step"]
+            assert r["protocol_card"]["protocol"] == "uniform" and "validation loss" in r["protocol_card"]["init"]
+
+
+def test_on_policy_methods_sample_the_student(first_run: dict) -> None:
+    """dpkd samples the student on every micro-batch; minillm once per collection, reused for inner epochs."""
     root = first_run["root"]
     entries = {p.name: json.loads((p / "inputs.json").read_text()) for p in (root / "cache" / "train").iterdir()}
     by_objective = {(e["inputs"]["objective"]["name"], e["family"]): e for e in entries.values()
                     if e["inputs"]["training"]["max_steps"] == 8}
-    for method in ("dpkd", "minillm"):
-        for family in ("gpt2", "opt"):
-            assert by_objective[(method, family)]["roles"]["init"] == by_objective[("sft", family)]["key"]
     # one sample per prompt of every micro-batch (dpkd: 8 of them), or per prompt of the one collection
     # of 2 micro-batches that minillm reuses for 4 inner epochs; one micro-batch may be the short last one
     for method, batches in (("dpkd", 8), ("minillm", 2)):
@@ -160,17 +192,20 @@ def test_sft_init_objective_starts_from_the_sft_student(first_run: dict) -> None
     root = first_run["root"]
     (root / "plugins").mkdir()
     (root / "plugins" / "kd_from_sft.py").write_text(SFT_INIT_PLUGIN)
-    args = ("run", "--methods", "kd-from-sft", "--models", "gpt2", "-e", str(root / "e2e.yaml"),
+    (root / "paper.yaml").write_text(EXPERIMENT.replace("protocol: uniform", "protocol: paper"))
+    args = ("run", "--methods", "kd-from-sft,kd", "--models", "gpt2", "-e", str(root / "paper.yaml"),
             "--out", str(root / "out-sft-init"), "--plugins-dir", str(root / "plugins"))
     completed = kdbench(*args, env=first_run["env"])
     assert completed.returncode == 0, completed.stderr[-3000:]
     entries = [json.loads((p / "inputs.json").read_text()) for p in (root / "cache" / "train").iterdir()]
     new = [e for e in entries if e["inputs"]["objective"]["name"] == "kd-from-sft"]
-    # the gpt2 student's sft cell (the teachers' SFT runs 30 steps, the students' 8)
-    sft = [e for e in entries if e["inputs"]["objective"]["name"] == "sft" and e["family"] == "gpt2"
-           and e["inputs"]["training"]["max_steps"] == 8]
-    assert len(new) == 1 and len(sft) == 1
-    assert new[0]["roles"]["init"] == sft[0]["key"]  # initialised from exactly the sft cell's trained model
+    # the gpt2 student's SFT init, which the uniform run built (the teachers' SFT runs 30 steps, the init 6)
+    init = [e for e in entries if e["inputs"]["objective"]["name"] == "sft" and e["family"] == "gpt2"
+            and e["inputs"]["training"]["max_steps"] == 6]
+    assert len(new) == 1 and len(init) == 1
+    assert new[0]["roles"]["init"] == init[0]["key"]  # initialised from exactly the shared SFT init
+    kd = json.loads((root / "out-sft-init/cells/gpt2/s1/kd/seed0/result.json").read_text())
+    assert kd["protocol"] == "paper" and "gpt2/s1/init/seed0" not in kd["cost"]["ancestors"]  # kd's recipe: the base model
 
 
 def test_second_run_reuses_teacher_and_finished_cells(first_run: dict) -> None:

@@ -395,3 +395,79 @@ def test_a_plugin_source_feeds_the_objective_like_a_built_in_one(tiny_setup: dic
     assert len(calls) == 6 and all(len(prompts) == 8 for prompts in calls)  # one call per micro-batch
     assert [r["loss"] for r in runs["kd-again"].log] == [r["loss"] for r in runs["kd"].log]
     assert (runs["kd"].student_forwards, runs["kd-again"].student_forwards) == (6, 12)
+
+
+def test_selection_hands_on_the_best_validation_step_and_records_the_curve(tiny_setup: dict, tmp_path: Path) -> None:
+    """Scored every 2 steps of 8 with a score that peaks at step 4: the stage reports step 4, its curve, and hands
+    on exactly the weights a 4-step run of the same schedule ends with (returned and saved alike)."""
+    from kdbench.train.engine import Validation
+
+    peak = {2: 1.0, 4: 3.0, 6: 2.0, 8: 0.5}
+    calls: list[bool] = []
+
+    def score(model: torch.nn.Module) -> float:
+        calls.append(model.training)
+        return peak[2 * len(calls)]
+
+    # One learning-rate schedule for both runs: 8 steps' worth of cosine, cut at 4 in the reference.
+    schedule = {"max_steps": 8, "warmup_steps": 0, "min_lr_ratio": 1.0}
+    selected, stats = train(load_model(str(tiny_setup["root"] / "student")), SFT, SFT.make_params({}), data(tiny_setup),
+                            settings(**schedule), seed=0, save_to=tmp_path / "best",
+                            tokenizer=tiny_setup["tokenizer"], validation=Validation(score, every=2, higher_is_better=True))
+    assert calls == [False] * 4  # scored in eval mode, at steps 2, 4, 6, 8
+    assert stats.selected_step == 4 and [p["step"] for p in stats.validation] == [2, 4, 6, 8]
+    assert [p["value"] for p in stats.validation] == [1.0, 3.0, 2.0, 0.5] and stats.steps == 8
+    reference, _ = train(load_model(str(tiny_setup["root"] / "student")), SFT, SFT.make_params({}), data(tiny_setup),
+                         settings(**{**schedule, "max_steps": 4}), seed=0)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "best")
+    for name, want in reference.state_dict().items():
+        assert torch.equal(selected.state_dict()[name], want), name
+        assert torch.equal(saved.state_dict()[name], want), name
+
+
+def test_selection_by_lowest_loss_and_the_final_rule(tiny_setup: dict) -> None:
+    """A lower-is-better score picks its minimum; ``keep_best=False`` records the curve and keeps the last step."""
+    from kdbench.train.engine import Validation, validation_loss
+
+    examples = tiny_setup["examples"][:40]
+    pad = tiny_setup["tokenizer"].pad_token_id
+    losses = iter([2.0, 1.0, 1.5])
+    _, by_loss = train(load_model(str(tiny_setup["root"] / "student")), SFT, SFT.make_params({}), data(tiny_setup),
+                       settings(max_steps=6), seed=0, validation=Validation(lambda m: next(losses), 2, False))
+    assert by_loss.selected_step == 4
+    final, stats = train(load_model(str(tiny_setup["root"] / "student")), SFT, SFT.make_params({}), data(tiny_setup),
+                         settings(max_steps=6), seed=0,
+                         validation=Validation(lambda m: validation_loss(m, examples, pad, 16), 3, False, keep_best=False))
+    assert stats.selected_step == 6 and [p["step"] for p in stats.validation] == [3, 6]
+    assert stats.validation[-1]["value"] == pytest.approx(validation_loss(final.eval(), examples, pad, 16))
+
+
+def test_the_pre_training_term_adds_lm_coef_times_its_own_mix(tiny_setup: dict) -> None:
+    """One step over one gold batch and one batch of pre-training chunks: the logged loss is the gold CE mean plus
+    lm_coef × [(1 − r)·CE + r·word-KD] as token means over the chunks, computed here independently; the teacher
+    runs on the chunks only for the word-KD half."""
+    import torch.nn.functional as F
+
+    from kdbench.data import tokenize_corpus
+
+    tokenizer, examples = tiny_setup["tokenizer"], tiny_setup["examples"][:16]
+    texts = [f"{r.input_ids}" for r in tiny_setup["examples"][:40]]  # any plain text will do
+    chunks = tokenize_corpus(texts, tokenizer, 32, max_chunks=16)
+    assert len(chunks) == 16 and all(len(c.input_ids) == 32 and c.prompt_length == 0 for c in chunks)
+    student = load_model(str(tiny_setup["root"] / "student"))
+    teacher = load_model(str(tiny_setup["root"] / "teacher"))
+
+    def token_means(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = batch["response_mask"][:, 1:]
+        with torch.no_grad():
+            logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+            target = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+        ce = F.cross_entropy(logits, batch["input_ids"][:, 1:][mask])
+        return ce, -(F.softmax(target, -1) * F.log_softmax(logits, -1)).sum(-1).mean()
+
+    gold_ce, _ = token_means(collate(examples, tokenizer.pad_token_id))
+    lm_ce, lm_kd = token_means(collate(chunks, tokenizer.pad_token_id))
+    _, stats = train(student, SFT, SFT.make_params({}), data(tiny_setup, examples, lm_text=chunks),
+                     settings(max_steps=1, lm_coef=0.5, lm_kd_ratio=0.25), 0, teacher)
+    assert stats.log[0]["loss"] == pytest.approx(float(gold_ce + 0.5 * (0.75 * lm_ce + 0.25 * lm_kd)), rel=1e-4)
+    assert stats.teacher_forwards == 1 and stats.student_forwards == 2

@@ -13,6 +13,7 @@ import pytest
 
 EXPERIMENT = """
 name: failures
+protocol: uniform
 data: {{dataset: tiny, options: {{n_train: 300, n_validation: 10, n_test: 24}}, max_length: 64, max_prompt_length: 48}}
 models: {{scale: tiny, families: [gpt2]}}
 teacher: {{training: {{engine: deepspeed, lr: {teacher_lr}, batch_size: 32, max_steps: 20}}}}

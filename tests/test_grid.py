@@ -15,6 +15,8 @@ from kdbench.grid.selection import resolve_selection
 from kdbench.registry import Registries, Registry, load_registries
 from kdbench_plugins.kd import KD
 
+SEEDS = load_experiment(None).seeds  # the tiny default's training seeds
+
 
 @pytest.fixture(scope="module")
 def registries() -> Registries:
@@ -44,13 +46,19 @@ def changed(before: StageGraph, after: StageGraph) -> set[tuple[str, str]]:
     return {label for label in old if old[label] != new[label]}
 
 
+def from_scratch(experiment: Experiment) -> Experiment:
+    """The experiment with its teachers trained here instead of read from shipped folders (export-teachers' view)."""
+    return experiment.model_copy(update={"teacher": experiment.teacher.model_copy(update={"train": True}),
+                                         "models": experiment.models.model_copy(update={"teachers": {}})})
+
+
 def test_collect_builds_the_graph_from_settings_alone(registries: Registries, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KDBENCH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    graph = graph_of(load_experiment(None), registries)
+    graph = graph_of(from_scratch(load_experiment(None)), registries)
     assert list(tmp_path.iterdir()) == []  # nothing loaded or written
-    assert keys_by_label(graph) == keys_by_label(graph_of(load_experiment(None), registries))  # keys are stable
+    assert keys_by_label(graph) == keys_by_label(graph_of(from_scratch(load_experiment(None)), registries))  # stable
     order = list(graph.nodes)
     for node in graph:
         assert all(order.index(parent) < order.index(node.key) for parent in node.deps.values())
@@ -58,17 +66,35 @@ def test_collect_builds_the_graph_from_settings_alone(registries: Registries, tm
     kinds = [node.kind for node in graph]
     assert kinds.count(StageKind.TOKENIZER) == 1 and kinds.count(StageKind.TOKENIZE) == 1
     assert kinds.count(StageKind.GENERATE) == 2  # one per teacher, read by seqkd and dpkd
-    assert len(graph.cells()) == 2 * (1 + 5)
+    seeds = len(load_experiment(None).seeds)
+    assert len(graph.cells()) == 2 * (1 + 5 * seeds)
     keys = keys_by_label(graph)
-    # the sft cell's training is the SFT init minillm and dpkd start from: one node
+    # uniform: every method, sft included, continues from the one SFT init of its student and seed
+    init = keys[("train", "gpt2/s1/init/seed0")]
+    for method in ("sft", "kd", "seqkd", "minillm", "dpkd"):
+        assert graph[keys[("train", f"gpt2/s1/{method}/seed0")]].deps["init"] == init
+    assert graph[init].inputs["selection"]["metric"] == "loss"
     sft = keys[("train", "gpt2/s1/sft/seed0")]
-    for method in ("minillm", "dpkd"):
-        assert graph[keys[("train", f"gpt2/s1/{method}/seed0")]].deps["init"] == sft
     assert "teacher" not in graph[sft].deps  # sft never reads the teacher, so its cells do not depend on it
     assert graph[keys[("train", "gpt2/s1/kd/seed0")]].deps["teacher"] == keys[("train", "gpt2/teacher")]
     assert set(graph[keys[("train", "gpt2/s1/dpkd/seed0")]].deps) == {"init", "data", "teacher", "texts"}
     lineage = graph.lineage(keys[("eval", "gpt2/s1/sft/seed0")])
-    assert [graph[k].kind.value for k in lineage] == ["tokenizer", "init", "tokenize", "train", "eval"]
+    assert [graph[k].kind.value for k in lineage] == ["tokenizer", "init", "tokenize", "train", "train", "eval"]
+
+
+def test_shipped_teachers_are_checkpoints_whose_tokenizer_the_students_share(registries: Registries) -> None:
+    """The default reads each family's teacher from experiments/teachers/<family>: no teacher training, no tokenizer
+    training; the students are initialised with the teacher's tokenizer."""
+    experiment = load_experiment(None)
+    graph = graph_of(experiment, registries)
+    teachers = [node for node in graph if node.kind is StageKind.CHECKPOINT]
+    assert [node.family for node in teachers] == ["gpt2", "opt"]
+    assert all(node.inputs["checkpoint"].startswith("local:") and Path(node.spec.path).is_dir() for node in teachers)
+    assert not any(node.kind is StageKind.TOKENIZER for node in graph)
+    assert not any(node.label.endswith("/teacher") and node.kind is StageKind.TRAIN for node in graph)
+    for node in graph:
+        if node.kind is StageKind.INIT:
+            assert graph[node.deps["tokenizer"]] in teachers
 
 
 def test_bumping_an_objectives_version_rekeys_exactly_its_cells(registries: Registries) -> None:
@@ -79,8 +105,8 @@ def test_bumping_an_objectives_version_rekeys_exactly_its_cells(registries: Regi
         version = KD.version + 1
 
     after = graph_of(experiment, with_objective(registries, KDFixed))
-    assert changed(before, after) == {("train", f"{f}/s1/kd/seed0") for f in ("gpt2", "opt")} | {
-        ("eval", f"{f}/s1/kd/seed0") for f in ("gpt2", "opt")}
+    assert changed(before, after) == {(kind, f"{f}/s1/kd/seed{k}") for kind in ("train", "eval") for f in ("gpt2", "opt")
+                                      for k in SEEDS}
 
 
 def test_bumping_a_sources_version_rekeys_the_stages_that_read_it(registries: Registries) -> None:
@@ -95,7 +121,8 @@ def test_bumping_a_sources_version_rekeys_the_stages_that_read_it(registries: Re
     experiment = load_experiment(None)
     after = graph_of(experiment, dataclasses.replace(registries, sources=sources))
     assert changed(graph_of(experiment, registries), after) == {
-        (kind, f"{f}/s1/{m}/seed0") for kind in ("train", "eval") for f in ("gpt2", "opt") for m in ("seqkd", "dpkd")}
+        (kind, f"{f}/s1/{m}/seed{k}") for kind in ("train", "eval") for f in ("gpt2", "opt") for m in ("seqkd", "dpkd")
+        for k in SEEDS}
 
 
 def test_bumping_a_stage_builder_rekeys_that_kind_and_everything_downstream(registries: Registries,
@@ -106,21 +133,24 @@ def test_bumping_a_stage_builder_rekeys_that_kind_and_everything_downstream(regi
     monkeypatch.setitem(stages.BUILDERS, StageKind.GENERATE, dataclasses.replace(builder, version=builder.version + 1))
     after = graph_of(experiment, registries)
     assert changed(before, after) == {("generate", f"{f}/teacher") for f in ("gpt2", "opt")} | {
-        (kind, f"{f}/s1/{m}/seed0") for kind in ("train", "eval") for f in ("gpt2", "opt") for m in ("seqkd", "dpkd")}
+        (kind, f"{f}/s1/{m}/seed{k}") for kind in ("train", "eval") for f in ("gpt2", "opt") for m in ("seqkd", "dpkd")
+        for k in SEEDS}
 
 
 def test_a_methods_own_setting_rekeys_only_its_cells(registries: Registries) -> None:
     experiment = load_experiment(None)
     tuned = experiment.model_copy(update={"method_training": {"kd": {"lr": 1e-3}}})
     assert changed(graph_of(experiment, registries), graph_of(tuned, registries)) == {
-        (kind, f"{f}/s1/kd/seed0") for kind in ("train", "eval") for f in ("gpt2", "opt")}
+        (kind, f"{f}/s1/kd/seed{k}") for kind in ("train", "eval") for f in ("gpt2", "opt") for k in SEEDS}
     # the teacher's settings reach its own row and every cell whose training reads the teacher, but not sft's
+    experiment = from_scratch(experiment)
     teacher = experiment.teacher.model_copy(update={"training": experiment.teacher_training.model_copy(update={"lr": 1e-3})})
     moved = changed(graph_of(experiment, registries), graph_of(experiment.model_copy(update={"teacher": teacher}),
                                                               registries))
     cells = {label for kind, label in moved if kind == "eval"}
     assert cells == {f"{f}/{c}" for f in ("gpt2", "opt")
-                     for c in ("teacher/teacher/seed0", "s1/kd/seed0", "s1/seqkd/seed0", "s1/minillm/seed0", "s1/dpkd/seed0")}
+                     for c in ("teacher/teacher/seed0", *(f"s1/{m}/seed{k}" for m in ("kd", "seqkd", "minillm", "dpkd")
+                                                           for k in SEEDS))}
 
 
 def test_each_training_seed_starts_a_tiny_student_from_its_own_initialisation(registries: Registries) -> None:
@@ -129,12 +159,12 @@ def test_each_training_seed_starts_a_tiny_student_from_its_own_initialisation(re
     selection = resolve_selection(experiment, registries, ["sft", "kd"], ["gpt2"], 3)
     graph = collect(experiment, registries, selection)
     for method in ("sft", "kd"):
-        inits = [graph[graph[graph[cell.deps["model"]].key].deps["init"]] for cell in graph.cells()
-                 if cell.spec.method == method]
+        inits = [graph.start_of(cell.deps["model"]) for cell in graph.cells() if cell.spec.method == method]
         assert [node.spec.seed for node in inits] == [0, 1, 2] and len({node.key for node in inits}) == 3
+        assert all(node.kind is StageKind.INIT for node in inits)
     one_seed = collect(experiment, registries, resolve_selection(experiment, registries, ["sft", "kd"], ["gpt2"], 1))
-    assert {n.key for n in one_seed} <= {n.key for n in graph}  # seed 0 keeps its stages (and the references their keys)
+    assert {n.key for n in one_seed} <= {n.key for n in graph}  # seed 0 keeps its stages whatever the seed count
     paper = experiment.model_copy(update={"models": experiment.models.model_copy(
-        update={"scale": "paper", "students": ["120M"]})})
+        update={"scale": "paper", "students": ["120M"], "teachers": {}})})
     graph = collect(paper, registries, resolve_selection(paper, registries, ["sft"], ["gpt2"], 3))
-    assert len({graph[graph[cell.deps["model"]].deps["init"]].key for cell in graph.cells() if cell.spec.kind == "student"}) == 1
+    assert len({graph.start_of(cell.deps["model"]).key for cell in graph.cells() if cell.spec.kind == "student"}) == 1

@@ -19,6 +19,7 @@ import pytest
 
 EXPERIMENT = """
 name: mp
+protocol: uniform
 data: {dataset: tiny, options: {n_train: 300, n_validation: 10, n_test: 24}, max_length: 64, max_prompt_length: 48}
 models: {scale: tiny, families: [gpt2]}
 teacher: {training: {engine: deepspeed, zero_stage: 1, lr: 3.0e-3, batch_size: 16, max_steps: 10}}
@@ -99,7 +100,7 @@ def test_two_processes_train_data_parallel_and_write_once(launcher: str, single:
     assert not list(cache.glob("*/.building-*"))
     assert {p.parent.parent.name for p in cache.glob("*/*/inputs.json")} == {"tokenizer", "init", "tokenize", "train",
                                                                       "generate"}
-    assert len(list(cache.glob("train/*/inputs.json"))) == 4  # teacher SFT + three students
+    assert len(list(cache.glob("train/*/inputs.json"))) == 5  # teacher SFT, the students' SFT init, three students
     generations = json.loads(next(cache.glob("generate/*/generations.json")).read_text())
     assert len(generations) == 300  # both shares of the prompts, gathered in order
     # The leaderboard has exactly the schema of a one-process run.

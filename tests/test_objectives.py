@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
-from kdbench.objectives import GOLD, Need, ObjectiveParams, SequenceView, gold_cross_entropy, masked_loss_sum
-from kdbench_plugins.kd import KD, KDParams, soft_cross_entropy
+from kdbench.objectives import GOLD, Need, ObjectiveParams, SequenceView, gold_cross_entropy, masked_loss_sum, soft_cross_entropy
+from kdbench_plugins.kd import KD, KDParams
 from kdbench_plugins.sft import SFT
 
 B, T, V = 2, 3, 7

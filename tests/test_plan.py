@@ -155,45 +155,46 @@ def lineage_names(plan: Plan, cell: str) -> list[str]:
 def test_the_tiny_plan_lists_every_stage_with_the_engines_step_counts(registries: Registries, gpus: int) -> None:
     experiment = load_experiment(None)
     plan = plan_of(experiment, registries, gpus)
-    n_train = len(registries.datasets.get("tiny").load(dict(experiment.data.options))["train"])
+    splits = registries.datasets.get("tiny").load(dict(experiment.data.options))
+    n_train = len(splits["train"])
     assert plan.train_examples == n_train and not plan.data.estimated
     assert [m.family for m in plan.models] == ["gpt2", "gpt2", "opt", "opt"]
     for family in ("gpt2", "opt"):
         teacher, student = (m for m in plan.models if m.family == family)
-        assert teacher.size is not None and student.size is not None
-        teacher_sft = trained(plan, f"{family}/teacher/teacher/seed0").training
-        assert teacher_sft is not None and teacher_sft.objective == "sft" and teacher_sft.teacher_params == 0
-        assert teacher_sft.steps == total_optimizer_steps(experiment.teacher_training, n_train, gpus)
+        assert teacher.size is not None and student.size is not None  # the shipped teacher's size from its config
+        assert trained(plan, f"{family}/teacher/teacher/seed0").training is None  # shipped: nothing to train
         for method in experiment.methods:
             cell = f"{family}/s1/{method}/seed0"
             names = lineage_names(plan, cell)
-            # what prepares the cell: the shared SFT init, the teacher (its SFT) when the loss reads it, its samples
-            preparation = [n for n in names[:-2] if n not in ("tokenizer", "init", "tokenize")]
-            expected = {"sft": [], "seqkd": ["train sft", "generate"], "minillm": ["train sft", "train sft"],
-                        "dpkd": ["train sft", "train sft", "generate"]}.get(method, ["train sft"])
+            # what prepares the cell: the shared SFT init, and the teacher's samples when the loss reads them
+            preparation = [n for n in names[:-2] if n not in ("checkpoint", "init", "tokenize")]
+            expected = ["train sft", "generate"] if method in ("seqkd", "dpkd") else ["train sft"]
             assert preparation == expected, (method, names)
             train = trained(plan, cell)
             assert names[-2:] == [f"train {method}", "eval"] and train.name == f"train {method}"
             assert train.training is not None and train.training.params == student.size.params
-            assert train.training.steps == total_optimizer_steps(experiment.training_for(method), n_train, gpus)
+            assert train.training.steps == total_optimizer_steps(experiment.training_for(method), n_train, gpus) == 200
             assert not train.training.steps_estimated
             # The teacher stays loaded from its evaluation to the family's last reader: every student stage.
             assert train.training.teacher_params == teacher.size.params
-            assert "300 examples × 3 seeds" in plan.stage(cell_node(plan, cell).key).work
+            assert f"{len(splits['test']):,} examples × 3 seeds" in plan.stage(cell_node(plan, cell).key).work
+            # the SFT init, and the shipped teacher's 4,500 steps for the rows whose training reads it
+            assert plan.cell_steps(cell_node(plan, cell)) == (200, 200 + 600 + (0 if method == "sft" else 4500))
 
 
-def test_one_stage_serves_the_sft_cell_and_the_sft_init_of_minillm(registries: Registries) -> None:
+def test_one_sft_init_per_seed_serves_every_method(registries: Registries) -> None:
     plan = plan_of(load_experiment(None), registries, 1, ["minillm", "sft"])
     sft = trained(plan, "gpt2/s1/sft/seed0")
     minillm = trained(plan, "gpt2/s1/minillm/seed0")
-    assert minillm.node.deps["init"] == sft.node.key
-    assert [s.node.label for s in plan.stages].count("gpt2/s1/sft/seed0") == 2  # its training and its evaluation
+    assert minillm.node.deps["init"] == sft.node.deps["init"] == plan.graph.lineage(sft.node.key)[-2]
+    assert [s.node.label for s in plan.stages].count("gpt2/s1/init/seed0") == 1  # trained once, read by both
     assert plan.stage(minillm.node.deps["init"]).number < minillm.number
 
 
 def paper_experiment(data_options: dict[str, Any] | None = None, engine: str = "deepspeed") -> Experiment:
     return parse_experiment({
         "name": "paper-gpt2",
+        "protocol": "paper",
         "data": {"dataset": "dolly", "options": data_options or {}, "max_length": 512, "max_prompt_length": 256},
         "models": {"scale": "paper", "families": ["gpt2"], "students": ["120M"]},
         "training": {"engine": engine, "precision": "bf16", "zero_stage": 1, "batch_size": 2, "grad_accum": 1,
@@ -244,7 +245,8 @@ def test_a_local_dolly_copy_is_counted_not_estimated(registries: Registries, tmp
 
 
 def test_unknown_data_sizes_are_said_so(registries: Registries, tmp_path: Path) -> None:
-    raw = {"name": "missing-data", "data": {"dataset": "jsonl", "options": {"dir": str(tmp_path / "absent")}},
+    raw = {"name": "missing-data", "protocol": "uniform",
+           "data": {"dataset": "jsonl", "options": {"dir": str(tmp_path / "absent")}},
            "models": {"families": ["gpt2"]}, "training": {"epochs": 1}, "methods": {"sft": {}}}
     plan = plan_of(parse_experiment(raw, "test"), registries, 1)
     assert plan.train_examples is None and plan.data.sizes is None and "unknown" in plan.data.how

@@ -17,7 +17,7 @@ MYKD_PLUGIN = textwrap.dedent('''
     """A third-party objective: kd at a fixed temperature of 2."""
     from kdbench import hookimpl
     from kdbench.objectives import Objective
-    from kdbench_plugins.kd import soft_cross_entropy
+    from kdbench.objectives import soft_cross_entropy
 
 
     class MyKD(Objective):

@@ -35,6 +35,10 @@ def full_result(**fields: Any) -> dict[str, Any]:
         "higher_is_better": {"rougeL": True, "exact_match": True}, "per_task": {}, "eval_examples": 2,
         "eval_examples_by_dataset": {"": 2}, "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0, "this_run": 2.0},
         "tokens": {"train": 1000, "response": 500}, "optimizer_steps": 10, "processes": 1,
+        "protocol": "uniform", "protocol_card": {"protocol": "uniform"}, "optimizer_steps_total": 15, "selected_step": 10,
+        "cost": {"own": {"optimizer_steps": 10, "examples": 64, "tokens": 1000, "seconds": 1.0}, "ancestors": {},
+                 "total": {"optimizer_steps": 15, "examples": 96, "tokens": 1500, "seconds": 1.5}},
+        "validation": {"metric": "rougeL", "curve": [{"step": 10, "value": 40.0}]},
         "forward_passes": {"student": 10, "teacher": 10}, "params": {"student": 5000, "teacher": 90000},
         "peak_memory_mb": 100.0, "finished_at": "2026-11-25T16:00:00+00:00",
     }
@@ -213,7 +217,8 @@ def test_rich_table_styles_teacher_and_bolds_best_student(run_dir: Path) -> None
     rows = build_leaderboard(load_results(run_dir))
     table = rich_table(rows, title="tiny")
     headers = [str(column.header) for column in table.columns]
-    assert headers == ["family", "student", "method", "rougeL", "exact_match", "seeds", "wall s"]  # primary first
+    assert headers == ["family", "student", "method", "rougeL", "exact_match", "seeds", "steps", "steps total", "selected",
+                       "wall s"]  # primary first
     assert table.rows[1].style == "dim italic"  # the gpt2 teacher
     assert table.rows[2].style is None
 
@@ -273,3 +278,20 @@ def test_settings_mismatches_flag_families_whose_cells_ran_with_different_shared
     messages = settings_mismatches(mixed)
     assert len(messages) == 1 and messages[0].startswith("opt: cells ran with 2 different shared settings")
     assert "s1/kd/seed0" in messages[0] and "s1/sft/seed0" in messages[0]
+
+
+REFERENCES = sorted(p for p in (Path(__file__).resolve().parents[1] / "results" / "reference").iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("folder", REFERENCES, ids=lambda p: p.name)
+def test_committed_references_read_under_the_current_schema(folder: Path) -> None:
+    """Every committed reference is remade when the result schema changes: it loads, states its protocol on every
+    row, gives equal own-stage steps to its student rows (uniform), and its README names the command that made it."""
+    results = load_results(folder)
+    rows = build_leaderboard(results)
+    assert rows and {row.protocol for row in rows} == {"uniform"}
+    for family in {row.family for row in rows}:
+        steps = {row.optimizer_steps for row in rows if row.family == family and not row.is_teacher}
+        assert len(steps) == 1, (family, steps)
+    assert "kdbench run" in (folder / "README.md").read_text()
+    assert json.loads((folder / "leaderboard.json").read_text()) == json.loads(render(rows, "json"))

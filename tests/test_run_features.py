@@ -18,6 +18,7 @@ from kdbench.zoo import load_tokenizer
 
 EXPERIMENT = """
 name: features
+protocol: paper
 data: {{dataset: tiny, options: {{n_train: 300, n_validation: 10, n_test: 24}}, max_length: 64, max_prompt_length: 48}}
 models: {{scale: tiny, families: [gpt2]}}
 teacher: {{training: {{engine: accelerate, lr: 3.0e-3, batch_size: 32, max_steps: 30}}}}

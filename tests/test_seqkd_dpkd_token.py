@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
-from kdbench.objectives import Need, SequenceView, gold_cross_entropy
+from kdbench.objectives import Need, SequenceView, gold_cross_entropy, soft_cross_entropy
 from kdbench_plugins.dpkd_token import DPKDToken, token_preference_loss
-from kdbench_plugins.kd import soft_cross_entropy
 from kdbench_plugins.seqkd import SeqKD
 
 
@@ -51,7 +50,8 @@ def test_dpkd_token_falls_as_the_student_prefers_the_teachers_token() -> None:
 
 
 def test_dpkd_token_declares_teacher_logits_and_checks_beta() -> None:
-    assert DPKDToken.needs_for(DPKDToken.make_params({})) == frozenset({Need.TEACHER_LOGITS})
+    # SFT init: the released runner's (dpkd/scripts/dpkd-gpt2_base_runner.sh:20), followed under `paper`.
+    assert DPKDToken.needs_for(DPKDToken.make_params({})) == frozenset({Need.TEACHER_LOGITS, Need.SFT_INIT})
     assert DPKDToken.make_params({}).beta == 0.1
     with pytest.raises(KdbenchError, match="beta"):
         DPKDToken.make_params({"beta": 0.0})

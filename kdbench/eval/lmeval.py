@@ -250,22 +250,29 @@ def lm_eval_scores(model: PreTrainedModel, tokenizer: Any, settings: LmEvalConfi
         raise KdbenchError("\n".join(errors))
     if HELDOUT_TASK in tasks and not heldout_records:
         raise KdbenchError(f"{HELDOUT_TASK} needs at least one evaluation record; the evaluation split is empty.")
-    with _quiet_and_isolated(model):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
-        include = [Path(include_path)] if include_path else []
-        if HELDOUT_TASK in tasks:
-            scored = heldout_records[: settings.limit] if settings.limit else heldout_records
-            budget = _heldout_token_budget(lm, scored, settings.max_new_tokens)
-            # Last in the list: lm-eval lets later folders override earlier ones, so ours wins a name clash.
-            include.append(write_heldout_task(heldout_records, work_dir / HELDOUT_TASK, budget))
-        # The heldout task alone needs none of lm-eval's built-in tasks: skip indexing them.
-        task_manager = _task_manager(tuple(str(p) for p in include), include_defaults=bool(others))
-        output = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, num_fewshot=settings.num_fewshot, limit=settings.limit, task_manager=task_manager,
+    def run(lm: HFLM, names: list[str], include: list[Path], include_defaults: bool) -> LmEvalScores:
+        task_manager = _task_manager(tuple(str(p) for p in include), include_defaults=include_defaults)
+        return _flatten(lm_eval.simple_evaluate(
+            model=lm, tasks=names, num_fewshot=settings.num_fewshot, limit=settings.limit, task_manager=task_manager,
             bootstrap_iters=0,  # stderr values are dropped anyway; bootstrapping them costs time
             log_samples=False,
-        )
-    return _flatten(output)
+        ))
+
+    parts: list[LmEvalScores] = []
+    with _quiet_and_isolated(model):
+        if others:  # lm-eval's own tasks tokenise as lm-eval does (the tokenizer's default special tokens)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+            parts.append(run(lm, others, [Path(include_path)] if include_path else [], True))
+        if HELDOUT_TASK in tasks:
+            # kdbench's prompts carry no BOS (kdbench.data.prompt_ids), even where the tokenizer adds one by
+            # default (OPT): the heldout task must see the very ids kdbench's own evaluation does.
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, add_bos_token=False)
+            scored = heldout_records[: settings.limit] if settings.limit else heldout_records
+            budget = _heldout_token_budget(lm, scored, settings.max_new_tokens)
+            folder = write_heldout_task(heldout_records, work_dir / HELDOUT_TASK, budget)
+            parts.append(run(lm, [HELDOUT_TASK], [folder], False))  # needs none of lm-eval's built-in tasks
+    return LmEvalScores({k: v for part in parts for k, v in part.values.items()},
+                        {k: v for part in parts for k, v in part.higher_is_better.items()})
 
 
 # ---------------------------------------------------------------------------- config validation

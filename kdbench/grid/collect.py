@@ -11,7 +11,9 @@ lineage recorded in every result — reads the graph built here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kdbench.config import DataConfig, Experiment, TeacherGenerationConfig, TrainingConfig, config_hash
@@ -25,8 +27,9 @@ from kdbench.train.sources import teacher_use
 from kdbench.zoo import ModelFamily, TinyArch
 
 TEACHER_METHOD = "teacher"
-# Keys of a cell's config that are the method's own; everything else is shared by every cell it is compared with.
-METHOD_KEYS = ("method", "params", "method_training", "student")
+# Keys of a cell's config that are its row's own (the method's settings) or its seed's (the training seed and
+# the student initialised with it); everything else is shared by every cell it is compared with.
+METHOD_KEYS = ("method", "params", "method_training", "student", "seed")
 
 
 # -- what each kind of node carries for its builder (not part of any key) --------------------------
@@ -55,11 +58,25 @@ class InitSpec:
 
 
 @dataclass(frozen=True)
+class SelectSpec:
+    """How a training stage picks the checkpoint it hands on: ``metric`` ("loss", or an evaluation metric
+    generated with ``greedy`` decoding) on the validation split every ``every`` steps; the best, or the final."""
+
+    metric: str
+    every: int
+    keep_best: bool
+    greedy: bool
+    max_examples: int | None
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     objective: type[Objective]
     params: ObjectiveParams
     settings: TrainingConfig
     seed: int
+    select: SelectSpec
 
 
 @dataclass(frozen=True)
@@ -90,6 +107,18 @@ class Cell:
         return config_hash({k: v for k, v in self.config.items() if k not in METHOD_KEYS})
 
 
+def folder_fingerprint(folder: Path, max_bytes: int = 256 * 2**20) -> str:
+    """``local:<hash>`` of a model folder's file names and contents; a folder over ``max_bytes`` (a paper-scale
+    checkpoint) is hashed by names and sizes only, to keep collecting cheap."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    small = sum(p.stat().st_size for p in files) <= max_bytes
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(folder).as_posix().encode())
+        digest.update(file.read_bytes() if small else str(file.stat().st_size).encode())
+    return f"local:{digest.hexdigest()[:16]}"
+
+
 # -- the walk --------------------------------------------------------------------------------------
 
 class _Collector:
@@ -97,7 +126,8 @@ class _Collector:
         self.experiment, self.registries, self.selection = experiment, registries, selection
         self.graph = StageGraph()
         self.data = {"dataset": experiment.data.dataset, "options": experiment.data.options}
-        self.shared = {"experiment": experiment.name, "data": experiment.data.model_dump(),
+        self.shared = {"experiment": experiment.name, "protocol": experiment.protocol, "init": experiment.init.model_dump(),
+                       "selection": experiment.selection.model_dump(), "data": experiment.data.model_dump(),
                        "scale": experiment.models.scale, "training": experiment.training.model_dump(),
                        "teacher_training": experiment.teacher_training.model_dump(),
                        "evaluation": experiment.evaluation.model_dump(), "eval_seeds": selection.eval_seeds,
@@ -120,23 +150,34 @@ class _Collector:
                         InitSpec(label, family, arch, seed))
 
     def checkpoint(self, family: ModelFamily, label: str, path: str) -> str:
-        return self.add(StageKind.CHECKPOINT, f"{family.name}/{label}", {"checkpoint": path}, {}, family.name,
+        """A hub name is keyed by its name; a local folder by its contents, so the key is the same wherever the
+        folder lies and changes when its weights do."""
+        identity = folder_fingerprint(Path(path)) if Path(path).is_dir() else path
+        return self.add(StageKind.CHECKPOINT, f"{family.name}/{label}", {"checkpoint": identity}, {}, family.name,
                         CheckpointSpec(label, path, family))
 
     def tokenized(self, tokenizer: str) -> str:
         """The training split tokenised by the tokenizer of ``tokenizer`` (a tokenizer or model node)."""
-        data = self.experiment.data
-        inputs = {"data": self.data, "max_length": data.max_length, "max_prompt_length": data.max_prompt_length}
+        data, lm_data = self.experiment.data, self.experiment.lm_data
+        inputs = {"data": self.data, "max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
+                  "lm_data": None if lm_data is None else lm_data.model_dump()}
         return self.add(StageKind.TOKENIZE, "data", inputs, {"tokenizer": tokenizer}, None)
 
     # -- stages ------------------------------------------------------------------------------------
+    def select(self, metric: str | None = None) -> SelectSpec:
+        """The experiment's checkpoint selection, on ``metric`` instead of its own when given."""
+        selection, evaluation = self.experiment.selection, self.experiment.evaluation
+        return SelectSpec(metric or selection.metric, selection.every, selection.rule == "best", selection.greedy,
+                          selection.max_examples, evaluation.max_new_tokens)
+
     def trained(self, family: str, label: str, init: str, data: str, objective: type[Objective], params: ObjectiveParams,
-                settings: TrainingConfig, seed: int, teacher: str | None = None) -> str:
+                settings: TrainingConfig, seed: int, teacher: str | None = None, select: SelectSpec | None = None) -> str:
         """``init`` trained with ``objective``; the teacher and its stored generations join the deps when the
         objective or a source it reads uses them."""
         reads = active_reads(objective, params)
         sources = [self.registries.sources.get(name) for name in reads]
         _, uses_teacher = teacher_use(objective, params, {s.name: s for s in sources})
+        uses_teacher |= settings.lm_coef > 0 and settings.lm_kd_ratio > 0  # word-KD on the pre-training text
         deps = {"init": init, "data": data}
         if uses_teacher:
             assert teacher is not None, f"{objective.name} needs a teacher"
@@ -144,12 +185,26 @@ class _Collector:
         if any(Need.TEACHER_GENERATIONS in s.needs for s in sources):
             assert teacher is not None, f"{objective.name} reads the teacher's generations"
             deps["texts"] = self.generations(family, teacher)
+        select = select or self.select()
         inputs = {"objective": {"name": objective.name, "version": objective.version},
                   "sources": {s.name: s.version for s in sources},
                   "params": dataclasses.asdict(params), "training": settings.model_dump(), "seed": seed,
                   "sample_max_new_tokens": self.experiment.teacher_generations.max_new_tokens
-                  if any(s.samples_student for s in sources) else None}
-        return self.add(StageKind.TRAIN, label, inputs, deps, family, TrainSpec(objective, params, settings, seed))
+                  if any(s.samples_student for s in sources) else None,
+                  "selection": dataclasses.asdict(select)}
+        return self.add(StageKind.TRAIN, label, inputs, deps, family, TrainSpec(objective, params, settings, seed, select))
+
+    def sft_init(self, family: str, label: str, student: str, data: str, seed: int) -> str:
+        """The SFT student other stages start from (one per student and training seed), selected by validation loss."""
+        sft = self.registries.objectives.get("sft")
+        return self.trained(family, f"{family}/{label}/init/seed{seed}", student, data, sft, sft.make_params({}),
+                            self.experiment.init_training, seed, select=self.select("loss"))
+
+    def starts_from_sft(self, objective: type[Objective], params: ObjectiveParams) -> bool:
+        """uniform: every method starts where ``init.start`` says; paper: those whose recipe starts from the SFT student."""
+        if self.experiment.protocol == "uniform":
+            return self.experiment.init.start == "sft"
+        return Need.SFT_INIT in objective.needs_for(params)
 
     def generations(self, family: str, teacher: str) -> str:
         settings = self.experiment.teacher_generations
@@ -180,8 +235,13 @@ class _Collector:
             students = {(label, seed): key for label, key in checkpoints.items() for seed in selection.seeds}
             tokenizers = {key: key for key in (teacher_base, *students.values())}  # each model's own tokenizer
         else:
-            tokenizer = self.tokenizer()
-            teacher_base = self.tiny_model(family, teacher_label, family.tiny_teacher, experiment.teacher.seed, tokenizer)
+            # A tiny teacher may be given as a model folder (the suite's shipped teachers): the students then
+            # take its tokenizer, so teacher and students index one vocabulary by construction.
+            shipped = models.teachers.get(family.name)
+            teacher_base = (self.checkpoint(family, teacher_label, shipped) if shipped else
+                            self.tiny_model(family, teacher_label, family.tiny_teacher, experiment.teacher.seed,
+                                            self.tokenizer()))
+            tokenizer = teacher_base if shipped else self.graph[teacher_base].deps["tokenizer"]
             students = {(label, seed): self.tiny_model(family, label, family.tiny_students[label], seed, tokenizer,
                                                        f"{label}/seed{seed}")
                         for label in student_labels for seed in selection.seeds}
@@ -207,10 +267,8 @@ class _Collector:
                 for seed in selection.seeds:
                     student = students[label, seed]
                     data = self.tokenized(tokenizers[student])
-                    init = student
-                    if Need.SFT_INIT in objective.needs_for(params):  # the very stage the sft cell of this student trains
-                        init = self.trained(family.name, f"{family.name}/{label}/sft/seed{seed}", student, data, sft,
-                                            sft.make_params({}), experiment.training_for(sft.name), seed)
+                    init = self.sft_init(family.name, label, student, data, seed) if self.starts_from_sft(
+                        objective, params) else student
                     cell = Cell(family.name, label, method, seed, "student",
                                 {**base, "student": {"label": label, "key": student}, "method": method,
                                  "params": dataclasses.asdict(params),

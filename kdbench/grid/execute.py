@@ -69,6 +69,9 @@ def run_stage(node: Node, context: RunContext) -> None:
     builder = BUILDERS[node.kind]
     if node.kind is StageKind.CHECKPOINT:
         context.outputs[node.key] = node.spec.path
+        made_by_kdbench = Path(node.spec.path) / "train_stats.json"  # a shipped tiny teacher: its training counts
+        if made_by_kdbench.is_file():
+            context.train_stats[node.key] = {**json.loads(made_by_kdbench.read_text()), "this_run": 0.0}
         return
     if node.kind is StageKind.EVAL:
         builder.build(node, context, cell_folder(context.out_dir, node))
@@ -146,3 +149,15 @@ def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries,
                     context.release(parent)
     context.hook.kdbench_on_run_end(out_dir=str(out_dir), seconds=time.perf_counter() - started)
     return summary
+
+
+def build_stages(graph: StageGraph, keys: list[str], experiment: Experiment, registries: Registries,
+                 cache_dir: Path) -> dict[str, str]:
+    """Build (or reuse from the cache) the stages ``keys`` and everything they need, in graph order, with no
+    cell around them (``kdbench export-teachers``); returns each key's output folder."""
+    context = RunContext(graph, experiment, registries, Path("."), cache_dir)
+    needed = {key for target in keys for key in graph.lineage(target)}
+    for node in graph:
+        if node.key in needed:
+            run_stage(node, context)
+    return {key: context.outputs[key] for key in keys}

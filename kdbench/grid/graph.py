@@ -84,13 +84,14 @@ class StageGraph:
     def cells(self) -> list[Node]:
         return [node for node in self if node.kind is StageKind.EVAL]
 
-    def lineage(self, key: str) -> list[str]:
-        """``key`` and every stage it was built from, in run order."""
+    def lineage(self, key: str, skip_roles: tuple[str, ...] = ()) -> list[str]:
+        """``key`` and every stage it was built from, in run order; a parent read in one of ``skip_roles`` (and what
+        only it needs) is left out."""
         wanted = {key}
         pending = [key]
         while pending:
-            for parent in self.nodes[pending.pop()].deps.values():
-                if parent not in wanted:
+            for role, parent in self.nodes[pending.pop()].deps.items():
+                if parent not in wanted and role not in skip_roles:
                     wanted.add(parent)
                     pending.append(parent)
         return [k for k in self.nodes if k in wanted]

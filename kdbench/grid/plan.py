@@ -6,7 +6,10 @@ estimates from settings alone (``kdbench.grid.estimate``): nothing is loaded, tr
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -29,6 +32,7 @@ from kdbench.grid.selection import Selection
 from kdbench.grid.stages import FROZEN_ROLES
 from kdbench.objectives import active_reads
 from kdbench.registry import Registries
+from kdbench.report.card import protocol_card, render_card
 from kdbench.train.engine import total_optimizer_steps
 
 
@@ -112,6 +116,7 @@ class Plan:
     graph: StageGraph
     models: list[PlannedModel]
     stages: list[PlannedStage]
+    card: dict[str, str]  # the protocol card the leaderboard will print
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -121,6 +126,20 @@ class Plan:
     def stage(self, key: str) -> PlannedStage:
         return next(stage for stage in self.stages if stage.node.key == key)
 
+    def cell_steps(self, cell: Node) -> tuple[int | None, int | None]:
+        """Optimizer steps of the cell's own training stage, and with every training stage before it (None: unknown)."""
+        planned = {stage.node.key: stage.training.steps for stage in self.training_stages if stage.training}
+        own_key = cell.deps["model"]
+        steps: list[int | None] = []
+        for key in self.graph.lineage(own_key, skip_roles=("tokenizer",)):  # as the result counts its ancestors
+            if key in planned:
+                steps.append(planned[key])
+            elif self.graph[key].kind is StageKind.CHECKPOINT:  # a shipped tiny teacher made by kdbench
+                record = Path(self.graph[key].spec.path) / "train_stats.json"
+                steps.append(json.loads(record.read_text())["steps"] if record.is_file() else 0)
+        own = planned.get(own_key, 0)
+        return own, None if None in steps else sum(s or 0 for s in steps)
+
     def to_json(self) -> dict[str, Any]:
         """What ``kdbench run --dry-run --format json`` prints."""
         stages = [{**s.node.describe(), "number": s.number, "name": s.name, "work": s.work,
@@ -128,9 +147,11 @@ class Plan:
         models = [{"family": m.family, "role": m.role, "label": m.label, "checkpoint": m.checkpoint, "key": m.key,
                    "params": None if m.size is None else m.size.params, "size_from": None if m.size is None else m.size.source}
                   for m in self.models]
-        cells = [{"label": node.label, "key": node.key, "lineage": self.graph.lineage(node.key)}
+        cells = [{"label": node.label, "key": node.key, "lineage": self.graph.lineage(node.key),
+                  **dict(zip(("optimizer_steps", "optimizer_steps_total"), self.cell_steps(node)))}
                  for node in self.graph.cells()]
-        return {"experiment": self.experiment, "scale": self.scale, "gpus": self.gpus, "dataset": self.dataset,
+        return {"experiment": self.experiment, "scale": self.scale, "protocol_card": self.card, "gpus": self.gpus,
+                "dataset": self.dataset,
                 "train_examples": self.train_examples, "eval_examples": self.eval_examples,
                 "data_estimated": self.data.estimated, "eval_seeds": self.eval_seeds, "models": models,
                 "stages": stages, "cells": cells, "notes": self.notes}
@@ -266,7 +287,18 @@ class _Planner:
         if node.kind is StageKind.EVAL:
             return self.eval_work
         assert training is not None
-        return f"{training.objective} on {self.graph[node.deps['init']].label}: {_steps(training)} optimizer steps"
+        spec: TrainSpec = node.spec
+        settings, select = spec.settings, spec.select
+        objective = self.registries.objectives.get(training.objective)
+        params = {k: v for k, v in dataclasses.asdict(spec.params).items()
+                  if v != getattr(objective.Params(), k)}  # the recipe: what differs from the objective's defaults
+        recipe = f"{training.objective}" + (f" {params}" if params else "")
+        chosen = (f"best validation {select.metric} every {select.every} steps" if select.keep_best
+                  else "final checkpoint")
+        lm_term = (f"; + {settings.lm_coef:g} × LM term ({1 - settings.lm_kd_ratio:g}·CE + {settings.lm_kd_ratio:g}·word-KD "
+                   f"on lm_data)" if settings.lm_coef > 0 else "")
+        return (f"{recipe} from {self.graph[node.deps['init']].label}: {_steps(training)} optimizer steps, lr "
+                f"{settings.lr:g}, betas {tuple(settings.betas)}{lm_term}; {chosen}")
 
     def _count(self, n: int | None) -> str:
         return "?" if n is None else f"{'≈' if self.data.estimated else ''}{n:,}"
@@ -313,7 +345,8 @@ def build_plan(graph: StageGraph, experiment: Experiment, registries: Registries
                  "estimate (Korthikanti et al. 2022) for micro-batch × data.max_length = "
                  f"{experiment.data.max_length} tokens per sequence")
     return Plan(experiment.name, experiment.models.scale, gpus, experiment.data.dataset, planner.train_examples,
-                planner.eval_examples, data, list(selection.eval_seeds), graph, planner.models, stages, notes)
+                planner.eval_examples, data, list(selection.eval_seeds), graph, planner.models, stages,
+                protocol_card(experiment, selection.seeds), notes)
 
 
 # -- printing -------------------------------------------------------------------------------------
@@ -343,6 +376,7 @@ def print_plan(plan: Plan, console: Console) -> None:
                   f"{plan.dataset}: {train} training examples, {evaluation} evaluation examples × "
                   f"{len(plan.eval_seeds)} seeds; {len(plan.stages)} stages, {len(plan.graph.cells())} cells. "
                   "Nothing is loaded or trained.")
+    console.print(f"[bold]Protocol card[/bold]\n{render_card(plan.card)}", highlight=False)
     for family in dict.fromkeys(model.family for model in plan.models):
         models = Table(title=f"{family}: models")
         for column in ("role", "label", "checkpoint", "parameters", "layers × width, heads", "vocab", "size from"):
@@ -387,6 +421,13 @@ def print_plan(plan: Plan, console: Console) -> None:
                                _gib(m.teacher) if m.teacher else "–", _gib(m.activations), _gib(m.total))
         console.print(training)
         console.print(memory)
+        costs = Table(title="cells: optimizer steps of their own stage, and with every training stage before it")
+        for column in ("cell", "own", "total"):
+            costs.add_column(column, justify="left" if column == "cell" else "right")
+        for cell in plan.graph.cells():
+            own, total = plan.cell_steps(cell)
+            costs.add_row(cell.label, "?" if own is None else f"{own:,}", "?" if total is None else f"{total:,}")
+        console.print(costs)
     console.print("[bold]Notes[/bold]")
     for note in plan.notes:
         console.print(f"• {note}", markup=False)

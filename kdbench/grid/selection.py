@@ -11,7 +11,7 @@ from typing import Any
 
 from kdbench.config import Experiment
 from kdbench.errors import KdbenchError
-from kdbench.objectives import GOLD, Objective, ObjectiveParams
+from kdbench.objectives import GOLD, Objective, ObjectiveParams, active_reads
 from kdbench.registry import Registries
 from kdbench.train.generation import GREEDY
 
@@ -49,6 +49,12 @@ def semantic_errors(experiment: Experiment, registries: Registries) -> list[str]
     errors = dataset_errors("data", experiment.data.dataset, experiment.data.options, registries)
     for label, extra in experiment.evaluation.datasets.items():
         errors += dataset_errors(f"evaluation.datasets.{label}", extra.dataset, extra.options, registries)
+    lm_data = experiment.lm_data
+    if lm_data is not None:
+        errors += dataset_errors("lm_data", lm_data.dataset, lm_data.options, registries)
+        if lm_data.dataset in registries.datasets and registries.datasets.get(lm_data.dataset).corpus is None:
+            errors.append(f"lm_data.dataset: {lm_data.dataset!r} has no plain-text corpus; expected one of "
+                          f"{sorted(n for n in registries.datasets.names() if registries.datasets.get(n).corpus)}")
     if experiment.evaluation.lm_eval.tasks:
         from kdbench.eval.lmeval import unknown_tasks
 
@@ -64,26 +70,33 @@ def semantic_errors(experiment: Experiment, registries: Registries) -> list[str]
     for metric in experiment.evaluation.metrics:
         if metric not in registries.metrics:
             errors.append(f"evaluation.metrics: {registries.metrics.unknown_message(metric)}")
+    chosen_on = experiment.selection.metric
+    if chosen_on != "loss" and chosen_on not in experiment.evaluation.metrics:
+        errors.append(f"selection.metric: {chosen_on!r} is not one of evaluation.metrics {experiment.evaluation.metrics}; "
+                      "pick one of them, or 'loss' (validation cross-entropy)")
     for method, values in experiment.methods.items():
         if method not in registries.objectives:
             errors.append(f"methods.{method}: {registries.objectives.unknown_message(method)}")
             continue
         objective = registries.objectives.get(method)
+        params = None
         try:
-            objective.make_params(values or {}, where=f"methods.{method}.")
+            params = objective.make_params(values or {}, where=f"methods.{method}.")
         except KdbenchError as error:
             errors.append(str(error))
-        errors += source_errors(objective, registries)
+        errors += source_errors(objective, registries, params)
     return errors
 
 
-def source_errors(objective: type[Objective], registries: Registries) -> list[str]:
-    """An objective that reads a source no plugin registers, or two sources that both choose the prompts."""
+def source_errors(objective: type[Objective], registries: Registries, params: ObjectiveParams | None = None) -> list[str]:
+    """An objective that reads a source no plugin registers (with ``params``: the sources those parameters make it
+    read, ``train_on`` included), or two sources that both choose the prompts."""
     where = f"objective {objective.name!r} ({registries.objectives.origin(objective.name)})"
-    unknown = [name for name in (GOLD, *objective.reads) if name not in registries.sources]
+    reads = (GOLD, *objective.reads) if params is None else active_reads(objective, params)
+    unknown = [name for name in reads if name not in registries.sources]
     if unknown:
         return [f"{where} reads {registries.sources.unknown_message(name)}" for name in unknown]
-    drivers = [name for name in objective.reads if registries.sources.get(name).drives_prompts]
+    drivers = [name for name in reads if registries.sources.get(name).drives_prompts]
     if len(drivers) > 1:
         return [f"{where} reads {drivers}, which each choose the prompts of a step; an objective may read at most one"]
     return []

@@ -24,21 +24,30 @@ import torch
 
 from kdbench import distributed
 from kdbench.config import EvalDatasetConfig, Experiment, config_hash
-from kdbench.data import TEMPLATE_PIECES, Record, TokenizedExample, format_prompt, tokenize_records
+from kdbench.data import (
+    TEMPLATE_PIECES,
+    Record,
+    TokenizedExample,
+    format_prompt,
+    prompt_ids,
+    tokenize_corpus,
+    tokenize_records,
+)
 from kdbench.errors import KdbenchError
 from kdbench.eval.evaluation import evaluate
 from kdbench.grid.cache import StageCache
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.objectives import Objective, ObjectiveParams
 from kdbench.registry import Registries
+from kdbench.report.card import protocol_card
 from kdbench.results import store
-from kdbench.results.schema import SCHEMA_VERSION, CellResult, CodeVersions, Failure, Status
-from kdbench.train.engine import Diverged, Tracking, TrainingData, train
-from kdbench.train.generation import batch_progress, generate_responses
+from kdbench.results.schema import SCHEMA_VERSION, CellResult, CodeVersions, Cost, Failure, StageCost, Status
+from kdbench.train.engine import Diverged, Tracking, TrainingData, Validation, train, validation_loss
+from kdbench.train.generation import GREEDY, batch_progress, generate_responses
 from kdbench.zoo import build_tiny_model, count_parameters, load_model, load_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
-    from kdbench.grid.collect import Cell, GenerateSpec, InitSpec, TrainSpec
+    from kdbench.grid.collect import Cell, GenerateSpec, InitSpec, SelectSpec, TrainSpec
 
 LM_EVAL_SEED = "lm-eval"  # the eval-seed label of lm-eval scores (lm-eval decodes greedily, once)
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -97,8 +106,8 @@ class RunContext:
     def train_records(self) -> list[Record]:
         return self.splits(self.experiment.data.dataset, self.experiment.data.options)["train"]
 
-    def tokenized(self, key: str) -> list[TokenizedExample]:
-        return [TokenizedExample(**e) for e in json.loads((Path(self.path(key)) / "train.json").read_text())]
+    def tokenized(self, key: str, split: str = "train") -> list[TokenizedExample]:
+        return [TokenizedExample(**e) for e in json.loads((Path(self.path(key)) / f"{split}.json").read_text())]
 
     def teacher_texts(self, key: str, tokenizer: Any) -> list[TokenizedExample]:
         """The stored teacher samples of ``key``, tokenised in the order of the tokenised training split."""
@@ -120,12 +129,17 @@ class RunContext:
         except KdbenchError:
             return None
 
-    def eval_records(self, tokenizer: Any, extra: EvalDatasetConfig | None = None) -> list[Record]:
-        """The evaluation split (of the experiment's data, or of an extra evaluation set) without prompts
-        over ``data.max_prompt_length`` tokens (as both papers drop them), without gold responses under the
-        set's ``min_response_tokens``, cut to ``max_examples``."""
+    def eval_records(self, tokenizer: Any, extra: EvalDatasetConfig | None = None,
+                     validation: bool = False) -> list[Record]:
+        """The evaluation split (of the experiment's data, or of an extra evaluation set; the validation split of
+        the experiment's data with ``validation``) without prompts over ``data.max_prompt_length`` tokens (as both
+        papers drop them), without gold responses under the set's ``min_response_tokens``, cut to
+        ``max_examples``."""
         evaluation = self.experiment.evaluation
-        if extra is None:
+        if validation:
+            records = self.splits(self.experiment.data.dataset, self.experiment.data.options)["validation"]
+            min_response, max_examples = 0, self.experiment.selection.max_examples
+        elif extra is None:
             records = self.splits(self.experiment.data.dataset, self.experiment.data.options)[evaluation.split]
             min_response, max_examples = 0, evaluation.max_examples
         else:
@@ -136,7 +150,7 @@ class RunContext:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
         limit = self.experiment.data.max_prompt_length
-        kept = [r for r in records if n_tokens(format_prompt(r)) <= limit
+        kept = [r for r in records if len(prompt_ids(r, tokenizer)) <= limit
                 and (min_response == 0 or n_tokens(r["response"]) >= min_response)]
         return kept[:max_examples] if max_examples else kept
 
@@ -169,11 +183,23 @@ def build_init(node: Node, context: RunContext, folder: Path) -> None:
 def build_tokenize(node: Node, context: RunContext, folder: Path) -> None:
     data = context.experiment.data
     tokenizer = load_tokenizer(context.path(node.deps["tokenizer"]))
-    examples = tokenize_records(context.train_records(), tokenizer, data.max_length, data.max_prompt_length)
-    if not examples:
-        raise KdbenchError(f"no training example fits data.max_prompt_length={data.max_prompt_length}; "
-                           "raise it or shorten the prompts.")
-    (folder / "train.json").write_text(json.dumps([dataclasses.asdict(e) for e in examples]))
+    splits = context.splits(data.dataset, data.options)
+    for split in ("train", "validation"):  # validation: the loss an SFT init is selected on
+        examples = tokenize_records(splits[split], tokenizer, data.max_length, data.max_prompt_length)
+        if not examples:
+            raise KdbenchError(f"no {split} example fits data.max_prompt_length={data.max_prompt_length}; "
+                               "raise it or shorten the prompts.")
+        (folder / f"{split}.json").write_text(json.dumps([dataclasses.asdict(e) for e in examples]))
+    if context.experiment.lm_data is not None:  # the pre-training LM term's text, packed into max_length chunks
+        lm_data = context.experiment.lm_data
+        spec = context.registries.datasets.get(lm_data.dataset)
+        if spec.corpus is None:
+            raise KdbenchError(f"lm_data.dataset {lm_data.dataset!r} has no plain-text corpus; expected a dataset that "
+                               "provides one (tiny, openwebtext).")
+        chunks = tokenize_corpus(spec.corpus(dict(lm_data.options)), tokenizer, data.max_length, lm_data.max_chunks)
+        if not chunks:
+            raise KdbenchError(f"lm_data {lm_data.dataset!r} gave no chunk of data.max_length={data.max_length} tokens.")
+        (folder / "lm.json").write_text(json.dumps([dataclasses.asdict(e) for e in chunks]))
 
 
 def build_generations(node: Node, context: RunContext, folder: Path) -> None:
@@ -197,17 +223,38 @@ def build_training(node: Node, context: RunContext, folder: Path) -> None:
     tokenizer = load_tokenizer(init)
     texts = context.teacher_texts(node.deps["texts"], tokenizer) if "texts" in node.deps else None
     teacher = context.frozen(node.deps["teacher"]) if "teacher" in node.deps else None
+    lm_text = context.tokenized(node.deps["data"], "lm") if spec.settings.lm_coef > 0 else None
     data = TrainingData(context.tokenized(node.deps["data"]), tokenizer.pad_token_id, tokenizer.eos_token_id, texts,
-                        context.experiment.teacher_generations.max_new_tokens)
+                        context.experiment.teacher_generations.max_new_tokens, lm_text)
     sources = {name: context.registries.sources.get(name) for name in node.inputs["sources"]}
     _, stats = train(lambda: load_model(init), spec.objective, spec.params, data, spec.settings, spec.seed, teacher,
                      sources=sources, observer=context.hook, stage=f"{node.label}: train",
                      tracking=tracking(context, node.label, spec.objective, spec.params, spec.settings),
-                     save_to=folder, tokenizer=tokenizer)
-    payload = dataclasses.asdict(stats)
+                     save_to=folder, tokenizer=tokenizer, validation=validation(node, context, tokenizer))
+    payload = {**dataclasses.asdict(stats), "selection": dataclasses.asdict(spec.select)}
     log = payload.pop("log")
     (folder / "train_stats.json").write_text(json.dumps(payload))
     (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+
+def validation(node: Node, context: RunContext, tokenizer: Any) -> Validation:
+    """How a training stage is scored on the validation split for checkpoint selection: the mean token loss on
+    the gold responses, or a metric of greedy (or once-sampled) generations."""
+    select: SelectSpec = node.spec.select
+    batch_size = context.experiment.evaluation.batch_size
+    if select.metric == "loss":
+        examples = context.tokenized(node.deps["data"], "validation")[: select.max_examples]
+        return Validation(lambda model: validation_loss(model, examples, tokenizer.pad_token_id, batch_size),
+                          select.every, higher_is_better=False, keep_best=select.keep_best)
+    records = context.eval_records(tokenizer, validation=True)
+    metric = context.registries.metrics.get(select.metric)
+    seed = GREEDY if select.greedy else "0"
+
+    def score(model: torch.nn.Module) -> float:
+        scores = evaluate(model, tokenizer, records, [metric], [seed], select.max_new_tokens, batch_size)
+        return scores["metrics"][metric.name][seed]
+
+    return Validation(score, select.every, metric.higher_is_better, select.keep_best)
 
 
 def tracking(context: RunContext, label: str, objective: type[Objective], params: ObjectiveParams,
@@ -250,6 +297,7 @@ def build_cell(node: Node, context: RunContext, folder: Path) -> None:
     # The cell's own training: the stats of the stage that made its model (none for an untrained teacher).
     stats = context.train_stats.get(model_key, {})
     train_seconds = float(stats.get("seconds", 0.0))
+    cost = cell_cost(context, node)
     teacher_params = context.model_parameters(cell.teacher)
     params = ({"teacher": teacher_params} if cell.kind == "teacher"
               else {"student": count_parameters(network), "teacher": teacher_params})
@@ -263,7 +311,11 @@ def build_cell(node: Node, context: RunContext, folder: Path) -> None:
         wall_seconds={"train": train_seconds, "eval": scores["seconds"], "total": train_seconds + scores["seconds"],
                       "this_run": time.perf_counter() - started + stats.get("this_run", 0.0)},
         tokens={"train": stats.get("tokens", 0), "response": stats.get("response_tokens", 0)},
-        optimizer_steps=stats.get("steps", 0),
+        optimizer_steps=cost["own"]["optimizer_steps"],
+        optimizer_steps_total=cost["total"]["optimizer_steps"],
+        cost=cost,
+        selected_step=int(stats.get("selected_step", stats.get("steps", 0))),
+        validation={"metric": stats.get("selection", {}).get("metric"), "curve": stats.get("validation", [])},
         forward_passes={"student": stats.get("student_forwards", 0), "teacher": stats.get("teacher_forwards", 0)},
         params={role: count for role, count in params.items() if count is not None},
     )
@@ -292,6 +344,24 @@ def score_lm_eval(context: RunContext, model: Any, tokenizer: Any, heldout: list
             metrics[f"lm_eval/{name}"] = {LM_EVAL_SEED: value}
             higher_is_better[f"lm_eval/{name}"] = scores.higher_is_better[name]
     return time.perf_counter() - started
+
+
+def stage_cost(stats: dict[str, Any]) -> StageCost:
+    return {"optimizer_steps": int(stats.get("steps", 0)), "examples": int(stats.get("examples", 0)),
+            "tokens": int(stats.get("tokens", 0)), "seconds": float(stats.get("seconds", 0.0))}
+
+
+def cell_cost(context: RunContext, node: Node) -> Cost:
+    """The cell's own training stage and every training stage before it (SFT init, teacher), each by label,
+    and their sum: what it took, from the base models, to produce the row."""
+    own_key = node.deps["model"]
+    # A student reads a shipped teacher's folder for its tokenizer only: that is no training of the row's.
+    lineage = context.graph.lineage(own_key, skip_roles=("tokenizer",))
+    ancestors = [key for key in lineage if key != own_key and key in context.train_stats]
+    own = stage_cost(context.train_stats.get(own_key, {}))
+    before = {context.graph[key].label: stage_cost(context.train_stats[key]) for key in ancestors}
+    total = {field: sum(c[field] for c in (own, *before.values())) for field in own}
+    return {"own": own, "ancestors": before, "total": total}  # type: ignore[typeddict-item]
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -326,8 +396,15 @@ def cell_result(context: RunContext, node: Node, status: Status, failure: Failur
         "metrics": {}, "higher_is_better": {}, "per_task": {},
         "eval_examples": 0, "eval_examples_by_dataset": {},
         "wall_seconds": {"train": 0.0, "eval": 0.0, "total": 0.0, "this_run": 0.0},
+        "protocol": context.experiment.protocol,
+        "protocol_card": protocol_card(context.experiment, sorted({n.spec.seed for n in graph.cells()
+                                                                   if n.spec.kind == "student"})),
         "tokens": {"train": 0, "response": 0},
         "optimizer_steps": 0,
+        "optimizer_steps_total": 0,
+        "cost": {"own": stage_cost({}), "ancestors": {}, "total": stage_cost({})},
+        "selected_step": 0,
+        "validation": {"metric": None, "curve": []},
         "processes": distributed.world_size(),
         "forward_passes": {"student": 0, "teacher": 0},
         "params": {},
@@ -366,8 +443,8 @@ BUILDERS: dict[StageKind, Builder] = {builder.kind: builder for builder in (
     Builder(StageKind.CHECKPOINT, 1, lambda node, context, folder: None),
     Builder(StageKind.TOKENIZER, 1, build_tokenizer),
     Builder(StageKind.INIT, 1, build_init),
-    Builder(StageKind.TOKENIZE, 1, build_tokenize),
-    Builder(StageKind.TRAIN, 1, build_training, collective=True),
+    Builder(StageKind.TOKENIZE, 2, build_tokenize),
+    Builder(StageKind.TRAIN, 2, build_training, collective=True),
     Builder(StageKind.GENERATE, 1, build_generations, collective=True),
-    Builder(StageKind.EVAL, 1, build_cell, collective=True),
+    Builder(StageKind.EVAL, 2, build_cell, collective=True),
 )}

@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kdbench.errors import KdbenchError
+from kdbench.report.card import ProtocolCard, render_card
 from kdbench.results.schema import REQUIRED_KEYS, SCHEMA_VERSION, STATUSES
 
 RENDER_FORMATS: tuple[str, ...] = ("md", "csv", "json")
@@ -110,6 +111,10 @@ class LeaderboardRow:
     config_hashes: list[str]
     higher_is_better: dict[str, bool] = field(default_factory=dict)
     primary_metric: str | None = None  # what the row ranks by, from the experiment
+    protocol: str | None = None  # uniform or paper (METHODS.md)
+    optimizer_steps: float | None = None  # of the row's own training stage, mean over train seeds
+    optimizer_steps_total: float | None = None  # ancestors (SFT init, teacher) included
+    selected_steps: list[int] = field(default_factory=list)  # per scored train seed, in seed order
     status: str = "ok"  # ok when every train seed was scored; else the status of the first that was not
     failures: list[dict[str, Any]] = field(default_factory=list)  # per unscored seed: seed, status, reason, stage, step
 
@@ -189,9 +194,17 @@ def _aggregate_group(key: tuple[str, str, str], group: list[dict[str, Any]]) -> 
         config_hashes=sorted({str(r["config_hash"]) for r in group}),
         higher_is_better=higher_is_better,
         primary_metric=primary,
+        protocol=group[0].get("protocol"),
+        optimizer_steps=_mean_or_none([r["optimizer_steps"] for r in scored]),
+        optimizer_steps_total=_mean_or_none([r["optimizer_steps_total"] for r in scored]),
+        selected_steps=[int(r["selected_step"]) for r in sorted(scored, key=lambda r: r["train_seed"])],
         status=failures[0]["status"] if failures else "ok",
         failures=failures,
     )
+
+
+def _mean_or_none(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
 
 
 def _model_params(result: Mapping[str, Any], kind: str) -> int | None:
@@ -240,6 +253,10 @@ def leaderboard_records(rows: Sequence[LeaderboardRow]) -> list[dict[str, Any]]:
         )
         record: dict[str, Any] = dict(zip(_BASE_RECORD_KEYS, base_values))
         record["primary_metric"] = row.primary_metric
+        record["protocol"] = row.protocol
+        record["optimizer_steps"] = _round(row.optimizer_steps)
+        record["optimizer_steps_total"] = _round(row.optimizer_steps_total)
+        record["selected_step"] = row.selected_steps
         record["failures"] = row.failures
         for metric in metrics:
             record[f"{metric}_mean"] = _round(row.metrics_mean.get(metric))
@@ -272,14 +289,22 @@ def _format_wall(seconds: float | None) -> str:
     return _MISSING if seconds is None else f"{seconds:.1f}"
 
 
+def _format_steps(steps: float | None) -> str:
+    return _MISSING if steps is None else f"{steps:,.0f}"
+
+
+def _format_selected(steps: Sequence[int]) -> str:
+    return ", ".join(map(str, steps)) if steps else _MISSING
+
+
 def _format_params(params: int | None) -> str:
     return _MISSING if params is None else f"{params:,}"
 
 
 def _render_markdown(rows: Sequence[LeaderboardRow]) -> str:
     metrics = _all_metrics(rows)
-    header = ["family", "student", "method", "kind", *metrics, "seeds", "train seeds", "wall s",
-              "params", "status"]
+    header = ["family", "student", "method", "kind", *metrics, "seeds", "train seeds", "steps", "steps total",
+              "selected step", "wall s", "params", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         cells = [
@@ -290,6 +315,9 @@ def _render_markdown(rows: Sequence[LeaderboardRow]) -> str:
             *(_mean_pm_std(row, metric) for metric in metrics),
             str(row.n_seeds),
             str(row.n_train_seeds),
+            _format_steps(row.optimizer_steps),
+            _format_steps(row.optimizer_steps_total),
+            _format_selected(row.selected_steps),
             _format_wall(row.wall_seconds),
             _format_params(row.params),
             status_text(row),
@@ -311,14 +339,17 @@ def _render_csv(rows: Sequence[LeaderboardRow]) -> str:
     return buffer.getvalue()
 
 
-def render(rows: Sequence[LeaderboardRow], fmt: str) -> str:
-    """Render rows as ``md`` (GitHub table, ``mean ± std`` cells), ``csv`` or ``json``."""
+def render(rows: Sequence[LeaderboardRow], fmt: str, cards: Sequence[ProtocolCard] = ()) -> str:
+    """Render rows as ``md`` (the protocol cards, then a GitHub table with ``mean ± std`` cells), ``csv`` or
+    ``json`` (rows only: each carries its ``protocol``)."""
     if fmt == "json":
         return json.dumps(leaderboard_records(rows), indent=2)
     if fmt == "csv":
         return _render_csv(rows)
     if fmt == "md":
-        return _render_markdown(rows)
+        preamble = "".join("Protocol card:\n\n" + "".join(f"- {line}\n" for line in render_card(card).splitlines())
+                           + "\n" for card in cards)
+        return preamble + _render_markdown(rows)
     raise KdbenchError(
         f"Unknown leaderboard format {fmt!r}; expected one of {', '.join(RENDER_FORMATS)}."
     )
@@ -354,6 +385,9 @@ def rich_table(rows: Sequence[LeaderboardRow], title: str) -> Table:
     for metric in metrics:
         table.add_column(metric, justify="right")
     table.add_column("seeds", justify="right")
+    table.add_column("steps", justify="right")
+    table.add_column("steps total", justify="right")
+    table.add_column("selected", justify="right")
     table.add_column("wall s", justify="right")
     unscored = any(row.status != "ok" for row in rows)
     if unscored:
@@ -371,6 +405,9 @@ def rich_table(rows: Sequence[LeaderboardRow], title: str) -> Table:
             row.method,
             *metric_cells,
             str(row.n_seeds),
+            _format_steps(row.optimizer_steps),
+            _format_steps(row.optimizer_steps_total),
+            _format_selected(row.selected_steps),
             _format_wall(row.wall_seconds),
             *([Text(status_text(row), style="red" if row.status != "ok" else "")] if unscored else []),
             style="dim italic" if row.is_teacher else None,

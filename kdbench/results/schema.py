@@ -12,7 +12,7 @@ from typing import Literal
 from typing_extensions import NotRequired, TypedDict
 
 # The one schema version: kdbench writes it, ``kdbench report`` reads only it.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 Status = Literal["ok", "failed", "diverged"]
 STATUSES: tuple[Status, ...] = ("ok", "failed", "diverged")
@@ -49,6 +49,26 @@ class Tokens(TypedDict):
     response: int  # gold response tokens the loss was taken on, all processes
 
 
+class StageCost(TypedDict):
+    optimizer_steps: int
+    examples: int  # training sequences drawn (prompts of rollouts for on-policy stages), all processes
+    tokens: int  # non-padding tokens of those sequences
+    seconds: float  # wall time of the stage when it was built
+
+
+class Cost(TypedDict):
+    """What producing the row took, from the base models: its own training stage and every one before it."""
+
+    own: StageCost  # the cell's own stage: under protocol uniform, equal across a leaderboard's student rows
+    ancestors: dict[str, StageCost]  # stage label ("gpt2/s1/init/seed0", "gpt2/teacher") → its cost
+    total: StageCost  # own + ancestors
+
+
+class Validation(TypedDict):
+    metric: str | None  # "loss" or an evaluation metric; None when the cell's model was not trained here
+    curve: list[dict[str, float]]  # {"step", "value"} at every validation of the cell's own stage
+
+
 class ForwardPasses(TypedDict):
     student: int  # student forward passes with gradients during its own training stage (per micro-batch, per sequence)
     teacher: int  # teacher forward passes under teacher forcing during that stage
@@ -78,8 +98,14 @@ class CellResult(TypedDict):
     eval_examples: int  # examples scored on the experiment's own evaluation split
     eval_examples_by_dataset: dict[str, int]  # "" (own split) or the extra set's label → examples scored
     wall_seconds: WallSeconds
+    protocol: Literal["uniform", "paper"]  # the experiment's protocol (METHODS.md, "Two protocols")
+    protocol_card: dict[str, str]  # kdbench.report.card: init, budget, LM term, selection, seeds, evaluation in words
     tokens: Tokens
     optimizer_steps: int  # of the cell's own training stage
+    optimizer_steps_total: int  # own + every training stage before it (SFT init, teacher)
+    cost: Cost
+    selected_step: int  # the optimizer step of the own stage whose weights were scored (selection rule)
+    validation: Validation  # the curve the own stage was selected on
     processes: int  # data-parallel processes that trained and evaluated it
     forward_passes: ForwardPasses
     params: dict[str, int]  # "student" and "teacher" → parameter count (the teacher row: "teacher" only)

@@ -34,6 +34,9 @@ from kdbench.objectives import (
     active_reads,
     gold_cross_entropy,
     masked_loss_sum,
+    soft_cross_entropy,
+    source_of,
+    step_roles,
 )
 from kdbench.train.sources import MicroBatches, PromptOrder, Sequences, SequenceSource, SourceContext, teacher_use
 
@@ -54,8 +57,29 @@ class TrainStats:
     student_forwards: int = 0
     teacher_forwards: int = 0
     student_samples: int = 0  # responses sampled from the student during training, all processes (on-policy sources)
+    examples: int = 0  # training prompts drawn from the data order (or a source that drives them), all processes
     seconds: float = 0.0
+    selected_step: int = 0  # the optimizer step whose weights the stage hands on
+    validation: list[dict[str, float]] = field(default_factory=list)  # step, value: the curve it was selected on
     log: list[dict[str, float]] = field(default_factory=list)  # per optimizer step: step, loss, lr
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Checkpoint selection for a training stage: ``score(model)`` every ``every`` optimizer steps and at the
+    last one; with ``keep_best`` the best-scoring weights are handed on, otherwise the final ones. ``score`` runs
+    on every process of a launch (it may generate collectively) with the model in eval mode and no gradients."""
+
+    score: Callable[[torch.nn.Module], float]
+    every: int
+    higher_is_better: bool
+    keep_best: bool = True
+
+    def due(self, step: int, total: int) -> bool:
+        return step % self.every == 0 or step == total
+
+    def better(self, value: float, best: float | None) -> bool:
+        return best is None or (value > best if self.higher_is_better else value < best)
 
 
 def deepspeed_config(settings: TrainingConfig) -> dict[str, Any]:
@@ -115,11 +139,12 @@ def lr_lambda(settings: TrainingConfig, total_steps: int) -> Any:
 
 
 def total_optimizer_steps(settings: TrainingConfig, n_examples: int, world_size: int) -> int:
-    if settings.max_steps is not None:
-        return settings.max_steps
-    assert settings.epochs is not None
-    micro_batches_per_epoch = math.ceil(n_examples / settings.batch_size) // world_size
-    return max(1, math.ceil(settings.epochs * micro_batches_per_epoch / settings.grad_accum))
+    """``max_steps``, or ``epochs`` over ``n_examples``; with both, whichever ends first."""
+    lengths = [] if settings.max_steps is None else [settings.max_steps]
+    if settings.epochs is not None:
+        micro_batches_per_epoch = max(1, n_examples // settings.batch_size) // world_size  # full batches only
+        lengths.append(max(1, math.ceil(settings.epochs * micro_batches_per_epoch / settings.grad_accum)))
+    return min(lengths)
 
 
 def loss_scale(world_size: int, grad_accum: int, global_response_tokens: int) -> float:
@@ -167,15 +192,69 @@ class LossSums:
 def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
                     micro: Mapping[str, Sequences], teacher: torch.nn.Module | None) -> LossSums:
     """Run the student on every sequence the step reads (the teacher too, on the ones the objective reads,
-    when it needs teacher logits), then sum both terms. The gold forward pass serves the CE term and an
-    objective that reads gold alike; with ``kd_ratio = 0`` only the gold CE is computed (sft, teachers)."""
-    reads = active_reads(objective, params)
-    teacher_reads = set(objective.reads) if teacher is not None and params.kd_ratio > 0 else set()
-    views = {name: sequence_view(model, micro[name], teacher if name in teacher_reads else None) for name in reads}
-    gold = views[GOLD]
-    ce_sum = gold_cross_entropy(gold.student_logits, gold.labels, gold.mask).sum()
+    when it needs teacher logits), then sum both terms. ``micro`` is keyed by role: the GOLD forward pass
+    serves the CE term and an objective that reads GOLD alike, and roles one source fills (the same
+    ``Sequences``) share one pass; with ``kd_ratio = 0`` only the CE is computed (sft, teachers), with
+    ``kd_ratio = 1`` no CE at all (MiniLLM's and DPKD's recipes), so GOLD runs only if the objective reads it."""
+    teacher_roles = set(objective.reads) if teacher is not None and params.kd_ratio > 0 else set()
+    roles_run = [role for role in step_roles(objective, params)
+                 if role != GOLD or params.kd_ratio < 1 or GOLD in objective.reads]
+    shared: dict[int, list[str]] = {}  # roles by the sequences that fill them
+    for role in roles_run:
+        shared.setdefault(id(micro[role]), []).append(role)
+    views: dict[str, SequenceView] = {}
+    teacher_forwards = 0
+    for roles in shared.values():
+        with_teacher = any(role in teacher_roles for role in roles)
+        view = sequence_view(model, micro[roles[0]], teacher if with_teacher else None)
+        views.update(dict.fromkeys(roles, view))
+        teacher_forwards += with_teacher
+    if GOLD in views:
+        gold = views[GOLD]
+        ce_sum = gold_cross_entropy(gold.student_logits, gold.labels, gold.mask).sum()
+    else:
+        ce_sum = torch.zeros((), device=micro[GOLD].input_ids.device)
     objective_sum = torch.zeros_like(ce_sum) if params.kd_ratio == 0 else masked_loss_sum(objective, views, params)
-    return LossSums(ce_sum, objective_sum, len(views), len(teacher_reads))
+    return LossSums(ce_sum, objective_sum, len(shared), teacher_forwards)
+
+
+@dataclass(frozen=True)
+class LmTerm:
+    """The pre-training LM term of MiniLLM and DPKD: ``lm_coef · [(1 − r)·CE + r·word-KD]`` on plain-text chunks
+    (``r = lm_kd_ratio``; MiniLLM ``minillm/losses.py:198-226``), drawn in an order of their own, beside the
+    objective's batches; absent when ``lm_coef`` is 0."""
+
+    settings: TrainingConfig
+    text: Sequence[TokenizedExample] | None
+
+    def __post_init__(self) -> None:
+        if self.settings.lm_coef > 0 and not self.text:
+            raise ValueError("lm_coef > 0 needs the pre-training chunks (TrainingData.lm_text)")
+
+    @property
+    def distils(self) -> bool:
+        """Its word-KD half runs the teacher."""
+        return self.settings.lm_coef > 0 and self.settings.lm_kd_ratio > 0
+
+    def order(self, batch_size: int, seed: int, rank: int, world: int) -> PromptOrder | None:
+        if self.settings.lm_coef == 0 or self.text is None:
+            return None
+        return PromptOrder([len(e.input_ids) for e in self.text], batch_size, torch.Generator().manual_seed(seed + 2),
+                           rank, world, self.settings.length_bucket)
+
+    def batch(self, order: PromptOrder, pad_id: int, device: torch.device) -> Sequences:
+        assert self.text is not None
+        return Sequences.collate([self.text[i] for i in order.next()], pad_id, device)
+
+    def loss_sum(self, model: torch.nn.Module, chunks: Sequences, teacher: torch.nn.Module | None) -> torch.Tensor:
+        """Σ over the chunks' tokens of ``(1 − r)·CE + r·word-KD``."""
+        view = sequence_view(model, chunks, teacher if self.distils else None)
+        ratio = self.settings.lm_kd_ratio
+        term = (1 - ratio) * gold_cross_entropy(view.student_logits, view.labels, view.mask)
+        if view.teacher_logits is not None:
+            term = term + ratio * soft_cross_entropy(view.student_logits, view.teacher_logits) * view.mask
+        return term.sum()
+
 
 
 def set_activation_checkpointing(model: Any, enabled: bool) -> None:
@@ -195,13 +274,16 @@ class TrainingData:
     eos_id: int | None = None
     teacher_texts: Sequence[TokenizedExample] | None = None
     sample_max_new_tokens: int = 64  # bound on every response sampled from the student while training
+    lm_text: Sequence[TokenizedExample] | None = None  # pre-training chunks of the LM term (settings.lm_coef > 0)
 
 
 def make_sources(objective: type[Objective], params: ObjectiveParams, registry: Mapping[str, type[SequenceSource]],
                  context: SourceContext) -> dict[str, SequenceSource]:
-    """One instance of every source the step reads, with the options the objective gives it."""
+    """One instance of every source the step reads, with the options the objective gives it, by the role it
+    fills (one instance may fill two: ``train_on`` naming a source the objective reads as well)."""
     options = objective.source_options(params)
-    return {name: registry[name](context, options.get(name)) for name in active_reads(objective, params)}
+    instances = {name: registry[name](context, options.get(name)) for name in active_reads(objective, params)}
+    return {role: instances[source_of(role, params)] for role in step_roles(objective, params)}
 
 
 def train(
@@ -219,6 +301,7 @@ def train(
     tracking: Tracking | None = None,
     save_to: Path | None = None,
     tokenizer: Any = None,
+    validation: Validation | None = None,
 ) -> tuple[torch.nn.Module, TrainStats]:
     """Train ``student`` in place with ``objective``; return the unwrapped model and the stats.
 
@@ -226,13 +309,17 @@ def train(
     ZeRO-3 ``from_pretrained`` partitions the weights as it loads them instead of every process holding
     the whole model first. ``sources`` are the sequence-source classes by name (default: every installed
     one). With ``save_to``, the trained model (ZeRO-3 shards gathered) and ``tokenizer`` are written there
-    as an ordinary HF folder by the main process. A non-finite loss raises ``Diverged``. Whatever the
-    stage changes process-wide is restored on return (``process.training_state``)."""
+    as an ordinary HF folder by the main process. With ``validation`` the stage is scored on the validation
+    split as it trains and hands on (returns and saves) the checkpoint the rule selects. A non-finite loss
+    raises ``Diverged``. Whatever the stage changes process-wide is restored on return
+    (``process.training_state``)."""
     if sources is None:
         from kdbench.registry import load_registries
 
         sources = {name: load_registries().sources.get(name) for name in active_reads(objective, params)}
     needs_logits, needs_teacher = teacher_use(objective, params, sources)
+    lm_term = LmTerm(settings, data.lm_text)
+    needs_teacher |= lm_term.distils
     assert teacher is not None or not needs_teacher, f"{objective.name} needs a teacher"
     with process.training_state(settings.engine, settings.threads, seed):
         accelerator = make_accelerator(settings, tracking)
@@ -253,21 +340,24 @@ def train(
             teacher = teacher.to(accelerator.device).eval()  # type: ignore[union-attr]
         # Two generators, the same on every process: the data order, and every draw a source makes.
         order = PromptOrder([len(e.input_ids) for e in data.examples], settings.batch_size,
-                            torch.Generator().manual_seed(seed), accelerator.process_index, world)
+                            torch.Generator().manual_seed(seed), accelerator.process_index, world, settings.length_bucket)
         context = SourceContext(data.examples, data.teacher_texts, order, lambda: accelerator.unwrap_model(model),
                                 teacher if needs_teacher else None, accelerator.device, data.pad_id, data.eos_id,
                                 data.sample_max_new_tokens, max(len(e.input_ids) for e in data.examples),
                                 torch.Generator().manual_seed(seed + 1))
         batches = MicroBatches(context, make_sources(objective, params, sources, context))
+        lm_order = lm_term.order(settings.batch_size, seed, accelerator.process_index, world)
         stats = TrainStats()
         if observer is not None:
             observer.kdbench_on_stage_start(stage=stage, total=total_steps)
         started = time.perf_counter()
-        model.train()
+        model.train(objective.train_mode(params))  # minillm: eval mode, so sampling and update share one network
 
         def global_sum(value: int) -> int:
             return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum").item())
 
+        best_value: float | None = None
+        best_state: dict[str, torch.Tensor] | None = None  # on the CPU, so selection costs no accelerator memory
         for step in range(total_steps):
             group = [batches.next() for _ in range(settings.grad_accum)]
 
@@ -280,13 +370,20 @@ def train(
             # the scales undo both, so the gradient is exactly that of the step's token means.
             ce_scale = loss_scale(world, settings.grad_accum, gold_count)
             objective_scale = loss_scale(world, settings.grad_accum, target_count)
+            # The pre-training term's chunks of this step, normalised by their own global token count.
+            lm_batches = [lm_term.batch(lm_order, data.pad_id, accelerator.device) for _ in group] if lm_order else []
+            lm_scale = loss_scale(world, settings.grad_accum, global_sum(sum(b.response_tokens() for b in lm_batches)))
             step_loss = torch.zeros((), device=accelerator.device)
-            for micro in group:
+            for index, micro in enumerate(group):
                 with accelerator.accumulate(model):
                     sums = batch_loss_sums(model, objective, params, micro, teacher if needs_logits else None)
                     stats.student_forwards += sums.student_forwards
                     stats.teacher_forwards += sums.teacher_forwards
                     loss = (1 - params.kd_ratio) * sums.ce * ce_scale + params.kd_ratio * sums.objective * objective_scale
+                    if lm_batches:
+                        loss = loss + settings.lm_coef * lm_term.loss_sum(model, lm_batches[index], teacher) * lm_scale
+                        stats.student_forwards += 1
+                        stats.teacher_forwards += int(lm_term.distils)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and settings.engine != "deepspeed":
                         accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)  # DeepSpeed clips from its config
@@ -296,6 +393,7 @@ def train(
                         scheduler.step()
                     step_loss += loss.detach() / (world * settings.grad_accum)
                     stats.tokens += micro[GOLD].non_padding_tokens()
+                    stats.examples += len(micro[GOLD])
             loss_value = float(accelerator.reduce(step_loss, "sum").item())
             stats.response_tokens += gold_count
             record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
@@ -305,25 +403,65 @@ def train(
             if observer is not None:
                 observer.kdbench_on_step_end(stage=stage, step=step + 1, metrics=record)
             accelerator.log({"train/loss": loss_value, "train/lr": record["lr"]}, step=step + 1)  # no-op without trackers
+            if validation is not None and validation.due(step + 1, total_steps):
+                value = validate(model, accelerator, validation)
+                stats.validation.append({"step": step + 1, "value": value})
+                accelerator.log({"validation": value}, step=step + 1)
+                # Under "final" the curve is still recorded; only the best rule keeps a copy of the weights.
+                if validation.keep_best and validation.better(value, best_value):
+                    best_value, stats.selected_step = value, step + 1
+                    best_state = {name: tensor.detach().to("cpu", copy=True)
+                                  for name, tensor in accelerator.get_state_dict(model).items()}
         for tracker in accelerator.trackers:  # not end_training(): that also tears down the process group
             tracker.finish()
         if settings.gradient_checkpointing:
             set_activation_checkpointing(student, False)  # sampling and evaluation want the KV cache back
         stats.steps = total_steps
         stats.tokens = global_sum(stats.tokens)
+        stats.examples = global_sum(stats.examples)
         stats.student_samples = global_sum(context.counters["student_samples"])
         stats.seconds = time.perf_counter() - started
+        if best_state is None or stats.selected_step == total_steps:
+            stats.selected_step, best_state = total_steps, None  # the final weights are the selected ones
         model.eval()
         if save_to is not None:
-            save_trained(model, accelerator, tokenizer, save_to)
+            save_trained(model, accelerator, tokenizer, save_to, best_state)
         trained = accelerator.unwrap_model(model)
+        if best_state is not None and settings.zero_stage != 3:  # ZeRO-3 holds shards: the saved folder has the best
+            trained.load_state_dict(best_state)
         accelerator.free_memory()  # the engine's optimizer state leaves the GPU before evaluation loads a model
     return trained, stats
 
 
-def save_trained(model: torch.nn.Module, accelerator: Accelerator, tokenizer: Any, directory: Path) -> None:
-    """Write an ordinary HF folder (gathering ZeRO-3 shards first) from the main process only."""
-    state_dict = accelerator.get_state_dict(model)
+def validate(model: torch.nn.Module, accelerator: Accelerator, validation: Validation) -> float:
+    """Score the model as it is now; training resumes in the mode it was in, with the process RNG it had
+    (sampled validation must not change the training draws that follow)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), process.seeded(0):
+        value = float(validation.score(accelerator.unwrap_model(model)))
+    model.train(was_training)
+    return value
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, examples: Sequence[TokenizedExample], pad_id: int, batch_size: int) -> float:
+    """Mean cross-entropy per response token of ``examples`` under teacher forcing (selection by validation loss)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        view = sequence_view(model, Sequences.collate(examples[start:start + batch_size], pad_id, device), None)
+        total += float(gold_cross_entropy(view.student_logits, view.labels, view.mask).sum())
+        count += int(view.mask.sum())
+    return total / max(count, 1)
+
+
+def save_trained(model: torch.nn.Module, accelerator: Accelerator, tokenizer: Any, directory: Path,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write an ordinary HF folder (gathering ZeRO-3 shards first, unless ``state_dict`` is given) from the main
+    process only."""
+    if state_dict is None:
+        state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict)
         if tokenizer is not None:

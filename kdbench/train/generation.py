@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from kdbench.data import Record, TokenizedExample, format_prompt
+from kdbench.data import Record, TokenizedExample, format_prompt, prompt_ids
 from kdbench.process import seeded
 
 GREEDY = "greedy"  # the evaluation-seed label of greedy decoding
@@ -55,26 +55,25 @@ def generation_config(greedy: bool, max_new_tokens: int, eos_id: int, pad_id: in
 @torch.no_grad()
 def generate_responses(model: Any, tokenizer: Any, records: Sequence[Record], seed_label: str, max_new_tokens: int,
                        batch_size: int, on_batch: Callable[[], None] | None = None) -> list[str]:
-    """One response per record, in the records' order; text after the first EOS is dropped. Sampling
-    draws from torch's generator seeded with ``seed_label`` for the call (``model.generate`` takes no
-    generator of its own) and puts the global state back afterwards."""
+    """One response per record, in the records' order; text after the first EOS is dropped. Prompts are
+    tokenised by ``prompt_ids``, exactly as training tokenises them. Sampling draws from torch's generator
+    seeded with ``seed_label`` for the call (``model.generate`` takes no generator of its own) and puts
+    the global state back afterwards."""
     model.eval()
-    prompts = [format_prompt(r) for r in records]
+    texts = [format_prompt(r) for r in records]
+    prompts = [prompt_ids(r, tokenizer) for r in records]
     # Batch prompts of similar length together; results are put back in the original order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: len(texts[i]))
     responses: list[str] = [""] * len(prompts)
     with seeded(0 if seed_label == GREEDY else int(seed_label)):
         for start in range(0, len(order), batch_size):
             indices = order[start:start + batch_size]
-            # Left padding: decoder-only generation continues from the right edge (the caller's tokenizer
-            # keeps its own padding side).
-            encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True, padding_side="left",
-                                add_special_tokens=False).to(model.device)
-            width = encoded["input_ids"].shape[1]
+            input_ids, attention_mask = _left_pad([prompts[i] for i in indices], tokenizer.pad_token_id, model.device)
+            width = input_ids.shape[1]
             budget = new_token_budget(model, max_new_tokens, width)
             config = generation_config(seed_label == GREEDY, budget, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            new_tokens = (model.generate(**encoded, generation_config=config)[:, width:] if budget
-                          else encoded["input_ids"][:, :0])
+            new_tokens = (model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                         generation_config=config)[:, width:] if budget else input_ids[:, :0])
             for i, row in zip(indices, new_tokens.tolist()):
                 if tokenizer.eos_token_id in row:
                     row = row[: row.index(tokenizer.eos_token_id)]
@@ -94,7 +93,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Left padding: generation continues every row from the right edge."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -126,6 +125,13 @@ def sample_continuations(model: Any, examples: Sequence[TokenizedExample], max_n
         samples.append(TokenizedExample((prompt + response + [eos_id])[:max_length], len(prompt)))
     model.train(was_training)
     return samples
+
+
+def mixture_logp(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``log((1 − α)·q + α·p)`` elementwise from log-probabilities, in log space; α = 0 gives ``log_q``."""
+    if alpha == 0:
+        return log_q
+    return torch.logaddexp(log_q + math.log1p(-alpha), log_p + math.log(alpha))
 
 
 @dataclass
@@ -166,10 +172,7 @@ def sample_mixture(student: Any, teacher: Any, prompts: Sequence[list[int]], alp
             caches[index] = out["cache"] if "cache" in out else out["past_key_values"]
             log_probs.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # (b, vocab)
         log_q, log_p = log_probs
-        if alpha > 0:  # log((1 − α)·q + α·p), computed in log space
-            log_mix = torch.logaddexp(log_q + math.log1p(-alpha), log_p + math.log(alpha))
-        else:
-            log_mix = log_q
+        log_mix = mixture_logp(log_q, log_p, alpha)  # (b, vocab)
         token = torch.multinomial(log_mix.exp().cpu(), 1, generator=generator).squeeze(-1).to(device)  # (b,)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         records["token"].append(token)

@@ -3,7 +3,7 @@
 A source makes one kind of sequence for a micro-batch of training prompts: the data set's gold
 responses, the teacher's stored samples, fresh samples of the student as it is now, rollouts from a
 teacher-mixed distribution. Objectives name the sources they read (``Objective.reads``); the engine
-asks each for its sequences and hands the loss one ``SequenceView`` per source. Sources are plugins
+asks each for its sequences and hands the loss one ``SequenceView`` per name it reads. Sources are plugins
 (``kdbench_register_sequence_sources``): an on-policy fraction or a replay buffer is a new source, not
 a new path through the training loop. The built-in ones are in ``kdbench_plugins.sources``.
 """
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from kdbench.data import TokenizedExample, collate, length_grouped_batches
-from kdbench.objectives import GOLD, Need, Objective, ObjectiveParams
+from kdbench.objectives import GOLD, Need, Objective, ObjectiveParams, active_reads
 
 
 @dataclass(frozen=True)
@@ -49,17 +49,19 @@ class Sequences:
 
 
 class PromptOrder:
-    """This process's micro-batches of training prompts, in the stage's data order: length-grouped,
-    reshuffled every epoch from one generator that every process seeds alike, each taking its share."""
+    """This process's micro-batches of training prompts, in the stage's data order: length-grouped over
+    buckets of ``length_bucket`` batches (1: random batches), reshuffled every epoch from one generator that
+    every process seeds alike, each taking its share."""
 
-    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, rank: int, world: int) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, rank: int, world: int,
+                 length_bucket: int = 16) -> None:
         self.lengths, self.batch_size, self.generator = lengths, batch_size, generator
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.length_bucket = rank, world, length_bucket
         self.order: list[list[int]] = []
 
     def next(self) -> list[int]:
         if len(self.order) < self.world:  # every process gets one micro-batch per turn; a new epoch reshuffles
-            self.order = length_grouped_batches(self.lengths, self.batch_size, self.generator)
+            self.order = length_grouped_batches(self.lengths, self.batch_size, self.generator, self.length_bucket)
             self.order = self.order[: len(self.order) - len(self.order) % self.world]
         turn, self.order = self.order[: self.world], self.order[self.world:]
         return turn[self.rank]
@@ -109,25 +111,30 @@ class SequenceSource:
 
 class MicroBatches:
     """Each micro-batch of a training stage: its prompts (from the data order, or from the one source
-    that drives them), then every source's sequences for those prompts, by source name."""
+    that drives them), then the sequences of every role (``kdbench.objectives``) for those prompts. A
+    source filling two roles is asked once: both roles get the same ``Sequences``."""
 
     def __init__(self, context: SourceContext, sources: Mapping[str, SequenceSource]) -> None:
-        assert GOLD in sources, "every step reads the gold sequences (the CE term)"
-        drivers = [source for source in sources.values() if source.drives_prompts]
+        assert GOLD in sources, "every step fills the GOLD role (the CE term)"
+        unique = list({id(source): source for source in sources.values()}.values())
+        drivers = [source for source in unique if source.drives_prompts]
         assert len(drivers) <= 1, f"only one source may choose the prompts, got {[d.name for d in drivers]}"
         self.context, self.sources = context, sources
         self.driver = drivers[0] if drivers else None
 
     def next(self) -> dict[str, Sequences]:
         prompts = self.driver.next_prompts() if self.driver is not None else self.context.prompts.next()
-        return {name: source.sequences(prompts) for name, source in self.sources.items()}
+        made: dict[int, Sequences] = {}  # by source instance: a sampling source must not draw twice
+        for source in self.sources.values():
+            if id(source) not in made:
+                made[id(source)] = source.sequences(prompts)
+        return {role: made[id(source)] for role, source in self.sources.items()}
 
 
 def teacher_use(objective: type[Objective], params: ObjectiveParams,
                 sources: Mapping[str, type[SequenceSource]]) -> tuple[bool, bool]:
     """(teacher logits under teacher forcing, the teacher model at all) for training with ``objective``:
-    the objective may need its logits, a source it reads may sample from it; with ``kd_ratio = 0`` neither."""
-    if params.kd_ratio == 0:
-        return False, False
-    logits = Need.TEACHER_LOGITS in objective.needs_for(params)
-    return logits, logits or any(Need.TEACHER_MODEL in sources[name].needs for name in objective.reads)
+    the objective may need its logits, a source the step reads may sample from it; with ``kd_ratio = 0``
+    no logits."""
+    logits = params.kd_ratio > 0 and Need.TEACHER_LOGITS in objective.needs_for(params)
+    return logits, logits or any(Need.TEACHER_MODEL in sources[name].needs for name in active_reads(objective, params))
