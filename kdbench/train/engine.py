@@ -3,9 +3,11 @@
 It runs through accelerate, with DeepSpeed (ZeRO stage from the experiment) or plain accelerate.
 The runner's share of every loss lives here and nowhere else: running the models on the sequences
 an objective reads (``kdbench.train.sources`` makes them), shifting, masking, the ``kd_ratio`` mix
-``(1 - kd_ratio)·CE_gold + kd_ratio·L_objective`` and normalisation by the global count of response
-tokens (or sequences) in an optimizer step. It never branches on an objective's name or on the kind
-of sequence it reads.
+``(1 - kd_ratio)·CE + kd_ratio·L_objective`` (the CE on the sequences ``train_on`` names, gold by default),
+the pre-training term ``lm_coef·[(1 − r)·CE + r·word-KD]`` on its own text, and normalisation by the
+global count of response tokens (or sequences) in an optimizer step. It also scores the stage on the
+validation split every N steps and hands on the best checkpoint. It never branches on an objective's
+name or on the kind of sequence it reads.
 """
 
 from __future__ import annotations
