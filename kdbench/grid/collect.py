@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,11 @@ class CheckpointSpec:
     def size(self, data: DataConfig) -> ModelSize:
         """From its config alone (local folder, HF cache or the family's table); KdbenchError when none is found."""
         return paper_model_size(self.path, self.family)
+
+    def recorded_training(self) -> dict[str, Any] | None:
+        """The training statistics a folder made by kdbench carries (a shipped tiny teacher), else None."""
+        record = Path(self.path) / "train_stats.json"
+        return json.loads(record.read_text()) if record.is_file() else None
 
 
 @dataclass(frozen=True)

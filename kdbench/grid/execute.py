@@ -69,9 +69,9 @@ def run_stage(node: Node, context: RunContext) -> None:
     builder = BUILDERS[node.kind]
     if node.kind is StageKind.CHECKPOINT:
         context.outputs[node.key] = node.spec.path
-        made_by_kdbench = Path(node.spec.path) / "train_stats.json"  # a shipped tiny teacher: its training counts
-        if made_by_kdbench.is_file():
-            context.train_stats[node.key] = {**json.loads(made_by_kdbench.read_text()), "this_run": 0.0}
+        recorded = node.spec.recorded_training()  # a shipped tiny teacher: its training counts
+        if recorded is not None:
+            context.train_stats[node.key] = {**recorded, "this_run": 0.0}
         return
     if node.kind is StageKind.EVAL:
         builder.build(node, context, cell_folder(context.out_dir, node))

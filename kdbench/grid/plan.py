@@ -7,9 +7,7 @@ estimates from settings alone (``kdbench.grid.estimate``): nothing is loaded, tr
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -135,8 +133,8 @@ class Plan:
             if key in planned:
                 steps.append(planned[key])
             elif self.graph[key].kind is StageKind.CHECKPOINT:  # a shipped tiny teacher made by kdbench
-                record = Path(self.graph[key].spec.path) / "train_stats.json"
-                steps.append(json.loads(record.read_text())["steps"] if record.is_file() else 0)
+                recorded = self.graph[key].spec.recorded_training()
+                steps.append(0 if recorded is None else recorded["steps"])
         own = planned.get(own_key, 0)
         return own, None if None in steps else sum(s or 0 for s in steps)
 

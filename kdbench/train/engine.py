@@ -374,7 +374,8 @@ def train(
             objective_scale = loss_scale(world, settings.grad_accum, target_count)
             # The pre-training term's chunks of this step, normalised by their own global token count.
             lm_batches = [lm_term.batch(lm_order, data.pad_id, accelerator.device) for _ in group] if lm_order else []
-            lm_scale = loss_scale(world, settings.grad_accum, global_sum(sum(b.response_tokens() for b in lm_batches)))
+            if lm_batches:  # no extra collective per step for the stages without the term
+                lm_scale = loss_scale(world, settings.grad_accum, global_sum(sum(b.response_tokens() for b in lm_batches)))
             step_loss = torch.zeros((), device=accelerator.device)
             for index, micro in enumerate(group):
                 with accelerator.accumulate(model):
