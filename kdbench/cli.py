@@ -10,13 +10,16 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from kdbench.errors import KdbenchError
+
+if TYPE_CHECKING:
+    from kdbench.report.build import Report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark knowledge-distillation objectives for causal language models under one protocol.")
@@ -42,23 +45,38 @@ CacheOption = Annotated[Optional[Path], typer.Option(
     help="Stage cache (default: $KDBENCH_CACHE_DIR or ~/.cache/kdbench).")]
 
 
-def _leaderboard(run_dir: Path) -> tuple[list[Any], list[dict[str, str]]]:
-    """The leaderboard rows and protocol cards of a results folder; warns (on stderr, so stdout stays
-    machine-readable) when one family's cells ran with different shared settings."""
-    from kdbench.report.card import cards_of
-    from kdbench.report.leaderboard import build_leaderboard, load_results, settings_mismatches
+def _report(run_dir: Path, title: str | None = None) -> Report:
+    """The report of a results folder; warns (on stderr, so stdout stays machine-readable) when one family's cells
+    ran with different shared settings."""
+    from kdbench.report.build import build_report
 
-    results = load_results(run_dir)
-    for mismatch in settings_mismatches(results):
+    built = build_report(run_dir, title)
+    for mismatch in built.warnings:
         stderr.print(f"[yellow]warning:[/] not like with like — {mismatch}", highlight=False)
-    return build_leaderboard(results), cards_of(results)
+    return built
 
 
-def _print_cards(cards: list[dict[str, str]]) -> None:
+def _print_report(built: Report) -> None:
+    """The protocol cards, then the leaderboard table (its caption says how the statistics are computed)."""
     from kdbench.report.card import render_card
+    from kdbench.report.render import rich_table
 
-    for card in cards:
+    for card in built.cards:
         stdout.print(f"[bold]Protocol card[/]\n{render_card(card)}", highlight=False)
+    stdout.print(rich_table(built.rows, title=built.title))
+
+
+def _write_report(path: Path, text: str) -> None:
+    from kdbench.results.store import atomic_write_text
+
+    if path.is_dir():
+        raise KdbenchError(f"-o {path} is a folder; expected a file to write the report to, such as "
+                           f"{path / 'report.html'}.")
+    try:
+        atomic_write_text(path, text)
+    except OSError as error:
+        raise KdbenchError(f"Cannot write the report to {path} ({error.strerror or error}); expected a file in a "
+                           "folder you can write to. Pass another -o path.") from None
 
 
 @app.command()
@@ -90,7 +108,7 @@ def run(
     from kdbench.grid.execute import run_graph
     from kdbench.grid.selection import resolve_selection
     from kdbench.registry import load_registries
-    from kdbench.report.leaderboard import render, rich_table
+    from kdbench.report.render import render
     from kdbench.results.store import atomic_write_json, atomic_write_text
 
     if format not in ("table", "json"):
@@ -124,12 +142,11 @@ def run(
     distributed.init_process_group()
     summary = run_graph(graph, config, registries, out_dir, cache_dir or default_cache_dir())
     if distributed.is_main():
-        rows, cards = _leaderboard(out_dir)
+        built = _report(out_dir, f"kdbench leaderboard: {config.name}")
         atomic_write_json(out_dir / "experiment.json", config.model_dump())
         for fmt in ("md", "json"):
-            atomic_write_text(out_dir / f"leaderboard.{fmt}", render(rows, fmt, cards) + "\n")
-        _print_cards(cards)
-        stdout.print(rich_table(rows, title=f"kdbench leaderboard: {config.name}"))
+            atomic_write_text(out_dir / f"leaderboard.{fmt}", render(built, fmt) + "\n")
+        _print_report(built)
         for result in summary.unscored:
             failure = result.get("failure", {})
             stderr.print(f"[bold red]{result['status']}:[/] {result['family']}/{result['student']}/{result['method']}/"
@@ -187,17 +204,36 @@ def export_teachers(
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A results folder written by `kdbench run`.")] = Path("results/tiny"),
-    format: Annotated[str, typer.Option("--format", "-f", help="table, md, csv or json.")] = "table",
+    format: Annotated[str, typer.Option("--format", "-f", help="table, md, csv, json or html.")] = "table",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help=(
+        "Write to this file instead of stdout (md, csv, json, html)."))] = None,
 ) -> None:
-    """Leaderboard of a results folder: mean ± std over seeds for every (family, student, method)."""
-    from kdbench.report.leaderboard import render, rich_table
+    """The protocol card and leaderboard of a results folder, from its result files alone.
 
-    rows, cards = _leaderboard(run_dir)
+    Each row is one (family, student, method): per metric the mean ± sample std over training seeds (each seed's
+    score the mean over its evaluation seeds) and a 95% Student-t interval over them; its rank by the primary
+    metric within its (family, student); "≈ best": yes when a paired bootstrap over the test examples cannot tell
+    it from the best row there (with its p-value); gap recovered, (method − sft) / (teacher − sft) with a bootstrap
+    interval; the seeds; and its cost (optimizer steps and training tokens, own stage / with ancestors, student
+    and teacher forward passes, peak memory, time). md adds exact match by gold-response length and, for a
+    paper-protocol folder, the published numbers; json holds every row as data; html writes one self-contained
+    page with plots, validation curves, per-task scores and sampled responses (use -o report.html)."""
+    from kdbench.report.render import RENDER_FORMATS, render
+
+    if format not in ("table", *RENDER_FORMATS):
+        raise KdbenchError(f"--format {format!r} is not a report format; expected table, {', '.join(RENDER_FORMATS)}.")
+    if format == "table" and output is not None:
+        raise KdbenchError("--format table prints to the terminal; pass -f md, csv, json or html with -o.")
+    built = _report(run_dir)
     if format == "table":
-        _print_cards(cards)
-        stdout.print(rich_table(rows, title=f"kdbench leaderboard: {run_dir}"))
+        _print_report(built)
+        return
+    text = render(built, format) + "\n"
+    if output is None:
+        sys.stdout.write(text)
     else:
-        sys.stdout.write(render(rows, format, cards) + "\n")
+        _write_report(output, text)
+        stderr.print(f"{format} report written to {output}", highlight=False)
 
 
 @app.command()

@@ -54,6 +54,9 @@ class DatasetSpec:
     documented_sizes: Callable[[dict[str, Any]], dict[str, int]] | None = None
     # Plain text for the pre-training LM term (``lm_data``): MiniLLM's OpenWebText, the tiny suite's world.
     corpus: Callable[[dict[str, Any]], list[str]] | None = None
+    # Part of every stage key built on this data: bump it when the same options start to give other records, so
+    # a cache made by the old generator is not read as the new one.
+    version: int = 1
 
 
 def format_prompt(record: Record) -> str:

@@ -32,9 +32,10 @@ def kdbench_register_objectives() -> list[type[Objective]]:
     trained get new keys and re-run), declares what the runner must provide (``needs``), which
     sequence sources its loss reads (``reads``, names registered through
     ``kdbench_register_sequence_sources``), whether the loss is per token or per sequence
-    (``reduction``), its parameters (``Params``, a dataclass with defaults) and a pure ``loss`` over one
-    ``SequenceView`` per source read. All results are collected; a name registered twice is an error
-    naming both plugins.
+    (``reduction``), its parameters (``Params``, a dataclass with defaults), what its loss does where the
+    student equals the teacher (``at_teacher``, which ``kdbench.testing.objective_contract`` checks) and a
+    pure ``loss`` over one ``SequenceView`` per source read. All results are collected; a name registered
+    twice is an error naming both plugins.
     """
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
+from kdbench.losses import soft_cross_entropy as soft_cross_entropy  # re-exported: where plugins have long imported it
 
 GOLD = "gold"  # the source of the data set's own responses; as a role, the sequences the CE term reads
 
@@ -48,6 +49,15 @@ class Need(str, Enum):
     TEACHER_MODEL = "teacher_model"  # the teacher itself while training runs (a source samples from it)
     TEACHER_GENERATIONS = "teacher_generations"  # one stored, sampled teacher response per training prompt
     SFT_INIT = "sft_init"  # start from the student fine-tuned with sft (same student, same seed)
+
+
+class AtTeacher(str, Enum):
+    """What an objective's loss does where the student's distributions equal the teacher's: the property
+    ``kdbench.testing.objective_contract`` checks (none, where the loss does not pull toward the teacher)."""
+
+    ZERO = "zero"  # a divergence: ≥ 0 everywhere, 0 there (rkl, jsd, tvd, …)
+    MINIMUM = "minimum"  # minimal there with zero gradient, but not 0 (kd's soft cross-entropy is H(p) there)
+    STATIONARY = "stationary"  # zero gradient there; the value is a sampled estimate that may dip below it (opd)
 
 
 class Reduction(str, Enum):
@@ -74,6 +84,19 @@ class ObjectiveParams:
 
 
 @dataclass(frozen=True)
+class TemperatureParams(ObjectiveParams):
+    """Parameters of an objective comparing the two next-token distributions, both logits divided by τ."""
+
+    temperature: float = 1.0
+
+    def check(self) -> list[str]:
+        problems = super().check()
+        if not self.temperature > 0:  # also rejects NaN
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        return problems
+
+
+@dataclass(frozen=True)
 class SequenceView:
     """One batch of sequences as a loss sees them, aligned so position ``i`` of the logits predicts
     ``labels[:, i]``; all (b, t) unless noted."""
@@ -83,6 +106,11 @@ class SequenceView:
     mask: torch.Tensor  # bool: response tokens, the only ones a loss is taken on
     teacher_logits: torch.Tensor | None = None  # (b, t, vocab) when the objective needs TEACHER_LOGITS
     extras: Mapping[str, torch.Tensor] = field(default_factory=dict)  # per-token values its source recorded
+
+    def logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student, teacher) logits, (b, t, vocab) each."""
+        assert self.teacher_logits is not None, "the objective must declare Need.TEACHER_LOGITS"
+        return self.student_logits, self.teacher_logits
 
     def student_logp(self) -> torch.Tensor:
         """log q(label) at every position, 0 off the mask. (b, t)"""
@@ -134,6 +162,7 @@ class Objective:
     # Sequence sources, in the order ``loss`` names them; GOLD is the role ``params.train_on`` fills.
     reads: ClassVar[tuple[str, ...]] = (GOLD,)
     reduction: ClassVar[Reduction] = Reduction.TOKEN
+    at_teacher: ClassVar[AtTeacher | None] = None  # its loss where the student equals the teacher (kdbench.testing)
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
 
     @classmethod
@@ -221,11 +250,3 @@ def masked_loss_sum(objective: type[Objective], inputs: LossInputs, params: Obje
         return loss.sum()
     mask = inputs[objective.reads[0]].mask
     return torch.where(mask, loss, torch.zeros((), dtype=loss.dtype, device=loss.device)).sum()
-
-
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Word-level KD, ``Σ_v p(v)·(−log q(v))`` at every position, (b, t), both distributions at ``temperature``:
-    the ``kd`` objective's loss, and the distillation half of the runner's pre-training LM term."""
-    teacher_probs = F.softmax(teacher_logits.float() / temperature, dim=-1)  # (b, t, vocab)
-    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (b, t, vocab)
-    return -(teacher_probs * student_log_probs).sum(-1)

@@ -9,8 +9,11 @@ real benchmark rather than a smoke test:
   teacher's. ``fact`` asks one of them in one of several phrasings, all used in training (closed-book
   recall of trained knowledge), and ``describe`` states them all in one sentence. A student learns
   the sentence's template quickly, then guesses the facts from their frequencies; a teacher recalls them;
-* algorithmic tasks over a few items (``reverse``, ``sort``, ``add``) need no knowledge;
-* responses vary in length, from one word (``fact``, ``add``) to whole sentences (``describe``);
+* nothing else is slow to learn: the student learns the templates and categories within a few
+  hundred steps; what it still gains with a longer budget is slowly memorised facts. The algorithmic
+  tasks (``reverse``, ``sort``, ``add``) stay available as options but are off by default: a 2-layer
+  student learns them only after thousands of steps;
+* responses vary in length, from one word (``fact``) to whole sentences (``describe``);
 * some tasks have one right answer (exact match is meaningful) and some have many (``example``,
   ``pick``), so mode-seeking and mean-seeking objectives can differ.
 
@@ -64,7 +67,10 @@ class TinySuiteOptions:
     n_test: int = 1000
     task_weights: dict[str, float] = field(
         default_factory=lambda: {
-            "fact": 4.0, "describe": 2.0, "reverse": 0.5, "sort": 0.5, "add": 0.5, "example": 0.5, "pick": 0.5
+            # reverse, sort and add stay available (weight > 0 turns them on) but are off in the benchmark: a
+            # 2-layer student learns them given time but not within a CPU budget, so they measured budget, not
+            # objectives (the student was still climbing at 4,000 steps).
+            "fact": 4.0, "describe": 2.0, "example": 0.5, "pick": 0.5
         }
     )
 
@@ -110,8 +116,11 @@ def _record(task: str, instruction: str, context: str, references: list[str]) ->
 
 
 def _describe(person: Person) -> str:
-    return (f"{person.name} is a {person.job} from {person.town}, is {person.age} years old, "
-            f"keeps a {person.pet} and likes {person.color} best.")
+    # The name is not repeated: copying a multi-token name from the prompt needs an induction circuit that a
+    # 2-layer student forms only after thousands of steps, so the student would plateau late on a skill that
+    # says nothing about knowledge.
+    return (f"A {person.job} from {person.town}, {person.age} years old, who keeps a {person.pet} "
+            f"and likes {person.color} best.")
 
 
 def _fact_answer(person: Person, attribute: str) -> str:

@@ -29,9 +29,11 @@ def load_tiny(options: dict[str, Any]) -> Splits:
 @hookimpl
 def kdbench_register_datasets() -> list[DatasetSpec]:
     return [
-        DatasetSpec("tiny", "deterministic synthetic instruction suite (facts, descriptions, reverse, sort, add, "
-                    "open-ended lists); CPU-sized; as lm_data, plain text about the same world", load_tiny, TINY_OPTIONS,
-                    corpus=lambda options: world_corpus(tiny_options(options))),
+        DatasetSpec("tiny", "deterministic synthetic instruction suite (facts, descriptions, open-ended lists; "
+                    "reverse, sort, add as options); CPU-sized; as lm_data, plain text about the same world",
+                    load_tiny, TINY_OPTIONS,
+                    corpus=lambda options: world_corpus(tiny_options(options)),
+                    version=2),  # 2: no algorithmic tasks by default; descriptions without the name
         DatasetSpec("jsonl", "local JSONL files in Dolly's schema: options dir, or train/validation/test paths",
                     load_jsonl_splits, ("dir", "train", "validation", "test")),
     ]

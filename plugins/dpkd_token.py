@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench import hookimpl
-from kdbench.objectives import GOLD, LossInputs, Need, Objective, ObjectiveParams
+from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, ObjectiveParams
 
 LOGSOFTMAX_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -65,6 +65,7 @@ class DPKDToken(Objective):
     summary = "DPKD as released: token-level preference of the teacher's argmax over the student's (no generation)"
     paper = "Li et al. 2024, Direct Preference Knowledge Distillation (arXiv 2406.19774), released code"
     needs = frozenset({Need.TEACHER_LOGITS, Need.SFT_INIT})  # SFT init: the released runner's (paper protocol)
+    at_teacher = AtTeacher.MINIMUM  # log 2 there: both argmaxes agree, so h ≡ 0
     Params = DPKDTokenParams
 
     @staticmethod

@@ -14,18 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from kdbench import hookimpl
-from kdbench.objectives import GOLD, LossInputs, Need, Objective, ObjectiveParams, soft_cross_entropy
+from kdbench.losses import soft_cross_entropy
+from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, TemperatureParams
 
 
 @dataclass(frozen=True)
-class KDParams(ObjectiveParams):
-    temperature: float = 1.0
-
-    def check(self) -> list[str]:
-        problems = super().check()
-        if not self.temperature > 0:  # also rejects NaN
-            problems.append(f"temperature must be > 0, got {self.temperature}")
-        return problems
+class KDParams(TemperatureParams):
+    """kd_ratio, train_on and the temperature τ."""
 
 
 class KD(Objective):
@@ -33,13 +28,12 @@ class KD(Objective):
     summary = "word-level KD: soft cross-entropy to the teacher's next-token distribution (forward KL)"
     paper = "Hinton et al. 2015 (arXiv 1503.02531); word-level KD of Kim & Rush 2016 (arXiv 1606.07947)"
     needs = frozenset({Need.TEACHER_LOGITS})
+    at_teacher = AtTeacher.MINIMUM  # H(p) there
     Params = KDParams
 
     @staticmethod
     def loss(inputs: LossInputs, params: KDParams) -> torch.Tensor:  # (b, t)
-        gold = inputs[GOLD]
-        assert gold.teacher_logits is not None  # guaranteed by needs
-        return soft_cross_entropy(gold.student_logits, gold.teacher_logits, params.temperature)
+        return soft_cross_entropy(*inputs[GOLD].logits(), params.temperature)
 
 
 @hookimpl

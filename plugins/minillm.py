@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench import hookimpl
-from kdbench.objectives import LossInputs, Need, Objective, ObjectiveParams, SequenceView
+from kdbench.objectives import AtTeacher, LossInputs, Need, Objective, ObjectiveParams, SequenceView
 from kdbench_plugins.sources import RolloutOptions
 
 
@@ -135,6 +135,7 @@ class MiniLLM(Objective):
     version = 2  # 2: eval mode; log-probabilities recomputed after sampling
     needs = frozenset({Need.TEACHER_LOGITS, Need.SFT_INIT})
     reads = ("rollouts",)  # averaged over the rollout tokens of the step
+    at_teacher = AtTeacher.MINIMUM  # zero rewards and advantages there; the single-step reverse KL is minimal
     Params = MiniLLMParams
 
     @classmethod

@@ -22,19 +22,19 @@ from dataclasses import dataclass
 import torch
 
 from kdbench import hookimpl
-from kdbench.objectives import LossInputs, Need, Objective, ObjectiveParams, gold_cross_entropy, soft_cross_entropy
+from kdbench.losses import soft_cross_entropy
+from kdbench.objectives import LossInputs, Need, Objective, ObjectiveParams, TemperatureParams, gold_cross_entropy
 
 
 @dataclass(frozen=True)
-class SeqKDParams(ObjectiveParams):
+class SeqKDParams(TemperatureParams):
+    """The temperature is the word-level KD term's only."""
+
     word_kd: bool = False
     word_kd_weight: float = 0.5  # w of (1 − w)·CE(ŷ) + w·word-KD(ŷ) when word_kd; 1 leaves the CE to train_on
-    temperature: float = 1.0  # of the word-level KD term only
 
     def check(self) -> list[str]:
         problems = super().check()
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.word_kd_weight <= 1.0:
             problems.append(f"word_kd_weight must be in [0, 1], got {self.word_kd_weight}")
         return problems

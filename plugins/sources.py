@@ -1,6 +1,7 @@
-"""The built-in sequence sources: gold responses, stored teacher text, fresh student samples and
-teacher-mixed rollouts. A preference pair is an objective reading two of them (``dpkd``: teacher text
-preferred over a student sample). DESIGN.md, "Objectives, sequences and what the runner owns"."""
+"""The built-in sequence sources: gold responses, stored teacher text, fresh student samples, an on-policy
+fraction of them, and teacher-mixed rollouts. A preference pair is an objective reading two of them
+(``dpkd``: teacher text preferred over a student sample). DESIGN.md, "Objectives, sequences and what the
+runner owns"."""
 
 from __future__ import annotations
 
@@ -48,6 +49,31 @@ class StudentSamples(SequenceSource):
                                        context.eos_id, context.pad_id, context.max_length, context.generator)
         context.counters["student_samples"] += len(samples)
         return Sequences.collate(samples, context.pad_id, context.device)
+
+
+@dataclass(frozen=True)
+class OnPolicyOptions:
+    """Each micro-batch is fresh student samples with probability ``fraction`` (GKD's λ), else gold."""
+
+    fraction: float = 0.5
+
+
+class OnPolicy(SequenceSource):
+    """GKD's on-policy fraction (TRL ``GKDTrainer.training_step``): per micro-batch, one draw from the stage's
+    generator decides whether its responses are the student's own samples or the data set's."""
+
+    name = "on_policy"
+    summary = "per micro-batch, fresh student samples with probability λ (GKD's on-policy fraction), else gold"
+    samples_student = True
+    Options = OnPolicyOptions
+
+    def __init__(self, context: SourceContext, options: OnPolicyOptions | None = None) -> None:
+        super().__init__(context, options or OnPolicyOptions())
+        self.samples, self.gold = StudentSamples(context), Gold(context)
+
+    def sequences(self, prompts: list[int]) -> Sequences:
+        sampled = float(torch.rand((), generator=self.context.generator)) < self.options.fraction
+        return (self.samples if sampled else self.gold).sequences(prompts)
 
 
 @dataclass(frozen=True)
@@ -131,4 +157,4 @@ class Rollouts(SequenceSource):
 
 @hookimpl
 def kdbench_register_sequence_sources() -> list[type[SequenceSource]]:
-    return [Gold, TeacherText, StudentSamples, Rollouts]
+    return [Gold, TeacherText, StudentSamples, OnPolicy, Rollouts]

@@ -36,6 +36,12 @@ def suite() -> Splits:
 
 
 @pytest.fixture(scope="module")
+def all_tasks_suite() -> Splits:
+    """A suite with every task on, the algorithmic ones (off in the benchmark) included."""
+    return generate(TinySuiteOptions(n_train=6000, task_weights={task: 1.0 for task in TASKS}))
+
+
+@pytest.fixture(scope="module")
 def small_suite() -> Splits:
     """A small suite for tokenizer tests."""
     return generate(TinySuiteOptions(n_train=300, n_validation=20, n_test=60))
@@ -85,10 +91,13 @@ def test_unknown_task_weight_is_rejected() -> None:
         generate(TinySuiteOptions(task_weights={"fact": 1.0, "poem": 1.0}))
 
 
-def test_every_task_in_train_and_test(suite: Splits) -> None:
-    """All seven tasks occur in both train and test."""
+def test_every_weighted_task_in_train_and_test(suite: Splits, all_tasks_suite: Splits) -> None:
+    """The benchmark's default tasks, and all seven when every one is weighted, occur in both train and test; a
+    task weighted 0 or left out never occurs."""
     for split in ("train", "test"):
-        assert {r["task"] for r in suite[split]} == set(TASKS), split
+        assert {r["task"] for r in suite[split]} == set(TinySuiteOptions().task_weights), split
+        assert {r["task"] for r in all_tasks_suite[split]} == set(TASKS), split
+    assert not {"reverse", "sort", "add"} & set(TinySuiteOptions().task_weights)
 
 
 def test_references_multiplicity_and_membership(suite: Splits) -> None:
@@ -110,11 +119,11 @@ def test_response_lengths_vary(suite: Splits) -> None:
     assert max(lengths) >= 15
 
 
-def test_algorithmic_eval_prompts_never_in_train(suite: Splits) -> None:
+def test_algorithmic_eval_prompts_never_in_train(all_tasks_suite: Splits) -> None:
     """No reverse/sort (instruction, context) of validation or test occurs in train. (The small
     addition table is memorised like the facts, so add prompts may repeat.)"""
-    train_keys = {_key(r) for r in suite["train"]}
-    algorithmic = [r for r in _eval_records(suite) if r["task"] in ("reverse", "sort")]
+    train_keys = {_key(r) for r in all_tasks_suite["train"]}
+    algorithmic = [r for r in _eval_records(all_tasks_suite) if r["task"] in ("reverse", "sort")]
     assert len(algorithmic) > 20
     leaked = [r for r in algorithmic if _key(r) in train_keys]
     assert leaked == []
@@ -143,10 +152,28 @@ def test_evaluation_asks_facts_the_training_records_state(suite: Splits) -> None
     assert len({w for r in facts for w in re.findall(r"\b[A-Z][a-z]+\b", str(r["instruction"]))}) > 300
 
 
-def test_algorithmic_references_are_correct(suite: Splits) -> None:
+def test_describe_states_every_attribute_but_not_the_name(suite: Splits) -> None:
+    """A description states the person's job, town, age, pet and colour; it does not repeat the name, whose copying
+    from the prompt is a slow in-context skill and no part of what the suite measures (knowledge)."""
+    from kdbench.tinysuite import make_world
+
+    people = {person.name: person for person in make_world(TinySuiteOptions())}
+    describes = [r for r in suite["test"] if r["task"] == "describe"]
+    assert len(describes) > 100
+    for record in describes:
+        name = re.fullmatch(r"Describe (\w+) in one sentence\.", str(record["instruction"]))
+        assert name is not None
+        person, response = people[name.group(1)], str(record["response"])
+        assert person.name not in response
+        assert re.findall(r"\w+", response) == re.findall(r"\w+", (
+            f"A {person.job} from {person.town}, {person.age} years old, who keeps a {person.pet} and likes "
+            f"{person.color} best."))
+
+
+def test_algorithmic_references_are_correct(all_tasks_suite: Splits) -> None:
     """reverse, sort and add answers recomputed from the prompt text."""
     checked = 0
-    for record in suite["train"] + _eval_records(suite):
+    for record in all_tasks_suite["train"] + _eval_records(all_tasks_suite):
         task, context, answer = record["task"], str(record["context"]), record["response"]
         if task == "reverse":
             assert answer == " ".join(context.split()[::-1])

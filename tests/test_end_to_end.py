@@ -99,7 +99,9 @@ def test_run_writes_a_result_per_cell_and_prints_the_leaderboard(first_run: dict
     assert len(results) == 14
     for path in results:
         result = json.loads(path.read_text())
-        assert result["schema_version"] == 3 and result["status"] == "ok" and result["protocol"] == "uniform"
+        assert result["schema_version"] == 4 and result["status"] == "ok" and result["protocol"] == "uniform"
+        examples = json.loads((path.parent / "examples.json").read_text())  # every example's scores, the teacher's too
+        assert set(examples["sets"][""]["scores"]["rougeL"]) == {"10", "20"}
         assert set(result["metrics"]) == {"rougeL", "exact_match"}
         assert set(result["metrics"]["rougeL"]) == {"10", "20"}
         assert all(0.0 <= v <= 100.0 for v in result["metrics"]["rougeL"].values())

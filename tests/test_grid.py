@@ -137,6 +137,20 @@ def test_bumping_a_stage_builder_rekeys_that_kind_and_everything_downstream(regi
         for k in SEEDS}
 
 
+def test_a_new_dataset_version_rekeys_every_stage_built_on_the_data(registries: Registries) -> None:
+    """A data generator that changes what the same options give bumps its version; nothing built on the old records
+    is reused (shipped teachers are keyed by their files, and a student's random initialisation reads no data)."""
+    experiment = load_experiment(None)
+    before = graph_of(experiment, registries)
+    datasets: Registry = Registry("dataset")
+    for name in registries.datasets:
+        spec = registries.datasets.get(name)
+        datasets.add(name, dataclasses.replace(spec, version=spec.version + 1) if name == "tiny" else spec, "test")
+    after = graph_of(experiment, dataclasses.replace(registries, datasets=datasets))
+    assert changed(before, after) == {(node.kind.value, node.label) for node in before
+                                      if node.kind not in (StageKind.CHECKPOINT, StageKind.INIT)}
+
+
 def test_a_methods_own_setting_rekeys_only_its_cells(registries: Registries) -> None:
     experiment = load_experiment(None)
     tuned = experiment.model_copy(update={"method_training": {"kd": {"lr": 1e-3}}})

@@ -207,9 +207,9 @@ def test_the_readme_plugin_example_registers_and_computes_reverse_kl(tmp_path: P
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme[readme.index("## Writing a plugin"):]
-    (tmp_path / "rkl.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    (tmp_path / "my_rkl.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
     registries = load_registries(tmp_path)
-    objective = registries.objectives.get("rkl")
+    objective = registries.objectives.get("my-rkl")
     assert source_errors(objective, registries) == []
     generator = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(2, 3, 5, generator=generator), torch.randn(2, 3, 5, generator=generator)

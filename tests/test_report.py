@@ -1,4 +1,6 @@
-"""Leaderboards from result.json files: loading, pooled aggregation, ordering and rendering."""
+"""Leaderboards from result files: loading, aggregation over seeds, per-example statistics, ordering, rendering
+and published numbers. Synthetic cells are built from the result schema's own types and checked against them
+(``check_result``, ``check_examples``), as the report checks the files it reads."""
 
 from __future__ import annotations
 
@@ -6,45 +8,85 @@ import csv
 import io
 import json
 import math
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rich.console import Console
 from rich.text import Text
+from scipy import stats as scipy_stats
 
 from kdbench.errors import KdbenchError
-from kdbench.report.leaderboard import (
-    LeaderboardRow,
-    build_leaderboard,
-    leaderboard_records,
-    load_results,
-    render,
-    rich_table,
+from kdbench.report.build import build_report
+from kdbench.report.folder import load_results
+from kdbench.report.leaderboard import LeaderboardRow, build_leaderboard, leaderboard_records
+from kdbench.report.render import render, rich_table
+from kdbench.results.schema import (
+    REQUIRED_KEYS,
+    SCHEMA_VERSION,
+    CellExamples,
+    CellResult,
+    CodeVersions,
+    Cost,
+    ExampleSet,
+    ForwardPasses,
+    StageCost,
+    Tokens,
+    Validation,
+    WallSeconds,
+    check_examples,
+    check_result,
 )
-from kdbench.results.schema import REQUIRED_KEYS, SCHEMA_VERSION
+
+T_975_1 = float(scipy_stats.t.ppf(0.975, df=1))  # two training seeds: one degree of freedom
 
 
-def full_result(**fields: Any) -> dict[str, Any]:
+def full_result(**fields: Any) -> CellResult:
     """A result with every key of the schema (a scored cell unless ``status`` says otherwise)."""
-    result: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "status": "ok", "experiment": "tiny", "key": "k" * 16,
-        "lineage": ["k" * 16], "versions": {"stages": {"eval": 1}, "objectives": {}, "sources": {}, "libraries": {}},
-        "config_hash": "hash-a", "shared_config_hash": "shared", "family": "f", "student": "s", "method": "m",
-        "kind": "student", "train_seed": 0, "primary_metric": "rougeL", "metrics": {},
-        "higher_is_better": {"rougeL": True, "exact_match": True}, "per_task": {}, "eval_examples": 2,
-        "eval_examples_by_dataset": {"": 2}, "wall_seconds": {"train": 1.0, "eval": 1.0, "total": 2.0, "this_run": 2.0},
-        "tokens": {"train": 1000, "response": 500}, "optimizer_steps": 10, "processes": 1,
-        "protocol": "uniform", "protocol_card": {"protocol": "uniform"}, "optimizer_steps_total": 15, "selected_step": 10,
-        "cost": {"own": {"optimizer_steps": 10, "examples": 64, "tokens": 1000, "seconds": 1.0}, "ancestors": {},
-                 "total": {"optimizer_steps": 15, "examples": 96, "tokens": 1500, "seconds": 1.5}},
-        "validation": {"metric": "rougeL", "curve": [{"step": 10, "value": 40.0}]},
-        "forward_passes": {"student": 10, "teacher": 10}, "params": {"student": 5000, "teacher": 90000},
-        "peak_memory_mb": 100.0, "finished_at": "2026-11-25T16:00:00+00:00",
-    }
-    result.update(fields)
+    result = CellResult(
+        schema_version=SCHEMA_VERSION, status="ok", experiment="tiny", key="k" * 16, lineage=["k" * 16],
+        versions=CodeVersions(stages={"eval": 3}, objectives={}, sources={}, libraries={}),
+        config_hash="hash-a", shared_config_hash="shared", family="f", student="s", method="m", kind="student",
+        train_seed=0, primary_metric="rougeL", metrics={}, higher_is_better={"rougeL": True, "exact_match": True},
+        per_task={}, eval_examples=4, eval_examples_by_dataset={"": 4},
+        wall_seconds=WallSeconds(train=1.0, eval=1.0, total=2.0, this_run=2.0),
+        protocol="uniform", protocol_card={"protocol": "uniform"}, tokens=Tokens(train=1000, response=500),
+        optimizer_steps=10, optimizer_steps_total=15,
+        cost=Cost(own=StageCost(optimizer_steps=10, examples=64, tokens=1000, seconds=1.0), ancestors={},
+                  total=StageCost(optimizer_steps=15, examples=96, tokens=1500, seconds=1.5)),
+        selected_step=10, validation=Validation(metric="rougeL", curve=[{"step": 10, "value": 40.0}]), processes=1,
+        forward_passes=ForwardPasses(student=10, teacher=10), params={"student": 5000, "teacher": 90000},
+        peak_memory_mb=100.0, finished_at="2026-11-25T16:00:00+00:00",
+    )
+    result.update(fields)  # type: ignore[typeddict-item]
     assert set(REQUIRED_KEYS) <= set(result)
-    return result
+    return check_result(result, "the test's result")
+
+
+def example_set(metrics: dict[str, dict[str, float]], gold_words: list[int], spread: float = 2.0,
+                fingerprint: str = "same-examples") -> ExampleSet:
+    """Per-example scores whose mean is each metric's value: value − spread, value + spread, … (an even count)."""
+    count = len(gold_words)
+    scores = {metric: {seed: [value + spread * (-1) ** (i + 1) for i in range(count)] for seed, value in by_seed.items()}
+              for metric, by_seed in metrics.items()}
+    return ExampleSet(fingerprint=fingerprint, task=["fact", "sort"] * (count // 2), gold_words=gold_words,
+                      scores=scores)
+
+
+def write_cell(run_dir: Path, result: CellResult, sets: dict[str, ExampleSet] | None = None,
+               config: dict[str, Any] | None = None) -> Path:
+    """result.json, config.json and, for a scored cell, examples.json (by default derived from its metrics)."""
+    folder = run_dir / "cells" / result["family"] / result["student"] / result["method"] / f"seed{result['train_seed']}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "result.json").write_text(json.dumps(result), encoding="utf-8")
+    (folder / "config.json").write_text(json.dumps(config or {"scale": "tiny"}), encoding="utf-8")
+    if result["status"] == "ok" and result["schema_version"] == SCHEMA_VERSION:
+        own = {m: v for m, v in result["metrics"].items() if "/" not in m}
+        examples = CellExamples(schema_version=SCHEMA_VERSION, sets=sets or {"": example_set(own, [5, 40, 80, 20])})
+        (folder / "examples.json").write_text(json.dumps(check_examples(examples, "the test's examples")))
+    return folder / "result.json"
 
 
 def write_result(
@@ -67,10 +109,7 @@ def write_result(
         kind=kind, train_seed=train_seed, metrics={"rougeL": rouge, "exact_match": em} if rouge else {},
         wall_seconds={"train": wall_total / 2, "eval": wall_total / 2, "total": wall_total, "this_run": wall_total},
         params={"student": 5000 if kind == "student" else 90000, "teacher": 90000}, **fields)
-    path = run_dir / "cells" / family / student / method / f"seed{train_seed}" / "result.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result), encoding="utf-8")
-    return path
+    return write_cell(run_dir, result)
 
 
 @pytest.fixture()
@@ -92,6 +131,10 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def leaderboard(run_dir: Path) -> list[LeaderboardRow]:
+    return build_report(run_dir).rows
+
+
 def rows_by_key(rows: list[LeaderboardRow]) -> dict[tuple[str, str, str], LeaderboardRow]:
     return {(row.family, row.student, row.method): row for row in rows}
 
@@ -102,35 +145,66 @@ def test_load_results_reads_every_cell(run_dir: Path) -> None:
     assert {r["method"] for r in results} == {"teacher", "kd", "sft"}
 
 
-def test_aggregation_pools_eval_values_across_train_seeds(run_dir: Path) -> None:
-    rows = rows_by_key(build_leaderboard(load_results(run_dir)))
+def test_aggregation_averages_evaluation_seeds_then_training_seeds(run_dir: Path) -> None:
+    rows = rows_by_key(leaderboard(run_dir))
     kd = rows[("gpt2", "s1", "kd")]
-    # rougeL pooled = [40, 42, 44, 46]: mean 43, sample variance (9+1+1+9)/3 = 20/3.
+    # kd's training seeds score 41 (40, 42) and 45 (44, 46): mean 43, sample std √8, t interval 43 ± t·√8/√2.
     assert kd.metrics_mean["rougeL"] == pytest.approx(43.0)
-    assert kd.metrics_std["rougeL"] == pytest.approx(math.sqrt(20 / 3))
+    assert kd.metrics_std["rougeL"] == pytest.approx(math.sqrt(8))
+    half = T_975_1 * math.sqrt(8) / math.sqrt(2)
+    assert kd.metrics_ci95["rougeL"] == pytest.approx((43.0 - half, 43.0 + half))
     assert kd.metrics_mean["exact_match"] == pytest.approx(23.0)
-    assert kd.metrics_std["exact_match"] == pytest.approx(math.sqrt(20 / 3))
-    assert kd.n_seeds == 4
-    assert kd.n_train_seeds == 2
+    assert (kd.n_seeds, kd.n_train_seeds, kd.n_eval_seeds) == (4, 2, 2)
     assert kd.wall_seconds == pytest.approx(15.0)  # mean of totals 10 and 20
     assert kd.params == 5000
     assert kd.config_hashes == ["hash-a", "hash-b"]
+    assert (kd.train_tokens, kd.train_tokens_total, kd.student_forwards, kd.teacher_forwards) == (1000, 1500, 10, 10)
+    assert kd.peak_memory_mb == 100.0
 
     sft = rows[("gpt2", "s1", "sft")]
-    assert sft.metrics_std["rougeL"] == pytest.approx(math.sqrt(2))  # [45, 47]
-    assert sft.n_seeds == 2 and sft.n_train_seeds == 1
-
-    bloom = rows[("bloom", "s1", "kd")]
-    assert bloom.metrics_std["rougeL"] == 0.0  # one value -> 0.0, not NaN
-    assert bloom.n_seeds == 1
+    assert sft.metrics_mean["rougeL"] == pytest.approx(46.0)
+    # One training seed: no spread over training seeds, so no std and no interval (not a misleading 0).
+    assert sft.metrics_std["rougeL"] is None and sft.metrics_ci95["rougeL"] is None
+    assert (sft.n_seeds, sft.n_train_seeds, sft.n_eval_seeds) == (2, 1, 2)
 
     teacher = rows[("gpt2", "zz-teacher", "teacher")]
-    assert teacher.kind == "teacher"
-    assert teacher.params == 90000
+    assert teacher.kind == "teacher" and teacher.params == 90000 and teacher.rank is None
+
+
+def test_rank_significance_and_gap_from_per_example_scores(run_dir: Path) -> None:
+    rows = rows_by_key(leaderboard(run_dir))
+    sft, kd, bloom = rows[("gpt2", "s1", "sft")], rows[("gpt2", "s1", "kd")], rows[("bloom", "s1", "kd")]
+    assert (sft.rank, kd.rank, bloom.rank) == (1, 2, 1)
+    # Every example puts kd exactly 3 points behind sft: the bootstrap interval is [3, 3], far from 0.
+    assert sft.vs_best is not None and sft.vs_best.same_as_best and sft.vs_best.difference == 0.0
+    assert kd.vs_best is not None and not kd.vs_best.same_as_best
+    assert kd.vs_best.interval == pytest.approx((3.0, 3.0)) and kd.vs_best.p_value == 0.0
+    # Gap recovered: (43 − 46) / (50 − 46), the same on every resample.
+    assert kd.gap_recovered == pytest.approx(-0.75) and kd.gap_recovered_ci95 == pytest.approx((-0.75, -0.75))
+    assert sft.gap_recovered == 0.0
+    assert bloom.gap_recovered is None and bloom.gap_recovered_ci95 is None  # no sft row, no teacher
+    assert kd.n_examples == 4
+    # Gold lengths 5, 40, 80, 20 words: (0,30] holds the first and last examples (23 − 2, 23 + 2).
+    assert kd.length_counts == {"(0,30]": 2, "(30,70]": 1, "(70,inf)": 1}
+    assert kd.length_scores == pytest.approx({"(0,30]": 23.0, "(30,70]": 25.0, "(70,inf)": 21.0})
+
+
+def test_rows_scored_on_different_examples_are_not_paired(run_dir: Path) -> None:
+    result = full_result(family="gpt2", student="s1", method="odd", metrics={"rougeL": {"10": 10.0}},
+                         higher_is_better={"rougeL": True})
+    write_cell(run_dir, result, sets={"": example_set(result["metrics"], [1, 2], fingerprint="other-examples")})
+    rows = rows_by_key(leaderboard(run_dir))
+    odd = rows[("gpt2", "s1", "odd")]
+    assert odd.rank == 3 and odd.vs_best is None and odd.gap_recovered is None
+    assert rows[("gpt2", "s1", "kd")].vs_best is not None
+
+
+def test_per_example_statistics_are_deterministic(run_dir: Path) -> None:
+    assert render(build_report(run_dir), "json") == render(build_report(run_dir), "json")
 
 
 def test_ordering_family_then_teacher_then_student_then_rouge_desc(run_dir: Path) -> None:
-    rows = build_leaderboard(load_results(run_dir))
+    rows = leaderboard(run_dir)
     assert [(r.family, r.student, r.method) for r in rows] == [
         ("bloom", "s1", "kd"),
         ("gpt2", "zz-teacher", "teacher"),  # teacher first despite sorting after "s1"
@@ -142,11 +216,12 @@ def test_ordering_family_then_teacher_then_student_then_rouge_desc(run_dir: Path
 @pytest.mark.parametrize(("primary", "order"), [("accuracy", ["high", "low"]), ("bleu", ["low", "high"])])
 def test_rows_rank_by_the_experiments_primary_metric(primary: str, order: list[str]) -> None:
     def result(method: str, accuracy: float, bleu: float) -> dict[str, Any]:
-        return full_result(method=method, primary_metric=primary, metrics={"bleu": {"0": bleu}, "accuracy": {"0": accuracy}},
-                           higher_is_better={"bleu": True, "accuracy": True})
+        return dict(full_result(method=method, primary_metric=primary,
+                                metrics={"bleu": {"0": bleu}, "accuracy": {"0": accuracy}},
+                                higher_is_better={"bleu": True, "accuracy": True}))
 
     rows = build_leaderboard([result("low", 10.0, 90.0), result("high", 20.0, 1.0)])
-    assert [r.method for r in rows] == order
+    assert [r.method for r in rows] == order and [r.rank for r in rows] == [1, 2]
     assert leaderboard_records(rows)[0]["primary_metric"] == primary
     assert list(leaderboard_records(rows)[0]).index(f"{primary}_mean") < list(leaderboard_records(rows)[0]).index(
         f"{({'accuracy', 'bleu'} - {primary}).pop()}_mean")  # the primary metric's columns lead
@@ -154,71 +229,95 @@ def test_rows_rank_by_the_experiments_primary_metric(primary: str, order: list[s
 
 def test_unscored_cells_keep_their_row_with_status_and_reason(run_dir: Path) -> None:
     """A diverged seed is not averaged in: its row says so, with the stage and step, and ranks last."""
-    failure = {"reason": "gpt2/s1/rkl/seed0: train: loss became nan at optimizer step 2", "stage": "gpt2/s1/rkl/seed0: train",
-               "stage_key": "abc", "step": 2}
+    failure = {"reason": "gpt2/s1/rkl/seed0: train: loss became nan at optimizer step 2",
+               "stage": "gpt2/s1/rkl/seed0: train", "stage_key": "abc", "step": 2}
     write_result(run_dir, family="gpt2", student="s1", method="rkl", train_seed=0, rouge={}, em={}, wall_total=0.0,
                  status="diverged", failure=failure)
-    rows = build_leaderboard(load_results(run_dir))
+    report = build_report(run_dir)
+    rows = report.rows
     assert [(r.method, r.status) for r in rows if r.family == "gpt2"] == [
         ("teacher", "ok"), ("sft", "ok"), ("kd", "ok"), ("rkl", "diverged")]
-    (record,) = [r for r in json.loads(render(rows, "json")) if r["method"] == "rkl"]
+    (record,) = [r for r in json.loads(render(report, "json")) if r["method"] == "rkl"]
     assert record["status"] == "diverged" and record["rougeL_mean"] is None and record["n_train_seeds"] == 0
+    assert record["rank"] is None and record["same_as_best"] is None
     assert record["failures"] == [{"seed": 0, "status": "diverged", **failure}]
-    assert "diverged (seed 0, step 2, gpt2/s1/rkl/seed0: train)" in render(rows, "md")
-    console = Console(file=io.StringIO(), width=300, record=True)
+    assert "diverged (seed 0, step 2, gpt2/s1/rkl/seed0: train)" in render(report, "md")
+    console = Console(file=io.StringIO(), width=400, record=True)
     console.print(rich_table(rows, title="t"))
     assert "diverged (seed 0, step 2" in console.export_text()
-    assert all(row.status == "ok" for row in build_leaderboard(load_results(run_dir)) if row.method != "rkl")
+    assert all(row.status == "ok" for row in rows if row.method != "rkl")
 
 
-def test_json_output_has_required_keys_and_rounding(run_dir: Path) -> None:
-    records = json.loads(render(build_leaderboard(load_results(run_dir)), "json"))
+def test_json_output_has_every_statistic_and_cost(run_dir: Path) -> None:
+    records = json.loads(render(build_report(run_dir), "json"))
     assert len(records) == 4
-    required = {"family", "student", "method", "kind", "n_seeds", "n_train_seeds", "wall_seconds",
-                "params", "rougeL_mean", "rougeL_std", "exact_match_mean", "exact_match_std"}
+    required = {"family", "student", "method", "kind", "rank", "n_seeds", "n_train_seeds", "n_eval_seeds", "n_examples",
+                "wall_seconds", "train_seconds", "params", "rougeL_mean", "rougeL_std", "rougeL_ci95", "exact_match_mean",
+                "exact_match_std", "exact_match_ci95", "same_as_best", "diff_to_best", "diff_to_best_ci95", "p_vs_best",
+                "gap_recovered", "gap_recovered_ci95", "exact_match_by_length", "examples_by_length", "optimizer_steps",
+                "optimizer_steps_total", "train_tokens", "train_tokens_total", "student_forwards", "teacher_forwards",
+                "peak_memory_mb"}
     for record in records:
         assert required <= set(record)
     kd = records[3]
     assert kd["method"] == "kd"
-    assert kd["rougeL_std"] == round(math.sqrt(20 / 3), 4)
-    assert kd["rougeL_mean"] == 43.0
+    assert kd["rougeL_mean"] == 43.0 and kd["rougeL_std"] == round(math.sqrt(8), 4)
+    half = T_975_1 * math.sqrt(8) / math.sqrt(2)
+    assert kd["rougeL_ci95"] == [round(43.0 - half, 4), round(43.0 + half, 4)]
+    assert (kd["same_as_best"], kd["gap_recovered"], kd["gap_recovered_ci95"]) == (False, -0.75, [-0.75, -0.75])
+    assert kd["exact_match_by_length"] == {"(0,30]": 23.0, "(30,70]": 25.0, "(70,inf)": 21.0}
+    sft = records[2]
+    assert (sft["rougeL_std"], sft["rougeL_ci95"], sft["n_train_seeds"], sft["n_eval_seeds"]) == (None, None, 1, 2)
+    assert records[0]["gap_recovered"] is None  # bloom: no sft row and no teacher
 
 
 def test_leaderboard_records_match_json_render(run_dir: Path) -> None:
-    rows = build_leaderboard(load_results(run_dir))
-    assert json.loads(render(rows, "json")) == leaderboard_records(rows)
+    report = build_report(run_dir)
+    assert json.loads(render(report, "json")) == leaderboard_records(report.rows)
 
 
 def test_csv_output_has_header_and_one_line_per_row(run_dir: Path) -> None:
-    text = render(build_leaderboard(load_results(run_dir)), "csv")
+    text = render(build_report(run_dir), "csv")
     parsed = list(csv.DictReader(io.StringIO(text)))
     assert len(parsed) == 4
     assert parsed[0]["family"] == "bloom"
-    assert float(parsed[3]["rougeL_mean"]) == pytest.approx(43.0)
-    assert "exact_match_std" in parsed[0]
+    kd = parsed[3]
+    assert float(kd["rougeL_mean"]) == pytest.approx(43.0)
+    assert float(kd["rougeL_ci95_low"]) < 43.0 < float(kd["rougeL_ci95_high"])  # an interval is two cells
+    assert kd["same_as_best"] == "False" and float(kd["gap_recovered"]) == -0.75
+    assert float(kd["exact_match_by_length/(0,30]"]) == 23.0 and kd["selected_step"] == "10;10"
+    assert "exact_match_std" in parsed[0] and parsed[2]["rougeL_ci95_low"] == ""
 
 
-def test_markdown_output_is_a_table_with_mean_pm_std(run_dir: Path) -> None:
-    text = render(build_leaderboard(load_results(run_dir)), "md")
-    lines = text.strip().splitlines()
-    assert len(lines) == 2 + 4  # header, separator, one per row
-    assert all(line.startswith("|") and line.endswith("|") for line in lines)
-    assert "43.00 ± 2.58" in lines[5]
-    assert "50.00 ± 0.00" in lines[3]
+def test_markdown_output_is_the_leaderboard_with_its_statistics(run_dir: Path) -> None:
+    text = render(build_report(run_dir), "md")
+    table = [line for line in text.splitlines() if line.startswith("| family | student | method | rank")]
+    lines = text.splitlines()
+    start = lines.index(table[0])
+    rows = lines[start + 2:start + 6]
+    assert all(line.startswith("|") and line.endswith("|") for line in rows)
+    half = T_975_1 * math.sqrt(8) / math.sqrt(2)
+    assert f"43.00 ± 2.83 [{43 - half:.2f}, {43 + half:.2f}]" in rows[3]
+    assert "| 50.00 |" in rows[1]  # the teacher: one seed, so no spread
+    assert "no (p<0.001)" in rows[3] and "| best |" in rows[2]
+    assert "-0.75 [-0.75, -0.75]" in rows[3] and "| 2 × 2 |" in rows[3] and "10 / 15" in rows[3]
+    assert "paired bootstrap (10,000 resamples" in text  # the method is stated
+    assert "| gpt2 | s1 | kd | 23.00 (n=2) | 25.00 (n=1) | 21.00 (n=1) |" in text  # length buckets
+    assert "Published numbers" not in text  # a uniform tiny folder reproduces no published row
 
 
 def test_render_rejects_unknown_format(run_dir: Path) -> None:
-    rows = build_leaderboard(load_results(run_dir))
-    with pytest.raises(KdbenchError, match="md, csv, json"):
-        render(rows, "html")
+    with pytest.raises(KdbenchError, match="md, csv, json, html"):
+        render(build_report(run_dir), "xml")
 
 
 def test_rich_table_styles_teacher_and_bolds_best_student(run_dir: Path) -> None:
-    rows = build_leaderboard(load_results(run_dir))
+    rows = leaderboard(run_dir)
     table = rich_table(rows, title="tiny")
     headers = [str(column.header) for column in table.columns]
-    assert headers == ["family", "student", "method", "rougeL", "exact_match", "seeds", "steps", "steps total", "selected",
-                       "wall s"]  # primary first
+    assert headers == ["family", "student", "method", "rank", "rougeL", "exact_match", "≈ best", "gap recovered",
+                       "seeds (train × eval)", "steps (own / total)", "tokens (own / total)",
+                       "forwards (student / teacher)", "peak MB", "train s", "wall s", "selected step", "params"]
     assert table.rows[1].style == "dim italic"  # the gpt2 teacher
     assert table.rows[2].style is None
 
@@ -266,6 +365,28 @@ def test_load_results_rejects_invalid_json(run_dir: Path) -> None:
     assert str(broken) in str(info.value)
 
 
+def test_a_result_of_the_wrong_shape_is_named_with_its_field(run_dir: Path) -> None:
+    path = run_dir / "cells" / "gpt2" / "s1" / "sft" / "seed0" / "result.json"
+    result = json.loads(path.read_text())
+    result["metrics"]["rougeL"]["10"] = "high"
+    path.write_text(json.dumps(result))
+    with pytest.raises(KdbenchError, match=r"metrics\.rougeL\.10") as info:
+        load_results(run_dir)
+    assert str(path) in str(info.value)
+
+
+def test_a_scored_cell_without_its_per_example_scores_is_an_error(run_dir: Path) -> None:
+    missing = run_dir / "cells" / "gpt2" / "s1" / "sft" / "seed0" / "examples.json"
+    missing.unlink()
+    with pytest.raises(KdbenchError, match="is missing") as info:
+        build_report(run_dir)
+    assert str(missing) in str(info.value)
+    missing.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "sets": {"": {
+        "fingerprint": "x", "task": ["a", "b"], "gold_words": [1], "scores": {}}}}))
+    with pytest.raises(KdbenchError, match="2 examples but lists of \\[1\\] entries"):
+        build_report(run_dir)
+
+
 def test_settings_mismatches_flag_families_whose_cells_ran_with_different_shared_settings() -> None:
     from kdbench.report.leaderboard import settings_mismatches
 
@@ -280,6 +401,76 @@ def test_settings_mismatches_flag_families_whose_cells_ran_with_different_shared
     assert "s1/kd/seed0" in messages[0] and "s1/sft/seed0" in messages[0]
 
 
+# -- published numbers -----------------------------------------------------------------------------------
+
+PAPER_CONFIG = {"scale": "paper", "teacher": {"label": "gpt2-xl"}, "data": {"dataset": "dolly"},
+                "evaluation": {"datasets": {"self": {"dataset": "selfinst"}}}}
+
+
+def write_paper_folder(run_dir: Path, protocol: str = "paper") -> None:
+    """GPT-2 120M ← gpt2-xl on Dolly and SelfInst (labelled "self"), as the paper experiment files run it."""
+    for student, method, dolly, selfinst in (("gpt2-xl", "teacher", 27.0, 14.0), ("120M", "sft", 23.0, 10.0),
+                                             ("120M", "kd", 22.5, 11.0)):
+        metrics = {"rougeL": {"10": dolly}, "self/rougeL": {"10": selfinst}}
+        result = full_result(family="gpt2", student=student, method=method, protocol=protocol, metrics=metrics,
+                             kind="teacher" if method == "teacher" else "student", higher_is_better={
+                                 "rougeL": True, "self/rougeL": True})
+        sets = {"": example_set({"rougeL": metrics["rougeL"]}, [10, 20]),
+                "self": example_set({"rougeL": metrics["self/rougeL"]}, [10, 20], fingerprint="selfinst")}
+        write_cell(run_dir, result, sets, PAPER_CONFIG)
+
+
+def test_published_numbers_stand_beside_a_paper_reproduction(tmp_path: Path) -> None:
+    write_paper_folder(tmp_path)
+    report = build_report(tmp_path)
+    assert [(m.published.pair, m.column) for m in report.published] == [
+        ("GPT-2 120M ← 1.5B, Dolly", "rougeL"), ("GPT-2 120M ← 1.5B, SelfInst", "self/rougeL")]
+    text = render(report, "md")
+    published = text[text.index("Published numbers"):]
+    assert "arXiv:2406.19774v2, Table 1" in published and "5 sampling seeds" in published
+    assert "| GPT-2 120M ← 1.5B, Dolly | 23.3 | 22.8 | 22.7 | 24.6 | 24.6 | 27.6 |" in published
+    assert "| reproduced here (protocol paper) | gpt2/120M, rougeL | 23.0 | 22.5 | — | — | — | 27.0 |" in published
+    assert "| gpt2/120M, self/rougeL | 10.0 | 11.0 | — | — | — | 14.0 |" in published
+    leaderboard_part = text[:text.index("Published numbers")]
+    assert "23.3" not in leaderboard_part  # never mixed into the leaderboard
+    assert not any("published" in json.dumps(r) for r in json.loads(render(report, "json")))
+
+
+def test_published_numbers_need_the_paper_protocol_and_the_same_models(tmp_path: Path) -> None:
+    write_paper_folder(tmp_path / "uniform", protocol="uniform")
+    assert build_report(tmp_path / "uniform").published == []
+    write_paper_folder(tmp_path / "other")
+    for config in (tmp_path / "other").glob("cells/**/config.json"):
+        config.write_text(json.dumps({**PAPER_CONFIG, "teacher": {"label": "my-own-teacher"}}))
+    assert build_report(tmp_path / "other").published == []
+
+
+# -- the command -----------------------------------------------------------------------------------------
+
+def kdbench_main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    from kdbench import cli
+
+    monkeypatch.setattr(sys, "argv", ["kdbench", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return int(exit_info.value.code or 0)
+
+
+def test_report_writes_any_format_to_a_file_and_refuses_a_bad_output(run_dir: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "out" / "leaderboard.json"
+    assert kdbench_main(monkeypatch, "report", str(run_dir), "-f", "json", "-o", str(target)) == 0
+    assert json.loads(target.read_text()) == json.loads(render(build_report(run_dir), "json"))
+    capsys.readouterr()
+    for bad, message in ((tmp_path, "is a folder"), (Path("/proc/no-such-dir/report.html"), "Cannot write the report")):
+        assert kdbench_main(monkeypatch, "report", str(run_dir), "-f", "html", "-o", str(bad)) == 2
+        err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+        assert message in err and str(bad) in err and "Traceback" not in err
+    assert kdbench_main(monkeypatch, "report", str(run_dir), "-o", str(target)) == 2  # the table is for the terminal
+    assert "--format table prints to the terminal" in " ".join(capsys.readouterr().err.split())
+
+
 REFERENCES = sorted(p for p in (Path(__file__).resolve().parents[1] / "results" / "reference").iterdir() if p.is_dir())
 
 
@@ -287,11 +478,43 @@ REFERENCES = sorted(p for p in (Path(__file__).resolve().parents[1] / "results" 
 def test_committed_references_read_under_the_current_schema(folder: Path) -> None:
     """Every committed reference is remade when the result schema changes: it loads, states its protocol on every
     row, gives equal own-stage steps to its student rows (uniform), and its README names the command that made it."""
-    results = load_results(folder)
-    rows = build_leaderboard(results)
+    report = build_report(folder)
+    rows = report.rows
     assert rows and {row.protocol for row in rows} == {"uniform"}
     for family in {row.family for row in rows}:
         steps = {row.optimizer_steps for row in rows if row.family == family and not row.is_teacher}
         assert len(steps) == 1, (family, steps)
     assert "kdbench run" in (folder / "README.md").read_text()
-    assert json.loads((folder / "leaderboard.json").read_text()) == json.loads(render(rows, "json"))
+    assert json.loads((folder / "leaderboard.json").read_text()) == json.loads(render(report, "json"))
+    for fmt in ("md", "csv"):
+        assert (folder / f"leaderboard.{fmt}").read_text().rstrip("\n") == render(report, fmt).rstrip("\n"), fmt
+    assert (folder / "leaderboard.html").stat().st_size > 0
+
+
+def test_readme_tables_are_the_committed_references() -> None:
+    """The project README shows reference leaderboards between ``<!-- reference: NAME -->`` and
+    ``<!-- /reference -->``; each block is exactly ``results/reference/NAME/leaderboard.md``."""
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"<!-- reference: ([\w.-]+) -->\n(.*?)<!-- /reference -->", (root / "README.md").read_text(),
+                        flags=re.S)
+    assert blocks, "the README shows no reference leaderboard"
+    for name, block in blocks:
+        assert block == (root / "results" / "reference" / name / "leaderboard.md").read_text(), name
+
+
+def test_html_escapes_every_name_and_draws_a_family_with_nothing_scored(run_dir: Path) -> None:
+    """Names from configs reach the table and the figures' text: both escape them (matplotlib as XML, Jinja as
+    HTML), and ``$`` is drawn as it is rather than read as TeX."""
+    hostile = '<img src=x onerror="alert(1)">$x$'
+    result = full_result(family="gpt2", student="s1", method=hostile, metrics={"rougeL": {"10": 41.0}},
+                         higher_is_better={"rougeL": True})
+    folder = write_cell(run_dir, result).parent
+    (folder / "samples.json").write_text(json.dumps([{"prompt": "<b>p</b>", "response": hostile, "reference": "r"}]))
+    write_result(run_dir, family="empty", student="s1", method="kd", train_seed=0, rouge={}, em={}, wall_total=0.0,
+                 status="failed", failure={"reason": "boom", "stage": "empty/s1/kd/seed0: train", "stage_key": "x",
+                                           "step": None})
+    page = render(build_report(run_dir), "html")
+    assert "<img" not in page and "<b>p</b>" not in page and "<script" not in page
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;$x$" in page  # the table, the samples (HTML escaping)
+    assert '&lt;img src=x onerror="alert(1)"&gt;$x$</text>' in page  # the figures' text (matplotlib's XML escaping)
+    assert page.count("<svg") == 3 * 3  # bloom, empty and gpt2: three figures each, drawn even with nothing scored

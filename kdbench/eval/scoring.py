@@ -71,15 +71,15 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
     )
 
 
-def corpus_score(
+def example_scores(
     fn: ExampleScorer,
     predictions: Sequence[str],
     references: Sequence[Sequence[str]],
-) -> float:
-    """Corpus score: ``fn`` per example (max over its references), x100, averaged over examples.
+) -> list[float]:
+    """``fn`` per example (max over its references), in [0, 1], in the examples' order.
 
     Raises KdbenchError when the prediction and reference counts differ, an example has no
-    reference, or there are no examples, because each would make the average meaningless.
+    reference, or there are no examples, because each would make an average over them meaningless.
     """
     if len(predictions) != len(references):
         raise KdbenchError(
@@ -95,5 +95,18 @@ def corpus_score(
     if not predictions:
         # A mean over zero examples is undefined; a silent 0.0 would look like a real score.
         raise KdbenchError("Got 0 predictions; expected at least one example to score.")
-    total = sum(fn(prediction, refs) for prediction, refs in zip(predictions, references))
-    return 100.0 * total / len(predictions)
+    return [fn(prediction, refs) for prediction, refs in zip(predictions, references)]
+
+
+def corpus_score(
+    fn: ExampleScorer,
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+) -> float:
+    """Corpus score: :func:`example_scores` x100, averaged over examples (same checks)."""
+    return mean_times_100(example_scores(fn, predictions, references))
+
+
+def mean_times_100(scores: Sequence[float]) -> float:
+    """The corpus score of per-example scores in [0, 1]."""
+    return 100.0 * sum(scores) / len(scores)

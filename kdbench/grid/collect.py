@@ -131,7 +131,8 @@ class _Collector:
     def __init__(self, experiment: Experiment, registries: Registries, selection: Selection) -> None:
         self.experiment, self.registries, self.selection = experiment, registries, selection
         self.graph = StageGraph()
-        self.data = {"dataset": experiment.data.dataset, "options": experiment.data.options}
+        self.data = {"dataset": experiment.data.dataset, "options": experiment.data.options,
+                     "version": registries.datasets.get(experiment.data.dataset).version}
         self.shared = {"experiment": experiment.name, "protocol": experiment.protocol, "init": experiment.init.model_dump(),
                        "selection": experiment.selection.model_dump(), "data": experiment.data.model_dump(),
                        "scale": experiment.models.scale, "training": experiment.training.model_dump(),

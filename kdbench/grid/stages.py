@@ -41,7 +41,16 @@ from kdbench.objectives import Objective, ObjectiveParams
 from kdbench.registry import Registries
 from kdbench.report.card import protocol_card
 from kdbench.results import store
-from kdbench.results.schema import SCHEMA_VERSION, CellResult, CodeVersions, Cost, Failure, StageCost, Status
+from kdbench.results.schema import (
+    SCHEMA_VERSION,
+    CellExamples,
+    CellResult,
+    CodeVersions,
+    Cost,
+    Failure,
+    StageCost,
+    Status,
+)
 from kdbench.train.engine import Diverged, Tracking, TrainingData, Validation, train, validation_loss
 from kdbench.train.generation import GREEDY, batch_progress, generate_responses
 from kdbench.zoo import build_tiny_model, count_parameters, load_model, load_tokenizer, train_tokenizer
@@ -281,6 +290,7 @@ def build_cell(node: Node, context: RunContext, folder: Path) -> None:
     scores = evaluate(network, tokenizer, records, context.metrics, cell.eval_seeds, evaluation.max_new_tokens,
                       evaluation.batch_size, context.hook, f"{cell.label}: eval")
     eval_examples = {"": len(records)}
+    example_sets = {"": scores["examples"]}
     for label, extra in evaluation.datasets.items():  # extra sets: "<label>/<metric>" columns
         extra_records = context.eval_records(tokenizer, extra)
         extra_scores = evaluate(network, tokenizer, extra_records, context.metrics, cell.eval_seeds,
@@ -290,6 +300,7 @@ def build_cell(node: Node, context: RunContext, folder: Path) -> None:
         scores["per_task"].update({f"{label}/{seed}": v for seed, v in extra_scores["per_task"].items()})
         scores["seconds"] += extra_scores["seconds"]
         eval_examples[label] = len(extra_records)
+        example_sets[label] = extra_scores["examples"]
     higher_is_better = {name: m.higher_is_better for name in scores["metrics"] for m in context.metrics
                         if name.rsplit("/", 1)[-1] == m.name}
     if evaluation.lm_eval.tasks:
@@ -322,6 +333,8 @@ def build_cell(node: Node, context: RunContext, folder: Path) -> None:
     if distributed.is_main():
         store.atomic_write_json(folder / "config.json", cell.config)
         store.atomic_write_json(folder / "samples.json", scores["samples"])
+        examples: CellExamples = {"schema_version": SCHEMA_VERSION, "sets": example_sets}
+        store.atomic_write_json(folder / "examples.json", examples, compact=True)
         train_log = Path(model_path) / "train_log.jsonl"
         if train_log.is_file():
             store.atomic_write_text(folder / "train_log.jsonl", train_log.read_text())
@@ -446,5 +459,5 @@ BUILDERS: dict[StageKind, Builder] = {builder.kind: builder for builder in (
     Builder(StageKind.TOKENIZE, 2, build_tokenize),
     Builder(StageKind.TRAIN, 2, build_training, collective=True),
     Builder(StageKind.GENERATE, 1, build_generations, collective=True),
-    Builder(StageKind.EVAL, 2, build_cell, collective=True),
+    Builder(StageKind.EVAL, 3, build_cell, collective=True),  # 3: writes examples.json
 )}

@@ -1,97 +1,41 @@
-"""Leaderboards built only from the ``result.json`` files a run leaves behind.
+"""Leaderboard rows built only from the files a run leaves behind (``kdbench.report.folder``).
 
-Each cell writes ``<run_dir>/cells/<family>/<student>/<method>/seed<k>/result.json``
-(``kdbench.results.schema``). Reading nothing but those files means a leaderboard can be rebuilt at
-any time, from a partial run, or on another machine, without re-running anything.
-
-Aggregation: for each (family, student, method) every metric pools its per-evaluation-seed
-values across the train seeds that were scored, then reports the mean and the sample standard
-deviation (ddof=1; 0.0 for a single value). Seeds that failed or diverged are not averaged in: the
-row carries their status and reason instead. Rows rank by the experiment's primary metric
-(``evaluation.primary_metric``, recorded in every result).
+Aggregation, per (family, student, method): each training seed's score on a metric is the mean over its
+evaluation seeds; the row reports the mean, sample standard deviation and Student-t 95% interval over the
+training seeds that were scored (``kdbench.report.statistics``). Seeds that failed or diverged are not
+averaged in: the row carries their status and reason instead. Rows rank by the experiment's primary metric
+(``evaluation.primary_metric``, recorded in every result) within their (family, student); with per-example
+scores (``examples.json``) each row is also tested against the best of its (family, student) by a paired
+bootstrap over test examples, and gets the share of the teacher–SFT gap it recovers and its exact match by
+gold-response length.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-from rich.text import Text
+import numpy as np
 
-from kdbench.errors import KdbenchError
-from kdbench.report.card import ProtocolCard, render_card
-from kdbench.results.schema import REQUIRED_KEYS, SCHEMA_VERSION, STATUSES
+from kdbench.report import statistics as stats
+from kdbench.report.folder import CellId, cell_id
+from kdbench.results.schema import CellExamples
 
-RENDER_FORMATS: tuple[str, ...] = ("md", "csv", "json")
 TEACHER_KIND = "teacher"
-_RESULT_GLOB = "cells/**/result.json"
-_MISSING = "—"
-_BASE_RECORD_KEYS: tuple[str, ...] = (
-    "family", "student", "method", "kind", "status", "n_seeds", "n_train_seeds", "wall_seconds", "params",
-)
+BASELINE_METHOD = "sft"  # the row the gap recovered is measured from (METHODS.md: every paper's baseline)
+LENGTH_METRIC = "exact_match"  # what the length buckets report, as DPKD does
+RowKey = tuple[str, str, str]  # family, student, method
 
 
-def load_results(run_dir: Path) -> list[dict[str, Any]]:
-    """Read every ``cells/**/result.json`` under ``run_dir``, sorted by path.
+@dataclass(frozen=True)
+class ExampleVector:
+    """A row's per-example scores on one metric, averaged over its training and evaluation seeds."""
 
-    Nothing is skipped silently: invalid JSON, another schema_version or a missing required key
-    raises KdbenchError naming the file, so a leaderboard never quietly drops a cell.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise KdbenchError(
-            f"Run directory {str(run_dir)!r} does not exist; expected a directory written by "
-            "`kdbench run`. Run `kdbench run` first or pass the right run directory."
-        )
-    result_paths = sorted(run_dir.glob(_RESULT_GLOB))
-    if not result_paths:
-        raise KdbenchError(
-            f"No results found: searched {str(run_dir / _RESULT_GLOB)!r} and found no "
-            "result.json files. Run `kdbench run` first (each finished cell writes one)."
-        )
-    return [_read_result(path) for path in result_paths]
-
-
-def _read_result(path: Path) -> dict[str, Any]:
-    try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise KdbenchError(
-            f"{str(path)!r} is not valid JSON ({error}); expected a schema_version "
-            f"{SCHEMA_VERSION} result file. Delete it and re-run that cell."
-        ) from error
-    if not isinstance(result, dict):
-        raise KdbenchError(
-            f"{str(path)!r} holds a JSON {type(result).__name__}; expected a JSON object."
-        )
-    if result.get("schema_version") != SCHEMA_VERSION:
-        raise KdbenchError(
-            f"{str(path)!r} has schema_version {result.get('schema_version')!r}; expected "
-            f"{SCHEMA_VERSION}. It was written by an incompatible kdbench; re-run that cell."
-        )
-    missing_keys = [key for key in REQUIRED_KEYS if key not in result]
-    if missing_keys:
-        raise KdbenchError(
-            f"{str(path)!r} lacks required key(s) {missing_keys}; expected every key of "
-            "kdbench.results.schema.CellResult. Delete it and re-run that cell."
-        )
-    if result["status"] not in STATUSES:
-        raise KdbenchError(f"{str(path)!r} has status {result['status']!r}; expected one of {list(STATUSES)}.")
-    if not isinstance(result["metrics"], dict) or not all(
-        isinstance(per_seed, dict) for per_seed in result["metrics"].values()
-    ):
-        raise KdbenchError(
-            f"{str(path)!r} has malformed 'metrics'; expected "
-            '{"<metric>": {"<eval seed>": <value>, ...}, ...}.'
-        )
-    return result
+    fingerprint: str  # of the examples: rows are paired only when it is equal
+    values: np.ndarray
+    gold_words: list[int]
 
 
 @dataclass
@@ -102,9 +46,9 @@ class LeaderboardRow:
     student: str
     method: str
     kind: str
-    metrics_mean: dict[str, float]
-    metrics_std: dict[str, float]
-    n_seeds: int  # distinct (train seed, eval seed) pairs pooled
+    metrics_mean: dict[str, float]  # mean over train seeds of each seed's mean over evaluation seeds
+    metrics_std: dict[str, float | None]  # sample std over train seeds; None from one train seed
+    n_seeds: int  # distinct (train seed, eval seed) pairs scored on the primary metric
     n_train_seeds: int  # train seeds scored (status ok)
     wall_seconds: float | None  # mean of wall_seconds.total over train seeds
     params: int | None  # parameter count of the model this row evaluates
@@ -117,24 +61,51 @@ class LeaderboardRow:
     selected_steps: list[int] = field(default_factory=list)  # per scored train seed, in seed order
     status: str = "ok"  # ok when every train seed was scored; else the status of the first that was not
     failures: list[dict[str, Any]] = field(default_factory=list)  # per unscored seed: seed, status, reason, stage, step
+    metrics_ci95: dict[str, stats.Interval | None] = field(default_factory=dict)  # t interval over train seeds
+    n_eval_seeds: int = 0  # evaluation seeds of the primary metric
+    train_tokens: float | None = None  # tokens the own stage trained on, mean over train seeds
+    train_tokens_total: float | None = None  # ancestors' training included
+    train_seconds: float | None = None  # the own stage's training time, mean over train seeds
+    student_forwards: float | None = None  # during the own stage, mean over train seeds
+    teacher_forwards: float | None = None
+    peak_memory_mb: float | None = None  # the largest over train seeds
+    rank: int | None = None  # by the primary metric within the (family, student); ties share a rank
+    vs_best: stats.Comparison | None = None  # paired bootstrap against the best row of the (family, student)
+    gap_recovered: float | None = None
+    gap_recovered_ci95: stats.Interval | None = None
+    n_examples: int | None = None  # test examples behind the per-example statistics
+    length_scores: dict[str, float | None] = field(default_factory=dict)  # LENGTH_METRIC by gold length bucket
+    length_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def is_teacher(self) -> bool:
         return self.kind == TEACHER_KIND
 
+    @property
+    def key(self) -> RowKey:
+        return self.family, self.student, self.method
 
-def build_leaderboard(results: list[dict[str, Any]]) -> list[LeaderboardRow]:
-    """Group results by (family, student, method), pool metric values across seeds, and order.
+    @property
+    def scored(self) -> bool:
+        return self.status == "ok" and self.primary_metric in self.metrics_mean
+
+
+def build_leaderboard(results: list[dict[str, Any]],
+                      examples: Mapping[CellId, CellExamples] | None = None) -> list[LeaderboardRow]:
+    """Group results by (family, student, method), aggregate over seeds, rank, and order; with ``examples`` (every
+    scored cell's ``examples.json``) add the per-example statistics.
 
     Order: family alphabetically; within a family the teacher row first, then by student, then by
     the primary metric best first (rows that could not be scored last).
     """
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[RowKey, list[dict[str, Any]]] = {}
     for result in results:
-        key = (str(result["family"]), str(result["student"]), str(result["method"]))
-        groups.setdefault(key, []).append(result)
-    rows = [_aggregate_group(key, group) for key, group in groups.items()]
-    return sorted(rows, key=_row_sort_key)
+        groups.setdefault(cell_id(result)[:3], []).append(result)
+    rows = sorted((_aggregate_group(key, group) for key, group in groups.items()), key=_row_sort_key)
+    _rank(rows)
+    if examples is not None:
+        _add_example_statistics(rows, groups, examples)
+    return rows
 
 
 def settings_mismatches(results: list[dict[str, Any]]) -> list[str]:
@@ -152,59 +123,60 @@ def settings_mismatches(results: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def _aggregate_group(key: tuple[str, str, str], group: list[dict[str, Any]]) -> LeaderboardRow:
+# -- over training seeds ---------------------------------------------------------------------------------
+
+def _seed_scores(scored: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Metric → one score per scored train seed: the mean over that seed's evaluation seeds."""
+    per_metric: dict[str, list[float]] = {}
+    for result in scored:
+        for metric, per_eval_seed in result["metrics"].items():
+            if per_eval_seed:
+                per_metric.setdefault(metric, []).append(statistics.fmean(map(float, per_eval_seed.values())))
+    return dict(sorted(per_metric.items()))
+
+
+def _mean_of(scored: Sequence[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> float | None:
+    return statistics.fmean(value(result) for result in scored) if scored else None
+
+
+def _aggregate_group(key: RowKey, group: list[dict[str, Any]]) -> LeaderboardRow:
     family, student, method = key
-    pooled_values: dict[str, list[float]] = {}
-    seed_pairs: set[tuple[str, str]] = set()
-    higher_is_better: dict[str, bool] = {}
-    scored = [result for result in group if result["status"] == "ok"]
+    scored = sorted((result for result in group if result["status"] == "ok"), key=lambda r: r["train_seed"])
     failures = [{"seed": r["train_seed"], "status": r["status"], **r.get("failure", {})}
                 for r in group if r["status"] != "ok"]
     for failure in failures:
         failure.pop("traceback", None)
     primary = str(group[0]["primary_metric"])
-    for result in scored:
-        train_seed = str(result["train_seed"])
-        for metric, per_eval_seed in result["metrics"].items():
-            for eval_seed, value in per_eval_seed.items():
-                pooled_values.setdefault(metric, []).append(float(value))
-                if metric == primary:  # extra columns (other sets, lm-eval) may be scored under other seeds
-                    seed_pairs.add((train_seed, str(eval_seed)))
-        for metric, is_higher_better in (result.get("higher_is_better") or {}).items():
-            higher_is_better.setdefault(metric, bool(is_higher_better))
-
-    metrics_mean = {metric: statistics.fmean(values) for metric, values in pooled_values.items()}
-    metrics_std = {
-        metric: statistics.stdev(values) if len(values) > 1 else 0.0
-        for metric, values in pooled_values.items()
-    }
-    wall_totals = [float(result["wall_seconds"]["total"]) for result in scored]
+    per_seed = _seed_scores(scored)
+    eval_seeds = {(r["train_seed"], str(s)) for r in scored for s in r["metrics"].get(primary, {})}
+    higher_is_better = {m: bool(h) for r in reversed(scored) for m, h in (r.get("higher_is_better") or {}).items()}
     kind = str(group[0]["kind"])
     return LeaderboardRow(
-        family=family,
-        student=student,
-        method=method,
-        kind=kind,
-        metrics_mean=dict(sorted(metrics_mean.items())),
-        metrics_std=dict(sorted(metrics_std.items())),
-        n_seeds=len(seed_pairs),
-        n_train_seeds=len({str(result["train_seed"]) for result in scored}),
-        wall_seconds=statistics.fmean(wall_totals) if wall_totals else None,
+        family=family, student=student, method=method, kind=kind,
+        metrics_mean={metric: statistics.fmean(values) for metric, values in per_seed.items()},
+        metrics_std={metric: stats.sample_std(values) for metric, values in per_seed.items()},
+        metrics_ci95={metric: stats.t_interval(values) for metric, values in per_seed.items()},
+        n_seeds=len(eval_seeds),
+        n_train_seeds=len(scored),
+        n_eval_seeds=len({seed for _, seed in eval_seeds}),
+        wall_seconds=_mean_of(scored, lambda r: float(r["wall_seconds"]["total"])),
         params=_model_params(scored[0] if scored else group[0], kind),
         config_hashes=sorted({str(r["config_hash"]) for r in group}),
         higher_is_better=higher_is_better,
         primary_metric=primary,
         protocol=group[0].get("protocol"),
-        optimizer_steps=_mean_or_none([r["optimizer_steps"] for r in scored]),
-        optimizer_steps_total=_mean_or_none([r["optimizer_steps_total"] for r in scored]),
-        selected_steps=[int(r["selected_step"]) for r in sorted(scored, key=lambda r: r["train_seed"])],
+        optimizer_steps=_mean_of(scored, lambda r: r["optimizer_steps"]),
+        optimizer_steps_total=_mean_of(scored, lambda r: r["optimizer_steps_total"]),
+        selected_steps=[int(r["selected_step"]) for r in scored],
         status=failures[0]["status"] if failures else "ok",
         failures=failures,
+        train_tokens=_mean_of(scored, lambda r: r["cost"]["own"]["tokens"]),
+        train_tokens_total=_mean_of(scored, lambda r: r["cost"]["total"]["tokens"]),
+        train_seconds=_mean_of(scored, lambda r: r["cost"]["own"]["seconds"]),
+        student_forwards=_mean_of(scored, lambda r: r["forward_passes"]["student"]),
+        teacher_forwards=_mean_of(scored, lambda r: r["forward_passes"]["teacher"]),
+        peak_memory_mb=max((float(r["peak_memory_mb"]) for r in scored), default=None),
     )
-
-
-def _mean_or_none(values: Sequence[float]) -> float | None:
-    return statistics.fmean(values) if values else None
 
 
 def _model_params(result: Mapping[str, Any], kind: str) -> int | None:
@@ -217,199 +189,174 @@ def _model_params(result: Mapping[str, Any], kind: str) -> int | None:
     return None
 
 
-def _row_sort_key(row: LeaderboardRow) -> tuple[str, int, str, int, float, str]:
+def _ranking_value(row: LeaderboardRow) -> float:
+    """Smaller ranks first: the primary metric, negated when higher is better; unscored rows last."""
     metric = row.primary_metric
-    if row.status != "ok" or metric not in row.metrics_mean:
-        ranking = float("inf")  # rows that could not be scored sink to the bottom of their student
-    else:
-        mean = row.metrics_mean[metric]
-        ranking = -mean if row.higher_is_better.get(metric, True) else mean
-    return (row.family, 0 if row.is_teacher else 1, row.student, int(row.status != "ok"), ranking, row.method)
+    if not row.scored:
+        return float("inf")
+    mean = row.metrics_mean[str(metric)]
+    return -mean if row.higher_is_better.get(str(metric), True) else mean
 
 
-def _all_metrics(rows: Sequence[LeaderboardRow]) -> list[str]:
-    # Union over rows so every record/column set is the same even if a metric is missing somewhere.
-    # The primary metric leads, the rest follow alphabetically.
+def _row_sort_key(row: LeaderboardRow) -> tuple[str, int, str, int, float, str]:
+    return (row.family, 0 if row.is_teacher else 1, row.student, int(row.status != "ok"), _ranking_value(row),
+            row.method)
+
+
+def student_groups(rows: Sequence[LeaderboardRow]) -> dict[tuple[str, str], list[LeaderboardRow]]:
+    """The scored student rows of each (family, student), best first."""
+    groups: dict[tuple[str, str], list[LeaderboardRow]] = {}
+    for row in rows:
+        if not row.is_teacher and row.scored:
+            groups.setdefault((row.family, row.student), []).append(row)
+    return groups
+
+
+def _rank(rows: Sequence[LeaderboardRow]) -> None:
+    for group in student_groups(rows).values():
+        for row, rank in zip(group, stats.competition_ranks([-_ranking_value(r) for r in group], True)):
+            row.rank = rank
+
+
+# -- over test examples ----------------------------------------------------------------------------------
+
+def _set_and_metric(metric: str, sets: Mapping[str, Any]) -> tuple[str, str]:
+    """``"sinst/rougeL"`` → (``"sinst"``, ``"rougeL"``) when ``sinst`` is an evaluation set; else the own split."""
+    label, _, name = metric.rpartition("/")
+    return (label, name) if label and label in sets else ("", metric)
+
+
+def example_vector(cells: Sequence[CellExamples], metric: str) -> ExampleVector | None:
+    """The per-example ``metric`` of a row's scored cells, averaged over evaluation seeds, then training seeds;
+    None when a cell lacks it or the cells were not scored on the same examples."""
+    per_seed: list[np.ndarray] = []
+    fingerprints: set[str] = set()
+    example_set = None
+    for cell in cells:
+        label, name = _set_and_metric(metric, cell["sets"])
+        example_set = cell["sets"].get(label)
+        by_eval_seed = (example_set or {}).get("scores", {}).get(name)
+        if not example_set or not by_eval_seed:
+            return None
+        fingerprints.add(example_set["fingerprint"])
+        per_seed.append(np.mean([np.asarray(v, dtype=float) for v in by_eval_seed.values()], axis=0))
+    if example_set is None or len(fingerprints) != 1:
+        return None
+    return ExampleVector(fingerprints.pop(), np.mean(per_seed, axis=0), list(example_set["gold_words"]))
+
+
+def _add_example_statistics(rows: Sequence[LeaderboardRow], groups: Mapping[RowKey, list[dict[str, Any]]],
+                            examples: Mapping[CellId, CellExamples]) -> None:
+    def vector(row: LeaderboardRow, metric: str) -> ExampleVector | None:
+        cells = [examples[cell_id(r)] for r in groups[row.key] if r["status"] == "ok" and cell_id(r) in examples]
+        return example_vector(cells, metric) if cells and len(cells) == row.n_train_seeds else None
+
+    primary = {row.key: vector(row, str(row.primary_metric)) for row in rows if row.scored}
+    for row in rows:
+        if row.key in primary and primary[row.key] is not None:
+            row.n_examples = len(primary[row.key].values)
+        by_length = vector(row, LENGTH_METRIC) if row.scored else None
+        if by_length is not None:
+            row.length_scores, row.length_counts = stats.length_buckets(by_length.values, by_length.gold_words)
+    for family in sorted({row.family for row in rows}):
+        _bootstrap_family([row for row in rows if row.family == family], primary)
+
+
+def _bootstrap_family(rows: Sequence[LeaderboardRow], vectors: Mapping[RowKey, ExampleVector | None]) -> None:
+    """Every row of one family scored on the same examples shares one set of resamples: comparisons to the best
+    and gaps to SFT and the teacher are paired example by example."""
+    present = {key: vector for key, vector in vectors.items() if vector is not None and key[0] == rows[0].family}
+    by_fingerprint: dict[str, list[RowKey]] = {}
+    for key, vector in present.items():
+        by_fingerprint.setdefault(vector.fingerprint, []).append(key)
+    for keys in by_fingerprint.values():
+        resampled = stats.bootstrap_means(np.stack([present[key].values for key in keys]))
+        columns = {key: resampled[:, index] for index, key in enumerate(keys)}
+        observed = {key: float(present[key].values.mean()) for key in keys}
+        _compare_with_best(rows, columns, observed)
+        _gaps(rows, columns)
+
+
+def _compare_with_best(rows: Sequence[LeaderboardRow], columns: Mapping[RowKey, np.ndarray],
+                       observed: Mapping[RowKey, float]) -> None:
+    for group in student_groups(rows).values():
+        best = group[0]
+        if best.key not in columns:
+            continue
+        higher = best.higher_is_better.get(str(best.primary_metric), True)
+        for row in group:
+            if row.key in columns:
+                behind = observed[best.key] - observed[row.key]
+                row.vs_best = stats.compare_to_best(columns[best.key], columns[row.key], behind if higher else -behind,
+                                                    higher)
+
+
+def _gaps(rows: Sequence[LeaderboardRow], columns: Mapping[RowKey, np.ndarray]) -> None:
+    teachers = [row for row in rows if row.is_teacher and row.key in columns]
+    if len(teachers) != 1:
+        return
+    teacher = teachers[0]
+    for row in rows:
+        sft = (row.family, row.student, BASELINE_METHOD)
+        if row.is_teacher or row.key not in columns or sft not in columns:
+            continue
+        metric = str(row.primary_metric)
+        baseline = next(r for r in rows if r.key == sft)
+        row.gap_recovered = stats.gap_recovered(row.metrics_mean[metric], baseline.metrics_mean[metric],
+                                                teacher.metrics_mean[metric])
+        if row.gap_recovered is not None:
+            row.gap_recovered_ci95 = stats.gap_interval(columns[row.key], columns[sft], columns[teacher.key])
+
+
+# -- as data ---------------------------------------------------------------------------------------------
+
+def all_metrics(rows: Sequence[LeaderboardRow]) -> list[str]:
+    """Union over rows so every record/column set is the same even if a metric is missing somewhere.
+    The primary metric leads, the rest follow alphabetically."""
     primaries = [row.primary_metric for row in rows if row.primary_metric]
     primary = max(set(primaries), key=primaries.count) if primaries else None
     return sorted({metric for row in rows for metric in row.metrics_mean}, key=lambda m: (m != primary, m))
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
+def rounded(value: Any) -> Any:
+    """Floats (also inside intervals and dicts) to 4 decimals; everything else as it is."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, (tuple, list)):
+        return [rounded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    return value
 
 
 def leaderboard_records(rows: Sequence[LeaderboardRow]) -> list[dict[str, Any]]:
-    """One flat dict per row: identity, seed counts, wall seconds, params, ``<m>_mean``/``<m>_std``.
-
-    Floats are rounded to 4 decimals; a metric a row lacks is None, so all records share keys.
-    """
-    metrics = _all_metrics(rows)
-    records: list[dict[str, Any]] = []
-    for row in rows:
-        base_values = (
-            row.family, row.student, row.method, row.kind, row.status, row.n_seeds, row.n_train_seeds,
-            _round(row.wall_seconds), row.params,
-        )
-        record: dict[str, Any] = dict(zip(_BASE_RECORD_KEYS, base_values))
-        record["primary_metric"] = row.primary_metric
-        record["protocol"] = row.protocol
-        record["optimizer_steps"] = _round(row.optimizer_steps)
-        record["optimizer_steps_total"] = _round(row.optimizer_steps_total)
-        record["selected_step"] = row.selected_steps
-        record["failures"] = row.failures
-        for metric in metrics:
-            record[f"{metric}_mean"] = _round(row.metrics_mean.get(metric))
-            record[f"{metric}_std"] = _round(row.metrics_std.get(metric))
-        records.append(record)
-    return records
+    """One flat dict per row (``kdbench report --format json``); floats rounded to 4 decimals, and a value a row
+    lacks is None, so all records share keys."""
+    metrics = all_metrics(rows)
+    return [_record(row, metrics) for row in rows]
 
 
-def status_text(row: LeaderboardRow) -> str:
-    """``ok``, or why seeds of the row were not scored: ``diverged (seed 0, step 2, gpt2/s1/kd/seed0: train):
-    loss became nan …``."""
-    if row.status == "ok":
-        return "ok"
-    parts = []
-    for failure in row.failures:
-        where = ", ".join(str(p) for p in (f"seed {failure['seed']}",
-                                            f"step {failure['step']}" if failure.get("step") else None,
-                                            failure.get("stage")) if p)
-        parts.append(f"{failure['status']} ({where}): {failure.get('reason', '')}")
-    return "; ".join(parts)
-
-
-def _mean_pm_std(row: LeaderboardRow, metric: str) -> str:
-    if metric not in row.metrics_mean:
-        return row.status if row.status != "ok" else _MISSING
-    return f"{row.metrics_mean[metric]:.2f} ± {row.metrics_std[metric]:.2f}"
-
-
-def _format_wall(seconds: float | None) -> str:
-    return _MISSING if seconds is None else f"{seconds:.1f}"
-
-
-def _format_steps(steps: float | None) -> str:
-    return _MISSING if steps is None else f"{steps:,.0f}"
-
-
-def _format_selected(steps: Sequence[int]) -> str:
-    return ", ".join(map(str, steps)) if steps else _MISSING
-
-
-def _format_params(params: int | None) -> str:
-    return _MISSING if params is None else f"{params:,}"
-
-
-def _render_markdown(rows: Sequence[LeaderboardRow]) -> str:
-    metrics = _all_metrics(rows)
-    header = ["family", "student", "method", "kind", *metrics, "seeds", "train seeds", "steps", "steps total",
-              "selected step", "wall s", "params", "status"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in rows:
-        cells = [
-            row.family,
-            row.student,
-            row.method,
-            row.kind,
-            *(_mean_pm_std(row, metric) for metric in metrics),
-            str(row.n_seeds),
-            str(row.n_train_seeds),
-            _format_steps(row.optimizer_steps),
-            _format_steps(row.optimizer_steps_total),
-            _format_selected(row.selected_steps),
-            _format_wall(row.wall_seconds),
-            _format_params(row.params),
-            status_text(row),
-        ]
-        # A literal pipe would split the cell in GitHub Markdown.
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _render_csv(rows: Sequence[LeaderboardRow]) -> str:
-    # One line per row: the failures become the status text.
-    records = [{**record, "failures": status_text(row) if row.failures else ""}
-               for record, row in zip(leaderboard_records(rows), rows)]
-    buffer = io.StringIO()
-    fieldnames = list(records[0]) if records else list(_BASE_RECORD_KEYS)
-    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(records)
-    return buffer.getvalue()
-
-
-def render(rows: Sequence[LeaderboardRow], fmt: str, cards: Sequence[ProtocolCard] = ()) -> str:
-    """Render rows as ``md`` (the protocol cards, then a GitHub table with ``mean ± std`` cells), ``csv`` or
-    ``json`` (rows only: each carries its ``protocol``)."""
-    if fmt == "json":
-        return json.dumps(leaderboard_records(rows), indent=2)
-    if fmt == "csv":
-        return _render_csv(rows)
-    if fmt == "md":
-        preamble = "".join("Protocol card:\n\n" + "".join(f"- {line}\n" for line in render_card(card).splitlines())
-                           + "\n" for card in cards)
-        return preamble + _render_markdown(rows)
-    raise KdbenchError(
-        f"Unknown leaderboard format {fmt!r}; expected one of {', '.join(RENDER_FORMATS)}."
-    )
-
-
-def _best_methods(rows: Sequence[LeaderboardRow], metrics: Sequence[str]) -> set[tuple[int, str]]:
-    """(row index, metric) pairs holding the best student score within each (family, student)."""
-    best: set[tuple[int, str]] = set()
-    student_groups: dict[tuple[str, str], list[int]] = {}
-    for index, row in enumerate(rows):
-        if not row.is_teacher and row.status == "ok":
-            student_groups.setdefault((row.family, row.student), []).append(index)
-    for indices in student_groups.values():
-        for metric in metrics:
-            scored = [i for i in indices if metric in rows[i].metrics_mean]
-            if not scored:
-                continue
-            higher_is_better = all(rows[i].higher_is_better.get(metric, True) for i in scored)
-            pick = max if higher_is_better else min
-            best_value = pick(rows[i].metrics_mean[metric] for i in scored)
-            # Ties share the bold: both methods are equally best on the reported mean.
-            best.update((i, metric) for i in scored if rows[i].metrics_mean[metric] == best_value)
-    return best
-
-
-def rich_table(rows: Sequence[LeaderboardRow], title: str) -> Table:
-    """A terminal table: teacher rows dim/italic, each student's best method bold per metric."""
-    metrics = _all_metrics(rows)
-    table = Table(title=title)
-    table.add_column("family")
-    table.add_column("student")
-    table.add_column("method")
+def _record(row: LeaderboardRow, metrics: Sequence[str]) -> dict[str, Any]:
+    comparison = row.vs_best
+    record: dict[str, Any] = {
+        "family": row.family, "student": row.student, "method": row.method, "kind": row.kind, "status": row.status,
+        "rank": row.rank, "primary_metric": row.primary_metric, "protocol": row.protocol,
+        "n_seeds": row.n_seeds, "n_train_seeds": row.n_train_seeds, "n_eval_seeds": row.n_eval_seeds,
+        "n_examples": row.n_examples,
+        "same_as_best": None if comparison is None else comparison.same_as_best,
+        "diff_to_best": None if comparison is None else comparison.difference,
+        "diff_to_best_ci95": None if comparison is None else comparison.interval,
+        "p_vs_best": None if comparison is None else comparison.p_value,
+        "gap_recovered": row.gap_recovered, "gap_recovered_ci95": row.gap_recovered_ci95,
+        f"{LENGTH_METRIC}_by_length": row.length_scores or None, "examples_by_length": row.length_counts or None,
+        "wall_seconds": row.wall_seconds, "train_seconds": row.train_seconds, "params": row.params,
+        "optimizer_steps": row.optimizer_steps, "optimizer_steps_total": row.optimizer_steps_total,
+        "train_tokens": row.train_tokens, "train_tokens_total": row.train_tokens_total,
+        "student_forwards": row.student_forwards, "teacher_forwards": row.teacher_forwards,
+        "peak_memory_mb": row.peak_memory_mb, "selected_step": row.selected_steps, "failures": row.failures,
+    }
     for metric in metrics:
-        table.add_column(metric, justify="right")
-    table.add_column("seeds", justify="right")
-    table.add_column("steps", justify="right")
-    table.add_column("steps total", justify="right")
-    table.add_column("selected", justify="right")
-    table.add_column("wall s", justify="right")
-    unscored = any(row.status != "ok" for row in rows)
-    if unscored:
-        table.add_column("status")
-
-    best = _best_methods(rows, metrics)
-    for index, row in enumerate(rows):
-        metric_cells = [
-            Text(_mean_pm_std(row, metric), style="bold" if (index, metric) in best else "")
-            for metric in metrics
-        ]
-        table.add_row(
-            row.family,
-            row.student,
-            row.method,
-            *metric_cells,
-            str(row.n_seeds),
-            _format_steps(row.optimizer_steps),
-            _format_steps(row.optimizer_steps_total),
-            _format_selected(row.selected_steps),
-            _format_wall(row.wall_seconds),
-            *([Text(status_text(row), style="red" if row.status != "ok" else "")] if unscored else []),
-            style="dim italic" if row.is_teacher else None,
-        )
-    return table
+        record[f"{metric}_mean"] = row.metrics_mean.get(metric)
+        record[f"{metric}_std"] = row.metrics_std.get(metric)
+        record[f"{metric}_ci95"] = row.metrics_ci95.get(metric)
+    return rounded(record)

@@ -1,18 +1,26 @@
-"""The shape of ``result.json``: one cell's outcome, written by the executor, read by ``kdbench report``.
+"""The shape of ``result.json`` and ``examples.json``: one cell's outcome, written by the executor, read by
+``kdbench report``.
 
-Every cell of a run writes one, whether it finished (``status: ok``) or not (``failed``, ``diverged``):
-a leaderboard shows the rows that could not be scored with their reason rather than dropping them.
-Modelled on lm-evaluation-harness's ``result_schema.py``: a TypedDict with a comment on every key, and
-one version, bumped whenever a key changes meaning or disappears.
+Every cell of a run writes a ``result.json`` (``CellResult``), whether it finished (``status: ok``) or not
+(``failed``, ``diverged``): a leaderboard shows the rows that could not be scored with their reason rather than
+dropping them. A scored cell also writes ``examples.json`` (``CellExamples``) beside it: every evaluation
+example's score per metric and evaluation seed, and the facts the report groups examples by (task, gold length),
+from which it computes paired significance tests and length buckets. Modelled on lm-evaluation-harness's
+``result_schema.py``: TypedDicts with a comment on every key, and one version, bumped whenever a key changes
+meaning or disappears (4: ``examples.json`` added).
 """
 
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
 
 # typing_extensions' TypedDict sees NotRequired on every Python kdbench supports (typing's does from 3.11).
 from typing_extensions import NotRequired, TypedDict
 
+from kdbench.errors import KdbenchError
+
 # The one schema version: kdbench writes it, ``kdbench report`` reads only it.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 Status = Literal["ok", "failed", "diverged"]
 STATUSES: tuple[Status, ...] = ("ok", "failed", "diverged")
@@ -115,3 +123,55 @@ class CellResult(TypedDict):
 
 REQUIRED_KEYS: tuple[str, ...] = tuple(
     key for key in CellResult.__annotations__ if key not in CellResult.__optional_keys__)
+
+
+class ExampleSet(TypedDict):
+    """One evaluation set's examples, in the order they were scored: every list has one entry per example."""
+
+    fingerprint: str  # hash of the examples' prompts and references: rows pair example by example only when equal
+    task: list[str]  # the record's task ("" when the data names none)
+    gold_words: list[int]  # words (whitespace-separated) in the gold response
+    dataset: NotRequired[list[str]]  # the record's dataset name, present when the records name one
+    scores: dict[str, dict[str, list[float]]]  # metric → evaluation seed → per-example score ×100, 4 decimals
+    # (a whole number written as an integer: exact match's 0 and 100); the set's mean is result.json's metric
+
+
+class CellExamples(TypedDict):
+    """``<out>/cells/<family>/<student>/<method>/seed<k>/examples.json``, written with a scored ``result.json``."""
+
+    schema_version: int  # SCHEMA_VERSION of the kdbench that wrote it
+    sets: dict[str, ExampleSet]  # "" (the experiment's own evaluation split) or an extra set's label → its examples
+
+
+_RESULT = TypeAdapter(CellResult)
+_EXAMPLES = TypeAdapter(CellExamples)
+
+
+def _checked(adapter: TypeAdapter[Any], payload: Any, where: str, what: str) -> Any:
+    try:
+        adapter.validate_python(payload)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in error.errors()[:5])
+        raise KdbenchError(f"{where} is not a valid {what} ({error.error_count()} problem(s): {problems}); expected "
+                           f"the shape of kdbench.results.schema.{what}. Delete it and re-run that cell.") from None
+    return payload
+
+
+def check_result(payload: Any, where: str) -> CellResult:
+    """``payload`` itself when it has every key of ``CellResult`` with the right types; else KdbenchError naming
+    ``where`` and the first problems."""
+    return _checked(_RESULT, payload, where, "CellResult")
+
+
+def check_examples(payload: Any, where: str) -> CellExamples:
+    """``payload`` itself when it is a ``CellExamples`` whose lists all have one entry per example."""
+    examples: CellExamples = _checked(_EXAMPLES, payload, where, "CellExamples")
+    for label, example_set in examples["sets"].items():
+        count = len(example_set["task"])
+        lists = [example_set["gold_words"], example_set.get("dataset", example_set["task"]),
+                 *(values for by_seed in example_set["scores"].values() for values in by_seed.values())]
+        wrong = sorted({len(values) for values in lists if len(values) != count})
+        if wrong:
+            raise KdbenchError(f"{where}: set {label!r} has {count} examples but lists of {wrong} entries; expected "
+                               "one entry per example in every list. Delete it and re-run that cell.")
+    return examples

@@ -1,9 +1,9 @@
 """Where a run's results go, written atomically so a killed run never leaves half a file.
 
 ``<out>/cells/<family>/<student>/<method>/seed<k>/`` holds ``result.json`` (``kdbench.results.schema``,
-read by ``kdbench.report``), ``config.json`` (the resolved settings of the cell), ``train_log.jsonl`` and
-``samples.json``. ``result.json`` is written last: a cell is finished when it holds status ``ok`` and
-the key of the cell's stage in this run's graph.
+read by ``kdbench.report``), ``examples.json`` (every example's scores, ``CellExamples``), ``config.json`` (the
+resolved settings of the cell), ``train_log.jsonl`` and ``samples.json``. ``result.json`` is written last: a cell
+is finished when it holds status ``ok`` and the key of the cell's stage in this run's graph.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: Path, payload: Any, compact: bool = False) -> None:
+    """Indented for people to read, or ``compact`` (one line) for the large per-example files."""
+    layout: dict[str, Any] = {"separators": (",", ":")} if compact else {"indent": 2}
+    atomic_write_text(path, json.dumps(payload, sort_keys=True, default=str, **layout) + "\n")
 
 
 def cell_dir(out_dir: Path, family: str, student: str, method: str, seed: int) -> Path:

@@ -8,7 +8,6 @@ comes from a seed or a generator the caller gives; torch's global generator is l
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from transformers import GenerationConfig
 
 from kdbench.data import Record, TokenizedExample, format_prompt, prompt_ids
+from kdbench.losses import mixture_logp
 from kdbench.process import seeded
 
 GREEDY = "greedy"  # the evaluation-seed label of greedy decoding
@@ -125,13 +125,6 @@ def sample_continuations(model: Any, examples: Sequence[TokenizedExample], max_n
         samples.append(TokenizedExample((prompt + response + [eos_id])[:max_length], len(prompt)))
     model.train(was_training)
     return samples
-
-
-def mixture_logp(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``log((1 − α)·q + α·p)`` elementwise from log-probabilities, in log space; α = 0 gives ``log_q``."""
-    if alpha == 0:
-        return log_q
-    return torch.logaddexp(log_q + math.log1p(-alpha), log_p + math.log(alpha))
 
 
 @dataclass

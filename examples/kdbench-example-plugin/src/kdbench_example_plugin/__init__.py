@@ -1,0 +1,1 @@
+"""An example third-party kdbench plugin: one objective, ``jeffreys``."""

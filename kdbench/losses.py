@@ -1,0 +1,164 @@
+"""Divergences between the student's and the teacher's next-token distributions, as pure functions.
+
+Each takes the student's and the teacher's logits, (b, t, vocab) in any float dtype, and returns one value
+per position, (b, t): the runner masks and averages them (``kdbench.objectives``). ``temperature`` divides
+both logits. ``p`` is the teacher's distribution, ``q`` the student's. Everything is computed from
+log-softmaxes (mixtures with ``logaddexp``, tails with ``logsumexp``) in float32 or wider, so bf16 and fp16
+logits lose nothing more than their own rounding, and a token with zero probability adds ``0·log 0 = 0``.
+Every divergence here is ≥ 0 and 0 exactly where the two distributions agree. METHODS.md, "Beyond the seed".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def as_float(logits: torch.Tensor) -> torch.Tensor:
+    """The logits in float32, or in their own dtype when that is wider (float64 in tests)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(logits / τ)`` in float32 or wider. (b, t, vocab)"""
+    return F.log_softmax(as_float(logits) / temperature, dim=-1)
+
+
+def mixture_logp(log_q: torch.Tensor, log_p: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``log((1 − α)·q + α·p)`` elementwise from log-probabilities, in log space; α = 0 gives ``log_q``. A token
+    both rule out (−inf) gets the dtype's lowest finite value: ``logaddexp(−inf, −inf)`` has a NaN gradient."""
+    if alpha == 0:
+        return log_q
+    lowest = torch.finfo(log_q.dtype).min
+    return torch.logaddexp(log_q.clamp_min(lowest) + math.log1p(-alpha), log_p.clamp_min(lowest) + math.log(alpha))
+
+
+def kl_from_log_probs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``KL(a‖b) = Σ_v a·(log a − log b)`` over the last dimension. Where ``a`` is 0 the term is 0 and passes
+    no gradient, even where ``b`` is 0 as well (``−inf − −inf`` would otherwise make a NaN)."""
+    a = log_a.exp()
+    gap = torch.where(a > 0, log_a - log_b, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
+    return (a * gap).sum(-1)
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``KL(p‖q) = Σ_v p·(log p − log q)``: mean-seeking; word-level KD less the teacher's entropy. (b, t)"""
+    return kl_from_log_probs(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature))
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``KL(q‖p) = Σ_v q·(log q − log p)``: mode-seeking. (b, t)"""
+    return kl_from_log_probs(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Word-level KD, ``Σ_v p(v)·(−log q(v))`` = ``KL(p‖q) + H(p)``, (b, t): the ``kd`` objective's loss, and the
+    distillation half of the runner's pre-training LM term. Not zero at ``q = p`` (it is ``H(p)`` there), but
+    minimal, with the same gradient as the forward KL."""
+    teacher_probs = F.softmax(as_float(teacher_logits) / temperature, dim=-1)  # (b, t, vocab)
+    return -(teacher_probs * log_probs(student_logits, temperature)).sum(-1)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5, scaled: bool = False,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """TRL GKD's generalised Jensen-Shannon divergence, (b, t): for 0 < β < 1,
+    ``β·KL(p‖m) + (1 − β)·KL(q‖m)`` with ``m = β·p + (1 − β)·q``; at the endpoints, as TRL defines them,
+    β = 0 is ``KL(p‖q)`` (forward) and β = 1 is ``KL(q‖p)`` (reverse). Inside (0, 1) it tends to 0 at both
+    ends, so it is discontinuous there; ``scaled`` divides it by ``β(1 − β)``, which tends to the forward KL
+    as β → 0 and to the reverse KL as β → 1: continuous on [0, 1]."""
+    log_q, log_p = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    if beta == 0:
+        return kl_from_log_probs(log_p, log_q)
+    if beta == 1:
+        return kl_from_log_probs(log_q, log_p)
+    log_m = mixture_logp(log_q, log_p, beta)  # (b, t, vocab)
+    divergence = beta * kl_from_log_probs(log_p, log_m) + (1 - beta) * kl_from_log_probs(log_q, log_m)
+    return divergence / (beta * (1 - beta)) if scaled else divergence
+
+
+def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Total variation distance ``½·Σ_v |p − q|``, in [0, 1]. (b, t)"""
+    q, p = log_probs(student_logits, temperature).exp(), log_probs(teacher_logits, temperature).exp()
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """DistiLLM's skew KL ``KL(p ‖ α·p + (1 − α)·q)``; α = 0 is the forward KL. (b, t)"""
+    log_q, log_p = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    return kl_from_log_probs(log_p, mixture_logp(log_q, log_p, alpha))
+
+
+def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """DistiLLM's skew reverse KL ``KL(q ‖ α·q + (1 − α)·p)``; α = 0 is the reverse KL. (b, t)"""
+    log_q, log_p = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    return kl_from_log_probs(log_q, mixture_logp(log_p, log_q, alpha))
+
+
+def adaptive_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mu: float = 0.5,
+                temperature: float = 1.0) -> torch.Tensor:
+    """AKL (Wu et al., COLING 2025): ``g_head/(g_head + g_tail)·KL(p‖q) + g_tail/(g_head + g_tail)·KL(q‖p)``.
+    The head is the teacher's top tokens holding mass μ (each token whose higher-ranked tokens hold less
+    than μ), the tail the rest; ``g = Σ |p − q|`` over each part. The weights pass no gradient, as in DSKD's
+    code, where (at μ = 0.5) the split is the same. (b, t)"""
+    log_q, log_p = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    p = log_p.exp()
+    ranked, order = p.sort(dim=-1, descending=True)  # (b, t, vocab)
+    head = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, ranked.cumsum(-1) - ranked < mu)
+    gap = (p - log_q.exp()).abs().detach()
+    g_head, g_total = (gap * head).sum(-1), gap.sum(-1)
+    head_weight = g_head / g_total.clamp_min(torch.finfo(g_total.dtype).tiny)  # 0 where p = q: both KLs are 0 there
+    return head_weight * kl_from_log_probs(log_p, log_q) + (1 - head_weight) * kl_from_log_probs(log_q, log_p)
+
+
+def _tail_logp(log_probs_: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """``log`` of the mass outside the ``top`` tokens, (b, t, 1), summed in log space (exact for a tiny tail)."""
+    return log_probs_.scatter(-1, top, float("-inf")).logsumexp(-1, keepdim=True)
+
+
+def topk_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 20, tail_bucket: bool = True,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Forward KL on the teacher's top-k tokens, what a cached or served teacher can give. With ``tail_bucket``
+    the rest of the vocabulary is one more bucket on both sides (TRL's ``loss_add_tail``): the KL between the
+    (k + 1)-bucket distributions, equal to ``KL(p‖q)`` when k is the vocabulary size. Without it, the KL
+    between both distributions renormalised over the top k. (b, t)"""
+    log_q, log_p = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    k = min(k, log_p.shape[-1])
+    top_log_p, top = log_p.topk(k, dim=-1)  # (b, t, k)
+    top_log_q = log_q.gather(-1, top)
+    if not tail_bucket:
+        return kl_from_log_probs(top_log_p.log_softmax(-1), top_log_q.log_softmax(-1))
+    if k == log_p.shape[-1]:  # no tail: its log-mass would be −inf, whose logsumexp has a NaN gradient
+        return kl_from_log_probs(top_log_p, top_log_q)
+    return kl_from_log_probs(torch.cat([top_log_p, _tail_logp(log_p, top)], -1),
+                             torch.cat([top_log_q, _tail_logp(log_q, top)], -1))
+
+
+def _ab_edge(log_a: torch.Tensor, log_b: torch.Tensor, power: float) -> torch.Tensor:
+    """``1/s²·Σ_v [a^s·log(a^s/b^s) − a^s + b^s]``: the α-β divergence where the other exponent is 0
+    (a generalised KL between ``a^s`` and ``b^s``; ``KL(a‖b)`` at s = 1)."""
+    scaled_a, scaled_b = power * log_a, power * log_b
+    return (kl_from_log_probs(scaled_a, scaled_b) + (scaled_b.exp() - scaled_a.exp()).sum(-1)) / power**2
+
+
+def alpha_beta_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.2, beta: float = 0.7,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """ABKD's α-β divergence (Cichocki et al. 2011's AB-divergence), α, β ≥ 0, (b, t):
+    ``−1/(αβ)·Σ_v [p^α·q^β − α/(α+β)·p^(α+β) − β/(α+β)·q^(α+β)]``, with its continuous limits where an
+    exponent is 0: β = 0 gives ``1/α²·Σ [p^α·log(p^α/q^α) − p^α + q^α]`` (α = 1: ``KL(p‖q)``), α = 0 the same
+    with p and q swapped (β = 1: ``KL(q‖p)``), α = β = 0 gives ``½·Σ (log p − log q)²``. α trades off
+    covering the teacher's modes, β concentrating on the student's."""
+    log_q, log_p = log_probs(student_logits, temperature), log_probs(teacher_logits, temperature)
+    if alpha == 0 and beta == 0:
+        gap = torch.where((log_p > float("-inf")) | (log_q > float("-inf")), log_p - log_q, torch.zeros((), dtype=log_p.dtype))
+        return 0.5 * gap.square().sum(-1)
+    if beta == 0:
+        return _ab_edge(log_p, log_q, alpha)
+    if alpha == 0:
+        return _ab_edge(log_q, log_p, beta)
+    total = alpha + beta
+    terms = (alpha * log_p + beta * log_q).exp() - alpha / total * (total * log_p).exp() - beta / total * (total * log_q).exp()
+    return -terms.sum(-1) / (alpha * beta)
