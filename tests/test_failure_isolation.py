@@ -123,7 +123,8 @@ def test_a_diverging_and_a_raising_cell_are_marked_and_the_rest_run(root: Path, 
     assert rows["kd"]["status"] == "diverged" and rows["kd"]["failures"][0]["step"] == 2
     assert rows["boom"]["status"] == "failed" and rows["kd"]["rougeL_mean"] is None
     assert rows["sft"]["status"] == "ok" and rows["sft"]["rougeL_mean"] is not None
-    table = kdbench("report", str(root / "out"), env=first["env"])
+    # A terminal wide enough for the whole table: at 80 columns rich wraps the status cell over several lines.
+    table = kdbench("report", str(root / "out"), env={**first["env"], "COLUMNS": "400"})
     assert "diverged (seed 0, step 2" in table.stdout
 
 
