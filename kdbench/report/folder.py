@@ -43,10 +43,10 @@ def load_folder(run_dir: Path) -> ResultsFolder:
     """Every cell's result and settings, and every scored cell's per-example scores (which it must have)."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
-    examples = {cell_id(r): _read_examples(cell_dir(run_dir, *cell_id(r)) / "examples.json")
-                for r in results if r["status"] == "ok"}
-    configs = {cell_id(r): _read_json_object(path, "the cell's settings") for r in results
-               if (path := cell_dir(run_dir, *cell_id(r)) / "config.json").is_file()}
+    cells = {cell_id(r): (r, cell_dir(run_dir, *cell_id(r))) for r in results}
+    examples = {key: _read_examples(path / "examples.json") for key, (r, path) in cells.items() if r["status"] == "ok"}
+    configs = {key: _read_json_object(path / "config.json", "the cell's settings") for key, (_, path) in cells.items()
+               if (path / "config.json").is_file()}
     return ResultsFolder(run_dir, results, examples, configs)
 
 

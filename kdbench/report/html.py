@@ -36,7 +36,8 @@ def _environment() -> jinja2.Environment:
 
 def render_html(report: Report) -> str:
     rows = report.rows
-    metric = all_metrics(rows)[0] if all_metrics(rows) else ""
+    metrics = all_metrics(rows)
+    metric = metrics[0] if metrics else ""
     chosen = columns(rows)
     lengths_header, lengths_body = length_table(rows)
     published_header, published_body = published_table(report)
