@@ -29,8 +29,17 @@ stderr = Console(stderr=True)
 PluginsDir = Annotated[Optional[Path], typer.Option("--plugins-dir", help="Folder of extra .py plugin files.")]
 
 
-def _split(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+def _split(value: str | None, option: str = "--methods") -> list[str] | None:
+    """The names of a comma-separated option; None when it was not given. Given but naming nothing (``--methods ""``)
+    is a mistake: running the experiment's whole grid instead would surprise."""
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        example = "gpt2,opt" if option == "--models" else "sft,kd"
+        raise KdbenchError(f"{option} {value!r} names nothing; expected a comma-separated list such as {example}. "
+                           f"Leave {option} out to use the experiment's.")
+    return names
 
 
 MethodsOption = Annotated[Optional[str], typer.Option(
@@ -94,13 +103,32 @@ def run(
     gpus: Annotated[Optional[int], typer.Option(min=1, help=(
         "GPUs the --dry-run plan assumes (default: the launcher's WORLD_SIZE, else 1)."))] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="With --dry-run: table or json.")] = "table",
+    executor: Annotated[str, typer.Option(help=(
+        "local (this process, or every process of accelerate launch), slurm (submitit jobs: the shared stages, then "
+        "the cells as a job array) or submitit-local (the same jobs as processes on this machine). See docs/cluster.md."
+    ))] = "local",
+    slurm_partition: Annotated[Optional[str], typer.Option(help="With --executor slurm: the partition of every job.")] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option(min=1, help=(
+        "With a cluster executor: GPUs per job, one process each, forming one data-parallel run (default: none on "
+        "Slurm; a submitit-local job sees this machine's GPUs)."))] = None,
+    timeout_min: Annotated[Optional[int], typer.Option(min=1, help=(
+        "With a cluster executor: time limit of each job in minutes; a job that reaches it is requeued and resumes "
+        "(default 240)."))] = None,
+    slurm_option: Annotated[Optional[list[str]], typer.Option(help=(
+        "With --executor slurm: an sbatch option as KEY=VALUE (account=proj, qos=high, mem=64G); repeat for more."))] = None,
+    slurm_array_parallelism: Annotated[Optional[int], typer.Option(min=1, help=(
+        "With --executor slurm: at most this many cell jobs run at once."))] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help=(
+        "With a cluster executor: print the job ids and return; `kdbench report OUT` reads the results later."))] = False,
 ) -> None:
     """Train and evaluate every (family, student, method, seed) cell, then print the leaderboard.
 
     The grid is collected into a graph of stages first (what --dry-run prints), then run: finished cells
     and cached stages are reused; a stage that fails or diverges marks the cells that need it and the rest
     still run (exit code 1). Under `accelerate launch` (or torchrun, or the deepspeed launcher) every
-    process runs this same command: training is data-parallel and the main process alone writes results."""
+    process runs this same command: training is data-parallel and the main process alone writes results.
+    With --executor slurm or submitit-local the same run is spread over submitit jobs, and this command waits
+    for them and prints the leaderboard (docs/cluster.md)."""
     from kdbench import distributed
     from kdbench.config import load_experiment
     from kdbench.grid.cache import default_cache_dir
@@ -116,6 +144,11 @@ def run(
     if format != "table" and not dry_run:
         raise KdbenchError("--format applies to --dry-run; a run prints its leaderboard (use `kdbench report "
                            "--format json` for the results).")
+    from kdbench.grid.cluster import cluster_options
+
+    cluster = cluster_options(executor, slurm_partition=slurm_partition, gpus_per_node=gpus_per_node,
+                              timeout_min=timeout_min, slurm_options=slurm_option or [],
+                              slurm_array_parallelism=slurm_array_parallelism, no_wait=no_wait)
     config = load_experiment(experiment)
     if engine is not None:
         if engine not in ("deepspeed", "accelerate"):
@@ -127,21 +160,42 @@ def run(
             "init": config.init.model_copy(update={"training": config.init_training.model_copy(update={"engine": engine})}),
         })
     registries = load_registries(plugins_dir)
-    selection = resolve_selection(config, registries, _split(methods), _split(models), seeds)
+    selection = resolve_selection(config, registries, _split(methods), _split(models, "--models"), seeds)
     graph = collect(config, registries, selection)
+    from kdbench.preflight import check_before_run
+    from kdbench.security import remote_code_scope
+
+    # Unwritable folders, missing checkpoints, empty data: found now, before any stage (a dry run creates nothing).
+    check_before_run(config, registries, graph, out or Path("results") / config.name, cache_dir or default_cache_dir(),
+                     dry_run)
+    trusted = remote_code_scope(config, graph, cache_dir or default_cache_dir())  # the checkpoints named in the experiment
     if dry_run:
         from kdbench.grid.plan import build_plan, print_plan
 
-        plan = build_plan(graph, config, registries, selection, gpus or distributed.launched_world_size())
+        job_gpus = cluster.gpus_per_node if cluster is not None else None
+        with trusted:
+            plan = build_plan(graph, config, registries, selection, gpus or job_gpus or distributed.launched_world_size())
         if format == "json":
             sys.stdout.write(json.dumps(plan.to_json(), indent=2, default=str) + "\n")
         else:
             print_plan(plan, stdout)
         return
     out_dir = out or Path("results") / config.name
-    distributed.init_process_group()
-    summary = run_graph(graph, config, registries, out_dir, cache_dir or default_cache_dir())
-    if distributed.is_main():
+    lost: list[str] = []  # cluster cells whose job ended without a result (it printed why)
+    if cluster is not None:
+        from kdbench.grid.cluster import GridRequest, run_on_cluster
+
+        request = GridRequest(config, selection, plugins_dir.resolve() if plugins_dir else None, out_dir.resolve(),
+                              (cache_dir or default_cache_dir()).resolve())
+        finished = run_on_cluster(graph, request, cluster)
+        if finished is None:  # --no-wait: the jobs run on
+            return
+        summary, lost = finished.summary, finished.lost
+    else:
+        distributed.init_process_group()
+        with trusted:
+            summary = run_graph(graph, config, registries, out_dir, cache_dir or default_cache_dir())
+    if distributed.is_main() and summary.results:
         built = _report(out_dir, f"kdbench leaderboard: {config.name}")
         atomic_write_json(out_dir / "experiment.json", config.model_dump())
         for fmt in ("md", "json"):
@@ -153,7 +207,7 @@ def run(
                          f"seed{result['train_seed']} — {failure.get('reason', '')} (stage {failure.get('stage', '?')})",
                          highlight=False)
     distributed.destroy_process_group()
-    if summary.unscored:
+    if summary.unscored or lost:
         raise typer.Exit(1)
 
 
@@ -186,10 +240,15 @@ def export_teachers(
                            f"{config.models.scale!r}. Give a tiny-scale experiment (such as the default).")
     if out.exists() and not out.is_dir():
         raise KdbenchError(f"--out {out} is a file; expected a folder to write one model folder per family into.")
+    from kdbench.preflight import check_writable
+
+    check_writable(out, "--out", "Pass another --out.", create=True)  # before hours of training, not after
+    check_writable(cache_dir or default_cache_dir(), "the cache folder", "Pass another --cache-dir or set "
+                   "KDBENCH_CACHE_DIR.", create=True)
     config = config.model_copy(update={"teacher": config.teacher.model_copy(update={"train": True}),
                                        "models": config.models.model_copy(update={"teachers": {}})})
     registries = load_registries(plugins_dir)
-    selection = resolve_selection(config, registries, ["sft"], _split(models), 1)
+    selection = resolve_selection(config, registries, ["sft"], _split(models, "--models"), 1)
     graph = collect(config, registries, selection)
     teachers = {node.family: node.deps["model"] for node in graph.cells() if node.spec.method == TEACHER_METHOD}
     built = build_stages(graph, list(teachers.values()), config, registries, cache_dir or default_cache_dir())
@@ -224,6 +283,9 @@ def report(
         raise KdbenchError(f"--format {format!r} is not a report format; expected table, {', '.join(RENDER_FORMATS)}.")
     if format == "table" and output is not None:
         raise KdbenchError("--format table prints to the terminal; pass -f md, csv, json or html with -o.")
+    if run_dir.is_file():
+        raise KdbenchError(f"{run_dir} is a file; expected the results folder a `kdbench run` wrote (its --out, "
+                           "results/<experiment name> by default).")
     built = _report(run_dir)
     if format == "table":
         _print_report(built)
@@ -263,6 +325,7 @@ def validate(
     """Check experiment files and report every error at once, one line per field."""
     from kdbench.config import parse_experiment, read_experiment_yaml
     from kdbench.grid.selection import semantic_errors
+    from kdbench.preflight import model_errors
     from kdbench.registry import load_registries
 
     registries = load_registries(plugins_dir)
@@ -270,7 +333,8 @@ def validate(
     for path in files:
         try:
             raw, source = read_experiment_yaml(path)
-            errors = semantic_errors(parse_experiment(raw, source), registries)
+            parsed = parse_experiment(raw, source)
+            errors = semantic_errors(parsed, registries) + model_errors(parsed, registries)
             if errors:
                 raise KdbenchError(f"{source} has {len(errors)} error(s):\n" + "\n".join(f"  {e}" for e in errors))
             stdout.print(f"[green]ok[/] {path}")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import importlib.util
+import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +19,10 @@ from kdbench import hookspecs
 from kdbench.errors import KdbenchError
 
 ENTRY_POINT_GROUP = "kdbench.plugins"
+# Plugins never to import, comma-separated: entry-point names (``kd``), distributions (``kdbench-extra``) or
+# plugin files of --plugins-dir (``jeffreys`` or ``jeffreys.py``). A plugin is code that runs with your rights
+# as soon as it is loaded; this stops a suspect one without uninstalling it.
+BLOCK_ENV = "KDBENCH_BLOCK_PLUGINS"
 T = TypeVar("T")
 
 
@@ -64,10 +71,42 @@ class Registry(Generic[T]):
         return len(self._items)
 
 
+def blocked_plugins() -> set[str]:
+    """The names ``KDBENCH_BLOCK_PLUGINS`` lists."""
+    return {name.strip() for name in os.environ.get(BLOCK_ENV, "").split(",") if name.strip()}
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # distribution names compare as pip compares them (PEP 503)
+
+
+def _block_entry_points(manager: pluggy.PluginManager, blocked: set[str]) -> set[str]:
+    """Tell ``manager`` to skip the entry points ``blocked`` names, by their own name or their distribution's,
+    before any is imported; returns the names that matched."""
+    matched: set[str] = set()
+    by_distribution = {_normalized(name): name for name in blocked}
+    for dist in importlib.metadata.distributions():
+        distribution = by_distribution.get(_normalized(dist.metadata["Name"] or ""))
+        for entry in dist.entry_points:
+            if entry.group != ENTRY_POINT_GROUP:
+                continue
+            if entry.name in blocked or distribution is not None:
+                manager.set_blocked(entry.name)
+                matched.add(entry.name if entry.name in blocked else str(distribution))
+    return matched
+
+
+def _is_blocked_file(path: Path, blocked: set[str]) -> bool:
+    return bool({path.stem, path.name, str(path)} & blocked)
+
+
 def _load_plugins_dir(manager: pluggy.PluginManager, plugins_dir: Path) -> None:
     if not plugins_dir.is_dir():
         raise KdbenchError(f"--plugins-dir {plugins_dir} is not a directory; expected a folder of .py plugin files.")
+    blocked = blocked_plugins()
     for path in sorted(plugins_dir.glob("*.py")):
+        if _is_blocked_file(path, blocked):  # never executed
+            continue
         module_name = f"kdbench_local_plugin_{path.stem}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         assert spec is not None and spec.loader is not None
@@ -86,6 +125,18 @@ def build_plugin_manager(plugins_dir: Path | None = None) -> pluggy.PluginManage
     are registered that way too, proving the path), then ``plugins_dir``. Nothing runs at import."""
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
+    blocked = blocked_plugins()
+    if blocked:
+        matched = _block_entry_points(manager, blocked)
+        if plugins_dir is not None and plugins_dir.is_dir():
+            matched |= {name for name in blocked for path in plugins_dir.glob("*.py") if _is_blocked_file(path, {name})}
+        unknown = sorted(blocked - matched)
+        if unknown:  # a misspelt name would silently block nothing
+            installed = sorted(entry.name for dist in importlib.metadata.distributions() for entry in dist.entry_points
+                               if entry.group == ENTRY_POINT_GROUP)
+            raise KdbenchError(f"{BLOCK_ENV} names {unknown}, which match no plugin; expected entry-point names "
+                               f"({', '.join(installed)}), distribution names or --plugins-dir file names. Fix the "
+                               f"spelling, or remove them from {BLOCK_ENV}.")
     manager.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     if plugins_dir is not None:
         _load_plugins_dir(manager, plugins_dir)

@@ -7,7 +7,9 @@ never knows the difference.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,54 @@ from typing import Any
 import torch
 from accelerate import init_empty_weights
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from kdbench.errors import KdbenchError
 from kdbench.process import seeded
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
+
+# The models (hub names, or local folders) whose own Python code transformers may import and run: none, unless an
+# experiment names them in ``models.trust_remote_code`` and the run opens ``remote_code_trusted`` with them.
+_TRUSTED: ContextVar[frozenset[str]] = ContextVar("kdbench_trusted_remote_code", default=frozenset())
+
+
+def _identity(name_or_path: str) -> str:
+    """A local folder by its resolved path (the same folder however it is written, made yet or not), a hub name as
+    it is."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() or path.is_absolute() else name_or_path
+
+
+@contextmanager
+def remote_code_trusted(names: Iterable[str]) -> Iterator[None]:
+    """Inside, the models ``names`` (hub names or folders) may run their own code when loaded; on exit, none again."""
+    token = _TRUSTED.set(frozenset(_identity(name) for name in names))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def trusts_remote_code(name_or_path: str) -> bool:
+    """Whether loading ``name_or_path`` may import and run code it ships (``trust_remote_code``)."""
+    return _identity(name_or_path) in _TRUSTED.get()
+
+
+def _remote_code_hint(name_or_path: str, error: Exception) -> str:
+    """transformers refuses a model with custom code without ``trust_remote_code``: say how to allow it."""
+    if "trust_remote_code" not in str(error) or trusts_remote_code(name_or_path):
+        return ""
+    return (f" {name_or_path!r} ships its own Python code, which kdbench does not run unless the experiment names it: "
+            f"add it to models.trust_remote_code if you trust its authors.")
 
 
 @dataclass(frozen=True)
@@ -102,11 +145,12 @@ def build_tiny_model(family: ModelFamily, arch: TinyArch, tokenizer: Any, max_po
 
 def load_tokenizer(name_or_path: str) -> Any:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as error:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trusts_remote_code(name_or_path))
+    except (OSError, ValueError) as error:
         raise KdbenchError(
             f"could not load a tokenizer from {name_or_path!r}: {error}. Expected a local model folder or a "
             "hub name available offline (set HF_HUB_OFFLINE=0 and log in to download it)."
+            + _remote_code_hint(name_or_path, error)
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 and friends ship without a pad token
@@ -119,13 +163,26 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32,
     copy of a 13B teacher in CPU memory per process)."""
     placement = {"device_map": {"": device}} if device is not None and device.type != "cpu" else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **placement)
-    except OSError as error:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, use_safetensors=_safetensors_only(name_or_path),
+                                                     trust_remote_code=trusts_remote_code(name_or_path), **placement)
+    except (OSError, ValueError) as error:
         raise KdbenchError(
             f"could not load a model from {name_or_path!r}: {error}. Expected a local Hugging Face model folder "
-            "or a hub name available offline."
+            "or a hub name available offline." + _remote_code_hint(name_or_path, error)
         ) from None
     return model.to(device) if device is not None else model
+
+
+def _safetensors_only(name_or_path: str) -> bool | None:
+    """A local folder is read from safetensors only when it has them (kdbench writes nothing else); None lets
+    transformers choose for a hub checkpoint (it prefers safetensors, and loads a ``.bin`` with ``weights_only``)."""
+    path = Path(name_or_path)
+    return True if path.is_dir() and any(path.glob("*.safetensors")) else None
+
+
+def load_config(name_or_path: str, **kwargs: Any) -> PretrainedConfig:
+    """A model's config, through the same remote-code policy as its weights."""
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trusts_remote_code(name_or_path), **kwargs)
 
 
 def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any, teacher: str, student: str) -> None:
@@ -136,6 +193,28 @@ def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any, teache
             f"teacher {teacher!r} ({t_size} tokens) and student {student!r} ({s_size} tokens) do not share a "
             "vocabulary, so their next-token distributions cannot be compared. Pick a student of the teacher's "
             "family, or give both the same tokenizer."
+        )
+
+
+def config_vocab_size(name_or_path: str) -> int:
+    """The width of a checkpoint's logits (``config.vocab_size``), read from its config alone."""
+    try:
+        return int(load_config(name_or_path).get_text_config().vocab_size)
+    except (OSError, ValueError) as error:
+        raise KdbenchError(f"could not read the config of {name_or_path!r}: {error}. Expected a local Hugging Face "
+                           "model folder or a hub name available offline." + _remote_code_hint(name_or_path, error)
+                           ) from None
+
+
+def check_same_vocab_size(teacher_size: int, student_size: int, teacher: str, student: str) -> None:
+    """Token-level KD pairs logit i of the teacher with logit i of the student: both must have as many. Tokenizers
+    can agree while the embedding matrices do not (one padded to a multiple of 64, or resized after adding tokens)."""
+    if teacher_size != student_size:
+        raise KdbenchError(
+            f"teacher {teacher!r} has config.vocab_size {teacher_size} and student {student!r} has {student_size}: "
+            "their logits have different widths, so token-level losses cannot pair them. Expected equal vocabulary "
+            "sizes; pick a student whose embedding matrix matches the teacher's (or resize one with "
+            "model.resize_token_embeddings and save it as a local folder)."
         )
 
 

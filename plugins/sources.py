@@ -14,7 +14,7 @@ from kdbench import hookimpl
 from kdbench.objectives import GOLD, Need, gold_cross_entropy
 from kdbench.train.engine import forward_logits
 from kdbench.train.generation import mixture_logp, positions_from_mask, sample_continuations, sample_mixture
-from kdbench.train.sources import Sequences, SequenceSource, SourceContext
+from kdbench.train.sources import Sequences, SequenceSource, SourceContext, State
 
 
 class Gold(SequenceSource):
@@ -153,6 +153,19 @@ class Rollouts(SequenceSource):
     def sequences(self, prompts: list[int]) -> Sequences:
         assert self.current is not None and self.current[0] is prompts
         return self.current[1]
+
+    def state_dict(self) -> State:
+        """The rollouts still queued (the current one is used up by the step that drew it). Inner epochs queue
+        one collection several times: each rollout is stored once, the queue as indices into them."""
+        unique = list({id(sequences): (prompts, sequences) for prompts, sequences in self.queue}.values())
+        index = {id(sequences): i for i, (_, sequences) in enumerate(unique)}
+        return {"rollouts": [{"prompts": prompts, "sequences": sequences.state_dict()} for prompts, sequences in unique],
+                "queue": [index[id(sequences)] for _, sequences in self.queue]}
+
+    def load_state_dict(self, state: State) -> None:
+        rollouts = [(list(r["prompts"]), Sequences.from_state(r["sequences"], self.context.device))
+                    for r in state["rollouts"]]
+        self.queue, self.current = [rollouts[i] for i in state["queue"]], None
 
 
 @hookimpl

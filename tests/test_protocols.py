@@ -231,3 +231,15 @@ def test_paper_recipes_run_with_their_pre_training_term(tmp_path: Path) -> None:
         assert result["forward_passes"]["student"] == 2 * micro_batches  # minillm, kd_ratio 1: no gold pass
         assert result["forward_passes"]["teacher"] == 2 * micro_batches
     assert len(list((tmp_path / "cache" / "tokenize").glob("*/lm.json"))) == 1
+
+
+def test_the_teacher_stage_may_validate_on_its_own_schedule(registries: Registries) -> None:
+    """teacher.selection replaces the experiment's selection for the teacher's stage alone (a long teacher run
+    validates less often, on fewer prompts); every student stage keeps the experiment's."""
+    teacher_selection = {"every": 250, "max_examples": 5}
+    nodes = train_nodes(tiny(teacher={"train": True, "selection": teacher_selection}), registries)
+    assert {k: nodes["gpt2/teacher"].inputs["selection"][k] for k in teacher_selection} == teacher_selection
+    students = [n for label, n in nodes.items() if label != "gpt2/teacher"]
+    assert students and all(n.inputs["selection"]["every"] == 50 and n.inputs["selection"]["max_examples"] is None
+                            for n in students)
+    assert train_nodes(tiny(teacher={"train": True}), registries)["gpt2/teacher"].inputs["selection"]["every"] == 50

@@ -2,34 +2,109 @@
 
 An entry is a folder ``<root>/<kind>/<key>/``; ``key`` is the stage's key in the stage graph (its
 settings, code version and parents' keys, ``kdbench.grid.graph``), and ``inputs.json`` inside records
-the node. Entries are built in a temporary folder and renamed into place, so a killed run never leaves
-a half-written entry.
+the node.
 
-Under a multi-process launch only the main process writes an entry. A stage every process must
-take part in (training, sharded generation) is built by all of them, each in its own staging
-folder, and the main process's folder becomes the entry; the others are discarded.
+Many workers may share one cache: two ``kdbench run``s, cluster jobs, on one machine or on several
+machines sharing a filesystem. What they get:
+
+- **Atomic publication.** An entry is built in a staging folder ``<root>/<kind>/.building-<key>-<host>-<pid>``
+  and renamed into place in one step, ``inputs.json`` written last before it: a reader sees a whole entry
+  or none, and a killed worker leaves at most its staging folder (removed by the next worker that builds
+  that key). A published entry is never replaced: if two workers publish one key anyway, the first entry
+  stays and the second is discarded.
+- **One builder per key.** A worker holds the lock ``<root>/.locks/<kind>/<key>.lock`` (``flock``) from its
+  check for the entry until the entry is published. Another worker that needs the key waits, saying whom it
+  waits for (the lock file names the holder's host and pid), then reuses the entry; if the holder stopped
+  without publishing (its stage failed, or it was killed), the waiter builds the entry itself. The kernel
+  drops a dead process's lock with its open files, so a killed worker's lock is taken over at once: no
+  timeout to guess, no heartbeat to miss, no lock file to delete.
+
+Which filesystem gives what (atomic publication holds on all of them; the lock only saves repeated work):
+
+- A local filesystem (ext4, xfs, btrfs, tmpfs, ...): everything above, between any processes of the machine.
+- NFS (v3 with lockd, v4): everything above, between machines; Linux clients (since 2.6.12) send ``flock``
+  to the server as a whole-file lock. A holder whose *machine* dies (not only its process) frees its lock
+  when the server notices: NFSv4 when its lease ends (90 s by default), NFSv3 when that machine reboots.
+  Attribute caching may rarely hide an entry that another machine has just published from a worker that
+  then takes the lock: it builds the entry again and discards its copy at publication. Mounted with
+  ``nolock`` or ``local_lock=flock|all``, locks are per machine: workers on different machines may build
+  one key each, with the same outcome.
+- Lustre: as NFS when mounted with ``-o flock``; per machine with ``localflock``; without either, locking
+  fails, kdbench warns once and runs without locks. GPFS and CephFS lock across machines; BeeGFS only with
+  ``tuneUseGlobalFileLocks``.
+
+Under a multi-process launch (``accelerate launch``, the deepspeed launcher) only the main process takes the
+lock and decides whether to build or reuse; every process follows its answer. A stage every process must
+take part in (training, sharded generation) is then built by all of them, each in its own staging folder,
+and the main process's folder becomes the entry; the others are discarded. The other processes wait for the
+decision, and for the entry, at collective operations, so a launch waits for another worker's stage at most
+the launch's barrier timeout (``kdbench.distributed.BARRIER_TIMEOUT``).
+
+``claim`` is the same protocol for anything one worker should do once: the executor claims a cell's
+evaluation with the cell's own lock (``kdbench.results.store.cell_lock``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kdbench import distributed
 from kdbench.errors import KdbenchError
+from kdbench.results.store import FileLock, host
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("KDBENCH_CACHE_DIR", Path.home() / ".cache" / "kdbench"))
 
 
+@contextmanager
+def claim(lock_path: Path, done: Callable[[], bool], what: str,
+          on_claim: Callable[[], None] | None = None) -> Iterator[bool]:
+    """Whether this launch must make ``what``: False when ``done()`` says it exists, made by an earlier run or
+    by another worker while this one waited for ``lock_path``. While the answer is True the main process holds
+    the lock; every process of a launch gets the main process's answer. ``on_claim`` runs on the main process
+    once it holds the lock and before any process starts (to clear what a killed worker left)."""
+    lock: FileLock | None = None
+    make = False
+    if distributed.is_main() and not done():
+        lock = FileLock(lock_path, what)
+        lock.acquire()
+        try:
+            make = not done()  # another worker may have made it while this one waited
+            if make and lock.held and on_claim is not None:
+                on_claim()
+        except BaseException:
+            lock.release()
+            raise
+        if not make:
+            lock.release()
+            lock = None
+    make = distributed.gather_objects(make)[0]  # the main process's answer, on every process
+    try:
+        yield make
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _published(entry: Path) -> bool:
+    return (entry / "inputs.json").is_file()
+
+
 class StageCache:
     def __init__(self, root: Path) -> None:
         self.root = root
+
+    def lock_path(self, kind: str, key: str) -> Path:
+        # Outside <root>/<kind>/, whose every folder is an entry or a staging folder.
+        return self.root / ".locks" / kind / f"{key}.lock"
 
     def get_or_build(self, kind: str, key: str, record: dict[str, Any], build: Callable[[Path], None],
                      collective: bool = False) -> tuple[Path, bool]:
@@ -37,24 +112,51 @@ class StageCache:
         written beside it as ``inputs.json``. ``collective`` stages are built by every process (see the module
         docstring); others by the main process only."""
         final = self.root / kind / key
-        if (final / "inputs.json").is_file():
-            return final, True
-        if collective or distributed.is_main():
-            staging = self.root / kind / f".building-{key}-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            try:
-                build(staging)
-                if distributed.is_main():
-                    (staging / "inputs.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
-                    shutil.rmtree(final, ignore_errors=True)  # an unfinished entry without inputs.json
-                    os.replace(staging, final)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        distributed.barrier()
-        if not (final / "inputs.json").is_file():
+        with claim(self.lock_path(kind, key), lambda: _published(final), f"the {kind} stage {key}",
+                   on_claim=lambda: self._discard_leftovers(kind, key)) as make:
+            if make:
+                if collective or distributed.is_main():
+                    self._build(final, record, build)
+                distributed.barrier()  # every process sees the published entry before any moves on
+        if not _published(final):
             raise KdbenchError(
                 f"process {distributed.rank()} cannot see the cache entry {final} that the main process wrote. "
                 "Every process of a multi-node run must share the cache folder: set KDBENCH_CACHE_DIR (or --cache-dir) "
                 "to a shared filesystem.")
-        return final, False
+        return final, not make
+
+    def _build(self, final: Path, record: dict[str, Any], build: Callable[[Path], None]) -> None:
+        # host and pid: processes of one launch on several machines may share a pid
+        staging = final.parent / f".building-{final.name}-{host()}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            build(staging)
+            if distributed.is_main():
+                (staging / "inputs.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+                self._publish(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def _publish(staging: Path, final: Path) -> None:
+        try:
+            os.replace(staging, final)  # fails on a non-empty folder: never replaces a published entry
+            return
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if _published(final):
+            return  # a worker without a working lock published it first: its entry stays, this copy goes
+        # An unfinished entry without inputs.json (from a kdbench before staging folders): moved aside whole, so
+        # no reader ever sees it half deleted, then replaced.
+        aside = final.parent / f".discarded-{final.name}-{host()}-{os.getpid()}"
+        os.replace(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(staging, final)
+
+    def _discard_leftovers(self, kind: str, key: str) -> None:
+        """Staging folders of ``key`` that killed workers left: nobody else builds it while this worker holds
+        the key's lock, and the processes of its own launch have not started yet."""
+        for leftover in (self.root / kind).glob(f".building-{key}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)

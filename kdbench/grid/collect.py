@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdbench.config import DataConfig, Experiment, TeacherGenerationConfig, TrainingConfig, config_hash
+from kdbench.config import DataConfig, Experiment, SelectionConfig, TeacherGenerationConfig, TrainingConfig, config_hash
 from kdbench.grid.estimate import ModelSize, paper_model_size, tiny_model_size
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.selection import Selection, method_params
@@ -171,9 +171,9 @@ class _Collector:
         return self.add(StageKind.TOKENIZE, "data", inputs, {"tokenizer": tokenizer}, None)
 
     # -- stages ------------------------------------------------------------------------------------
-    def select(self, metric: str | None = None) -> SelectSpec:
-        """The experiment's checkpoint selection, on ``metric`` instead of its own when given."""
-        selection, evaluation = self.experiment.selection, self.experiment.evaluation
+    def select(self, metric: str | None = None, selection: SelectionConfig | None = None) -> SelectSpec:
+        """``selection`` (the experiment's when None) as a stage's spec, on ``metric`` instead of its own when given."""
+        selection, evaluation = selection or self.experiment.selection, self.experiment.evaluation
         return SelectSpec(metric or selection.metric, selection.every, selection.rule == "best", selection.greedy,
                           selection.max_examples, evaluation.max_new_tokens)
 
@@ -261,7 +261,8 @@ class _Collector:
         if experiment.teacher.train:
             teacher = self.trained(family.name, f"{family.name}/{teacher_label}", teacher_base,
                                    self.tokenized(tokenizers[teacher_base]), sft, sft.make_params({}),
-                                   experiment.teacher_training, experiment.teacher.seed)
+                                   experiment.teacher_training, experiment.teacher.seed,
+                                   select=self.select(selection=experiment.teacher.selection))
         base = {**self.shared, "family": family.name, "teacher": {"label": teacher_label, "key": teacher}}
         self.cell(Cell(family.name, teacher_label, TEACHER_METHOD, experiment.teacher.seed, "teacher",
                        {**base, "method": TEACHER_METHOD, "params": {}, "seed": experiment.teacher.seed},

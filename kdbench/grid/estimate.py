@@ -19,7 +19,7 @@ from transformers import AutoConfig, PretrainedConfig
 from kdbench.config import DataConfig
 from kdbench.data import TEMPLATE_PIECES, DatasetSpec
 from kdbench.errors import KdbenchError
-from kdbench.zoo import ModelFamily, TinyArch, count_config_parameters
+from kdbench.zoo import ModelFamily, TinyArch, count_config_parameters, load_config
 
 GIB = 2**30
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -56,11 +56,11 @@ def paper_model_size(name_or_path: str, family: ModelFamily) -> ModelSize:
     folder's config, else the hub config if it is in the local HF cache, else ``family.paper_configs``."""
     if Path(name_or_path).is_dir():  # from_pretrained would take the folder too, so the plan does the same
         try:
-            return size_of_config(AutoConfig.from_pretrained(name_or_path), "local folder")
+            return size_of_config(load_config(name_or_path), "local folder")
         except (OSError, ValueError) as error:
             raise KdbenchError(f"{name_or_path} is a folder but holds no readable model config: {error}") from None
     try:
-        return size_of_config(AutoConfig.from_pretrained(name_or_path, local_files_only=True), "HF cache")
+        return size_of_config(load_config(name_or_path, local_files_only=True), "HF cache")
     except (OSError, ValueError):
         pass  # not cached here: the built-in table below
     fields = dict(family.paper_configs.get(name_or_path) or {})
@@ -182,4 +182,7 @@ def dataset_sizes(spec: DatasetSpec, options: dict[str, Any]) -> SplitSizes:
             return SplitSizes(None, False, f"unknown: {spec.name} could not be loaded and documents no sizes ({error})")
         return SplitSizes(dict(spec.documented_sizes(dict(options))), True,
                           f"documented sizes of {spec.name} (estimate; it could not be loaded: {error})")
+    except Exception as error:  # noqa: BLE001  (a loader failing on the options it was given: the user's to fix)
+        raise KdbenchError(f"dataset {spec.name!r} failed to load with options {options}: {type(error).__name__}: "
+                           f"{error}. Check the options (expected some of {list(spec.option_names)}).") from None
     return SplitSizes({name: len(records) for name, records in splits.items()}, False, f"counted from {spec.name}")

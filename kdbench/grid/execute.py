@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Collection
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,13 @@ from typing import Any
 from kdbench import distributed
 from kdbench.config import Experiment
 from kdbench.errors import KdbenchError
+from kdbench.grid.cache import claim
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.stages import BUILDERS, FROZEN_ROLES, RunContext, failure_of, write_unscored_cell
 from kdbench.registry import Registries
 from kdbench.results import store
 from kdbench.results.schema import CellResult, Failure, Status
-from kdbench.zoo import check_same_vocabulary, load_tokenizer
+from kdbench.zoo import check_same_vocab_size, check_same_vocabulary, config_vocab_size, load_tokenizer
 
 
 @dataclass
@@ -54,14 +57,30 @@ def finished_cells(graph: StageGraph, out_dir: Path) -> dict[str, CellResult]:
     return found
 
 
+def claim_cell(folder: Path, node: Node) -> AbstractContextManager[bool]:
+    """Whether this run must write the cell (``kdbench.grid.cache.claim``): False once any worker has scored it
+    with this key. Two runs on one results folder so evaluate each cell once."""
+    return claim(store.cell_lock(folder), lambda: store.finished_result(folder, node.key) is not None,
+                 f"cell {node.label}")
+
+
 def check_vocabularies(graph: StageGraph, needed: set[str]) -> None:
-    """Teacher and student checkpoints of a family must share a vocabulary: checked before anything trains
-    (tiny models are built from one tokenizer, so only named checkpoints need it)."""
+    """Teacher and student checkpoints of a family must share a vocabulary (tokenizers) and a logit width (their
+    configs' ``vocab_size``): checked before anything trains. Tiny models built from one tokenizer agree by
+    construction; a tiny student built from a shipped teacher's tokenizer is checked against that teacher."""
     for teacher, student in graph.same_vocabulary:
         nodes = graph[teacher], graph[student]
-        if student in needed and all(n.kind is StageKind.CHECKPOINT for n in nodes):
-            paths = [n.spec.path for n in nodes]
+        if student not in needed or nodes[0].kind is not StageKind.CHECKPOINT:
+            continue
+        path = nodes[0].spec.path
+        if nodes[1].kind is StageKind.CHECKPOINT:
+            paths = [path, nodes[1].spec.path]
             check_same_vocabulary(load_tokenizer(paths[0]), load_tokenizer(paths[1]), *paths)
+            check_same_vocab_size(config_vocab_size(paths[0]), config_vocab_size(paths[1]), *paths)
+        else:  # the family builds the student from the teacher's tokenizer, as build_init does
+            spec, tokenizer = nodes[1].spec, load_tokenizer(path)
+            built = spec.family.make_config(spec.arch, len(tokenizer), 8, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            check_same_vocab_size(config_vocab_size(path), int(built.vocab_size), path, nodes[1].label)
 
 
 def run_stage(node: Node, context: RunContext) -> None:
@@ -74,7 +93,10 @@ def run_stage(node: Node, context: RunContext) -> None:
             context.train_stats[node.key] = {**recorded, "this_run": 0.0}
         return
     if node.kind is StageKind.EVAL:
-        builder.build(node, context, cell_folder(context.out_dir, node))
+        folder = cell_folder(context.out_dir, node)
+        with claim_cell(folder, node) as evaluate:  # not when another worker has just scored it
+            if evaluate:
+                builder.build(node, context, folder)
         return
     stage = f"{node.label}: {node.kind.value}"
     context.hook.kdbench_on_stage_start(stage=stage, total=None)
@@ -100,19 +122,22 @@ def agree(failure: tuple[Status, Failure] | None) -> tuple[Status, Failure] | No
 
 
 def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries, out_dir: Path,
-              cache_dir: Path) -> RunSummary:
-    """Run every stage the unfinished cells of ``graph`` need, in graph order, on this process."""
+              cache_dir: Path, targets: Collection[str] | None = None) -> RunSummary:
+    """Run every stage the unfinished cells of ``graph`` need, in graph order, on this process. ``targets`` (node
+    keys, cells or other stages) narrows that to those nodes and what they need: one cluster job's share of the
+    grid (``kdbench.grid.cluster``)."""
     started = time.perf_counter()
     context = RunContext(graph, experiment, registries, out_dir, cache_dir)
     summary = RunSummary()
     finished = finished_cells(graph, out_dir)
-    to_run = [node for node in graph.cells() if node.key not in finished]
+    wanted = graph.cells() if targets is None else [node for node in graph if node.key in targets]
+    to_run = [node for node in wanted if node.key not in finished]
     needed = {key for node in to_run for key in graph.lineage(node.key)}
     check_vocabularies(graph, needed)
     context.hook.kdbench_on_run_start(plan={
-        "experiment": experiment.name, "out_dir": str(out_dir), "cells": [n.label for n in graph.cells()],
-        "to_run": [n.label for n in to_run], "stages": len(graph)})
-    for node in graph.cells():
+        "experiment": experiment.name, "out_dir": str(out_dir), "cells": [n.label for n in wanted if n.kind is StageKind.EVAL],
+        "to_run": [n.label for n in to_run if n.kind is StageKind.EVAL], "stages": len(graph)})
+    for node in wanted:
         if node.key in finished:
             summary.results[node.label] = finished[node.key]
     # A model a stage only runs (the teacher, a model under evaluation) stays loaded until its last reader.
@@ -139,7 +164,10 @@ def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries,
         if node.kind is StageKind.EVAL:
             if node.key in failures:
                 status, reason = failures[node.key]
-                summary.results[node.label] = write_unscored_cell(context, node, status, reason)
+                with claim_cell(cell_folder(out_dir, node), node) as unscored:  # never over another worker's score
+                    if unscored:
+                        write_unscored_cell(context, node, status, reason)
+                summary.results[node.label] = json.loads((cell_folder(out_dir, node) / "result.json").read_text())
             else:
                 summary.results[node.label] = json.loads((cell_folder(out_dir, node) / "result.json").read_text())
         for role, parent in node.deps.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 import traceback
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from kdbench.results.schema import (
 )
 from kdbench.train.engine import Diverged, Tracking, TrainingData, Validation, train, validation_loss
 from kdbench.train.generation import GREEDY, batch_progress, generate_responses
+from kdbench.train.guards import PROBE_SIZE, checked_teacher, probe_batch
 from kdbench.zoo import build_tiny_model, count_parameters, load_model, load_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
@@ -143,11 +145,11 @@ class RunContext:
         """The evaluation split (of the experiment's data, or of an extra evaluation set; the validation split of
         the experiment's data with ``validation``) without prompts over ``data.max_prompt_length`` tokens (as both
         papers drop them), without gold responses under the set's ``min_response_tokens``, cut to
-        ``max_examples``."""
+        ``max_examples`` (the validation split whole)."""
         evaluation = self.experiment.evaluation
         if validation:
             records = self.splits(self.experiment.data.dataset, self.experiment.data.options)["validation"]
-            min_response, max_examples = 0, self.experiment.selection.max_examples
+            min_response, max_examples = 0, None  # the stage's selection cuts it (kdbench.grid.stages.validation)
         elif extra is None:
             records = self.splits(self.experiment.data.dataset, self.experiment.data.options)[evaluation.split]
             min_response, max_examples = 0, evaluation.max_examples
@@ -196,9 +198,13 @@ def build_tokenize(node: Node, context: RunContext, folder: Path) -> None:
     for split in ("train", "validation"):  # validation: the loss an SFT init is selected on
         examples = tokenize_records(splits[split], tokenizer, data.max_length, data.max_prompt_length)
         if not examples:
-            raise KdbenchError(f"no {split} example fits data.max_prompt_length={data.max_prompt_length}; "
-                               "raise it or shorten the prompts.")
+            raise KdbenchError(prompts_too_long(splits[split], tokenizer, data.dataset, split, data.max_prompt_length,
+                                                data.max_length))
         (folder / f"{split}.json").write_text(json.dumps([dataclasses.asdict(e) for e in examples]))
+    evaluated = splits[context.experiment.evaluation.split]  # refused now rather than after every cell has trained
+    if evaluated and all(len(prompt_ids(r, tokenizer)) > data.max_prompt_length for r in evaluated):
+        raise KdbenchError(prompts_too_long(evaluated, tokenizer, data.dataset, context.experiment.evaluation.split,
+                                            data.max_prompt_length, data.max_length))
     if context.experiment.lm_data is not None:  # the pre-training LM term's text, packed into max_length chunks
         lm_data = context.experiment.lm_data
         spec = context.registries.datasets.get(lm_data.dataset)
@@ -211,6 +217,18 @@ def build_tokenize(node: Node, context: RunContext, folder: Path) -> None:
         (folder / "lm.json").write_text(json.dumps([dataclasses.asdict(e) for e in chunks]))
 
 
+def prompts_too_long(records: list[Record], tokenizer: Any, dataset: str, split: str, max_prompt_length: int,
+                     max_length: int) -> str:
+    """The message for a split none of whose prompts fits ``data.max_prompt_length`` (or that is empty)."""
+    if not records:
+        return f"the {split} split of dataset {dataset!r} holds no record; expected at least one. Check its files or options."
+    shortest = min(len(prompt_ids(r, tokenizer)) for r in records)
+    return (f"all {len(records)} {split} prompts of dataset {dataset!r} are longer than data.max_prompt_length="
+            f"{max_prompt_length} tokens (the shortest has {shortest}), and longer prompts are dropped; expected at "
+            f"least one that fits. Raise data.max_prompt_length to {shortest} or more (and data.max_length above it, "
+            f"now {max_length}), or shorten the prompts.")
+
+
 def build_generations(node: Node, context: RunContext, folder: Path) -> None:
     """One sampled teacher response per training prompt, split over the processes of a launch."""
     spec: GenerateSpec = node.spec
@@ -218,6 +236,12 @@ def build_generations(node: Node, context: RunContext, folder: Path) -> None:
     teacher = context.frozen(node.deps["teacher"])
     tokenizer = load_tokenizer(context.path(node.deps["teacher"]))
     records = context.train_records()
+    data = context.experiment.data  # samples of a uniform or broken teacher would train students on noise
+    probe = probe_batch(*(tokenize_records(split, tokenizer, data.max_length, data.max_prompt_length) for split in
+                          (context.splits(data.dataset, data.options)["validation"], records[:PROBE_SIZE])))
+    if probe:
+        checked_teacher(teacher, probe, tokenizer.pad_token_id, context.graph[node.deps["teacher"]].label,
+                        f"{node.label}: generate")
     advance = batch_progress(context.hook, f"{node.label}: generate",
                              -(-distributed.shard_size(len(records)) // settings.batch_size))
     responses = distributed.map_sharded(records, lambda share: generate_responses(
@@ -225,8 +249,16 @@ def build_generations(node: Node, context: RunContext, folder: Path) -> None:
     (folder / "generations.json").write_text(json.dumps(responses))
 
 
+def resume_folder(context: RunContext, node: Node) -> Path:
+    """Where a training stage keeps its resume checkpoint, ``<cache>/.resume/train/<key>``: named by the stage's key,
+    so the next worker to build the key (whichever holds its lock) continues it; outside the staging folder, which
+    is named by process and discarded with it; outside ``<cache>/train/``, whose folders are entries or staging."""
+    return context.cache.root / ".resume" / node.kind.value / node.key
+
+
 def build_training(node: Node, context: RunContext, folder: Path) -> None:
-    """Provide what the objective and its sources declared (teacher, stored generations), then train."""
+    """Provide what the objective and its sources declared (teacher, stored generations), then train, continuing
+    from the stage's resume checkpoint when a killed run left one."""
     spec: TrainSpec = node.spec
     init = context.path(node.deps["init"])
     tokenizer = load_tokenizer(init)
@@ -235,15 +267,25 @@ def build_training(node: Node, context: RunContext, folder: Path) -> None:
     lm_text = context.tokenized(node.deps["data"], "lm") if spec.settings.lm_coef > 0 else None
     data = TrainingData(context.tokenized(node.deps["data"]), tokenizer.pad_token_id, tokenizer.eos_token_id, texts,
                         context.experiment.teacher_generations.max_new_tokens, lm_text)
+    probe = None if teacher is None else checked_teacher(  # a uniform or broken teacher fails the stage before step 1
+        teacher, probe_batch(context.tokenized(node.deps["data"], "validation"), data.examples), tokenizer.pad_token_id,
+        context.graph[node.deps["teacher"]].label, f"{node.label}: train")
     sources = {name: context.registries.sources.get(name) for name in node.inputs["sources"]}
     _, stats = train(lambda: load_model(init), spec.objective, spec.params, data, spec.settings, spec.seed, teacher,
                      sources=sources, observer=context.hook, stage=f"{node.label}: train",
                      tracking=tracking(context, node.label, spec.objective, spec.params, spec.settings),
-                     save_to=folder, tokenizer=tokenizer, validation=validation(node, context, tokenizer))
+                     save_to=folder, tokenizer=tokenizer, validation=validation(node, context, tokenizer),
+                     resume_dir=resume_folder(context, node), checkpoint_every=context.experiment.checkpoint_every)
     payload = {**dataclasses.asdict(stats), "selection": dataclasses.asdict(spec.select)}
+    if probe is not None:
+        payload["teacher_probe"] = probe.as_dict()
     log = payload.pop("log")
     (folder / "train_stats.json").write_text(json.dumps(payload))
     (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    # The entry is complete; a kill before it is published retrains the stage (to the same result).
+    distributed.barrier()  # every process is done reading the checkpoint
+    if distributed.is_main():
+        shutil.rmtree(resume_folder(context, node), ignore_errors=True)
 
 
 def validation(node: Node, context: RunContext, tokenizer: Any) -> Validation:
@@ -255,7 +297,7 @@ def validation(node: Node, context: RunContext, tokenizer: Any) -> Validation:
         examples = context.tokenized(node.deps["data"], "validation")[: select.max_examples]
         return Validation(lambda model: validation_loss(model, examples, tokenizer.pad_token_id, batch_size),
                           select.every, higher_is_better=False, keep_best=select.keep_best)
-    records = context.eval_records(tokenizer, validation=True)
+    records = context.eval_records(tokenizer, validation=True)[: select.max_examples]
     metric = context.registries.metrics.get(select.metric)
     seed = GREEDY if select.greedy else "0"
 

@@ -4,20 +4,38 @@
 read by ``kdbench.report``), ``examples.json`` (every example's scores, ``CellExamples``), ``config.json`` (the
 resolved settings of the cell), ``train_log.jsonl`` and ``samples.json``. ``result.json`` is written last: a cell
 is finished when it holds status ``ok`` and the key of the cell's stage in this run's graph.
+
+Several workers may share a results folder or a stage cache (two ``kdbench run``s, cluster jobs), so every file
+is published by a rename (readers see all of it or none), and ``FileLock`` makes one worker at a time build a
+cache entry or evaluate a cell (``kdbench.grid.cache`` says what is guaranteed on which filesystem).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import platform
 import resource
+import socket
+import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kdbench.errors import KdbenchError
 from kdbench.results.schema import CellResult
+
+# flock's answer on a filesystem that cannot lock (NFS mounted with nolock on some kernels, Lustre without
+# -o flock, some FUSE filesystems): the run goes on without locks, see FileLock.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+_POLL_SECONDS = (0.2, 5.0)  # a waiting worker retries the lock this often, backing off from the first to the second
+_LOCKS = ".locks"  # lock files, kept forever (deleting one would let two workers lock two files of one name)
+_NOT_YET = object()  # no holder announced yet
+_unlockable: set[str] = set()  # filesystems (lock folders) already warned about, so the warning is said once
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -25,6 +43,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        try:
+            os.fchmod(fd, new_file_mode())  # mkstemp makes it 0600; a results file is as readable as any other
+        except OSError:
+            pass  # a filesystem without modes (some SMB mounts): its own mode is all there is
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -35,6 +57,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask: 0o644 under umask 022."""
+    try:  # Linux says the umask without changing it (os.umask would, for a moment, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_json(path: Path, payload: Any, compact: bool = False) -> None:
     """Indented for people to read, or ``compact`` (one line) for the large per-example files."""
     layout: dict[str, Any] = {"separators": (",", ":")} if compact else {"indent": 2}
@@ -43,6 +78,19 @@ def atomic_write_json(path: Path, payload: Any, compact: bool = False) -> None:
 
 def cell_dir(out_dir: Path, family: str, student: str, method: str, seed: int) -> Path:
     return out_dir / "cells" / family / student / method / f"seed{seed}"
+
+
+def cell_lock(directory: Path) -> Path:
+    """The lock a worker holds while it evaluates the cell in ``directory`` (a ``cell_dir``) or writes why it could
+    not: ``<out>/.locks/cells/<family>/<student>/<method>/seed<k>.lock``, so a cell's folder holds its results only."""
+    out = directory.parents[4]
+    return out / _LOCKS / directory.relative_to(out).with_suffix(".lock")
+
+
+def cell_locks(out_dir: Path) -> dict[Path, Path]:
+    """Every cell folder under ``out_dir`` that has a lock file (held or not), with that file."""
+    locks = sorted((out_dir / _LOCKS / "cells").glob("**/*.lock"))
+    return {out_dir / lock.relative_to(out_dir / _LOCKS).with_suffix(""): lock for lock in locks}
 
 
 def finished_result(directory: Path, key: str) -> CellResult | None:
@@ -56,6 +104,132 @@ def finished_result(directory: Path, key: str) -> CellResult | None:
     except json.JSONDecodeError:
         return None
     return result if isinstance(result, dict) and result.get("key") == key and result.get("status") == "ok" else None
+
+
+def host() -> str:
+    return socket.gethostname() or "localhost"
+
+
+def _say(message: str) -> None:
+    # stderr, like the progress bars (which print it above themselves): stdout carries the leaderboard
+    print(f"kdbench: {message}", file=sys.stderr, flush=True)
+
+
+class FileLock:
+    """An exclusive lock on ``path``, held by the kernel (``flock``) until ``release`` or until this process
+    dies, however it dies: a killed worker's lock is free at once, so there is no stale lock to take over.
+
+    While held, the file says who holds it (host, pid, since when); a worker that waits says whom it waits
+    for. On a filesystem that cannot lock, ``acquire`` warns once and returns with ``held`` False: the caller
+    goes on unlocked (its writes are still atomic, only a second worker may repeat the work).
+    """
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        self.what = what  # for the waiting message: "the train stage 1f2e…", "cell gpt2/s1/kd/seed0"
+        self.held = False
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Read-write: NFS clients lock by byte ranges on the server, and an exclusive one needs write access.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise KdbenchError(
+                f"Cannot create the lock file {self.path} ({error.strerror or error}); expected a folder this user "
+                "can write to. Point KDBENCH_CACHE_DIR (or --out) at a writable folder.") from None
+        try:
+            self._wait(fd)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in _NO_LOCKS:
+                raise KdbenchError(f"Cannot lock {self.path} ({error.strerror or error}) for {self.what}; expected "
+                                   "a filesystem with file locks. Check the folder's permissions.") from None
+            if str(self.path.parent) not in _unlockable:
+                _unlockable.add(str(self.path.parent))
+                _say(f"warning: the filesystem of {self.path.parent} cannot lock files ({error.strerror}); workers "
+                     "sharing it may build one stage or evaluate one cell twice (each copy is published whole). "
+                     "To share it between workers, mount it with locks (NFS: without nolock or local_lock; "
+                     "Lustre: -o flock).")
+            return
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self.held = fd, True
+        owner = json.dumps({"host": host(), "pid": os.getpid(), "since": now_iso()}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner, 0)
+
+    def _wait(self, fd: int) -> None:
+        delay, tries = _POLL_SECONDS[0], 0
+        announced: object = _NOT_YET
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                tries += 1
+            # Polling, not a blocking flock: NFS grants blocked locks by a callback that firewalls may drop,
+            # and the holder may change while this one waits (then it is said again). A lock file that names
+            # nobody at the first try is a holder that has not written its name yet, or a report looking.
+            owner = lock_owner(self.path)
+            if owner != announced and (owner is not None or tries > 1):
+                announced = owner
+                _say(f"waiting for {self.what}: {describe_owner(owner)} is making it (lock {self.path}); "
+                     "it is reused once published, or made here if that worker stops first.")
+            time.sleep(delay)
+            delay = min(delay * 1.5, _POLL_SECONDS[1])
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd, self.held = self._fd, None, False
+        try:
+            os.ftruncate(fd, 0)  # an empty lock file: nobody holds it (a leftover owner means a killed holder)
+        except OSError:
+            pass
+        os.close(fd)  # closing the last descriptor releases the lock
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_owner(path: Path) -> dict[str, Any] | None:
+    """Who the lock file says holds it; None when it says nothing readable (free, or just being taken)."""
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def describe_owner(owner: dict[str, Any] | None) -> str:
+    if owner is None:
+        return "another worker"
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')} (since {owner.get('since', '?')})"
+
+
+def lock_is_held(path: Path) -> bool:
+    """Whether some worker holds the lock ``path`` now; asks without taking it for more than a moment and
+    without creating the file, so a reader with no write access to the folder can ask."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts only with a holder's exclusive lock
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # a filesystem without locks: nobody can be holding one
+    finally:
+        os.close(fd)
+    return False
 
 
 def peak_memory_mb() -> float:

@@ -6,27 +6,37 @@ an objective reads (``kdbench.train.sources`` makes them), shifting, masking, th
 ``(1 - kd_ratio)·CE + kd_ratio·L_objective`` (the CE on the sequences ``train_on`` names, gold by default),
 the pre-training term ``lm_coef·[(1 − r)·CE + r·word-KD]`` on its own text, and normalisation by the
 global count of response tokens (or sequences) in an optimizer step. It also scores the stage on the
-validation split every N steps and hands on the best checkpoint. It never branches on an objective's
-name or on the kind of sequence it reads.
+validation split every N steps and hands on the best checkpoint, and writes a resume checkpoint every N
+steps, from which a killed stage continues exactly as if it had not stopped. It never branches on an
+objective's name or on the kind of sequence it reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
+import os
+import random
+import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin
+from safetensors.torch import load_file, save_file
 
 from kdbench import process
 from kdbench.config import TrainingConfig
 from kdbench.data import TokenizedExample
 from kdbench.distributed import launched_world_size
+from kdbench.errors import KdbenchError
 from kdbench.objectives import (
     GOLD,
     Objective,
@@ -40,7 +50,15 @@ from kdbench.objectives import (
     source_of,
     step_roles,
 )
-from kdbench.train.sources import MicroBatches, PromptOrder, Sequences, SequenceSource, SourceContext, teacher_use
+from kdbench.train.sources import (
+    MicroBatches,
+    PromptOrder,
+    Sequences,
+    SequenceSource,
+    SourceContext,
+    State,
+    teacher_use,
+)
 
 
 class Diverged(Exception):
@@ -60,10 +78,11 @@ class TrainStats:
     teacher_forwards: int = 0
     student_samples: int = 0  # responses sampled from the student during training, all processes (on-policy sources)
     examples: int = 0  # training prompts drawn from the data order (or a source that drives them), all processes
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time of the steps kept (a killed run's steps after its last checkpoint are not)
     selected_step: int = 0  # the optimizer step whose weights the stage hands on
     validation: list[dict[str, float]] = field(default_factory=list)  # step, value: the curve it was selected on
     log: list[dict[str, float]] = field(default_factory=list)  # per optimizer step: step, loss, lr
+    resumed_at: list[int] = field(default_factory=list)  # steps it continued from after an interruption (none: one go)
 
 
 @dataclass(frozen=True)
@@ -288,6 +307,128 @@ def make_sources(objective: type[Objective], params: ObjectiveParams, registry: 
     return {role: instances[source_of(role, params)] for role in step_roles(objective, params)}
 
 
+# -- resume checkpoints ------------------------------------------------------------------------------
+# A stage killed at any moment continues from its latest checkpoint with the very weights, optimizer moments,
+# learning rate, data order, samples and random draws it would have had: a checkpoint holds everything the
+# loop mutates (STYLE.md, "checkpoints"), so the resumed stage ends bit for bit where an uninterrupted one does.
+
+CHECKPOINT_FORMAT = 1  # bump when what a checkpoint holds changes: an older one is refused, not misread
+
+
+@dataclass
+class Resumed:
+    """Where a stage continues: the optimizer steps done, its stats so far, and the checkpoint selection's state."""
+
+    step: int
+    stats: TrainStats
+    best_value: float | None
+    best_state: dict[str, torch.Tensor] | None
+
+
+def latest_checkpoint(resume_dir: Path) -> Path | None:
+    """The newest checkpoint in ``resume_dir``: a ``step-N`` folder appears only once it is complete."""
+    found = sorted(resume_dir.glob("step-*")) if resume_dir.is_dir() else []
+    return found[-1] if found else None
+
+
+def rng_states() -> State:
+    """Every process-wide generator: python's, numpy's and torch's (the CPU's and each GPU's: dropout)."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: State) -> None:
+    numpy = states["numpy"]
+    random.setstate(states["python"])
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class _SharedTensorNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextmanager
+def tied_weights_saved_quietly() -> Iterator[None]:
+    """accelerate warns at every save that tied weights (GPT-2's embeddings and LM head) go into safetensors once;
+    the resume test reloads them bit for bit, so the warning says nothing at every checkpoint."""
+    note, logger = _SharedTensorNote(), logging.getLogger("accelerate.utils.other")
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
+
+
+def save_checkpoint(resume_dir: Path, step: int, accelerator: Accelerator, state: State,
+                    best_state: dict[str, torch.Tensor] | None, best_step: int) -> None:
+    """Write the checkpoint after optimizer step ``step`` as ``resume_dir/step-N`` and drop the older ones. It is
+    written into ``.writing`` and renamed once every process has finished, so a kill mid-write leaves the
+    previous checkpoint in force. The engine (model, optimizer, accelerate's own step and generators) goes
+    through accelerate's ``save_state`` (under DeepSpeed, DeepSpeed's ``save_checkpoint``: each process writes
+    its shard); the loop's ``state`` and every generator, per process, through ``torch.save`` (plain values and
+    tensors: read back with ``weights_only=True``); the best weights so far, once, as safetensors."""
+    writing, previous = resume_dir / ".writing", latest_checkpoint(resume_dir)
+    if accelerator.is_main_process:
+        shutil.rmtree(writing, ignore_errors=True)
+        writing.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    with tied_weights_saved_quietly():
+        accelerator.save_state(str(writing / "engine"))
+    state = {**state, "format": CHECKPOINT_FORMAT, "step": step, "world": accelerator.num_processes,
+             "rng": rng_states()}
+    torch.save(state, writing / f"trainer-{accelerator.process_index}.pt")
+    if accelerator.is_main_process and best_state is not None:
+        name = f"best-step-{best_step}.safetensors"
+        if previous is not None and (previous / name).is_file():  # unchanged since the last checkpoint: share it
+            try:
+                os.link(previous / name, writing / name)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(previous / name, writing / name)
+        else:
+            save_file({key: tensor.contiguous() for key, tensor in best_state.items()}, str(writing / name))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        done = resume_dir / f"step-{step:09d}"
+        shutil.rmtree(done, ignore_errors=True)
+        os.replace(writing, done)
+        for older in resume_dir.glob("step-*"):
+            if older != done:
+                shutil.rmtree(older)
+    accelerator.wait_for_everyone()
+
+
+def resume_from(checkpoint: Path, accelerator: Accelerator, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                batches: MicroBatches, lm_order: PromptOrder | None, total_steps: int) -> Resumed:
+    """Load ``checkpoint`` into the engine and the loop's parts, the process-wide generators last (nothing that
+    loads may draw from them afterwards)."""
+    own = checkpoint / f"trainer-{accelerator.process_index}.pt"
+    state = torch.load(own, weights_only=True) if own.is_file() else {}
+    written_by = (state.get("format"), state.get("world"), state.get("total_steps"))
+    if written_by != (CHECKPOINT_FORMAT, accelerator.num_processes, total_steps):
+        raise KdbenchError(
+            f"the resume checkpoint {checkpoint} was written by a run of (format, processes, optimizer steps) = "
+            f"{written_by}, and this run is {(CHECKPOINT_FORMAT, accelerator.num_processes, total_steps)}; run with "
+            f"as many processes as before, or delete {checkpoint.parent} to train the stage from the start.")
+    accelerator.load_state(str(checkpoint / "engine"))
+    scheduler.load_state_dict(state["scheduler"])  # its step count; the optimizer's state holds the current lr
+    batches.load_state_dict(state["batches"])
+    if lm_order is not None:
+        lm_order.load_state_dict(state["lm_order"])
+    best = next(checkpoint.glob("best-step-*.safetensors"), None)
+    set_rng_states(state["rng"])  # accelerate's load_state does too, but passes over a file it cannot read silently
+    return Resumed(state["step"], TrainStats(**state["stats"]), state["best_value"],
+                   None if best is None else load_file(str(best)))
+
+
 def train(
     student: torch.nn.Module | Callable[[], torch.nn.Module],
     objective: type[Objective],
@@ -304,6 +445,8 @@ def train(
     save_to: Path | None = None,
     tokenizer: Any = None,
     validation: Validation | None = None,
+    resume_dir: Path | None = None,
+    checkpoint_every: int = 100,
 ) -> tuple[torch.nn.Module, TrainStats]:
     """Train ``student`` in place with ``objective``; return the unwrapped model and the stats.
 
@@ -313,7 +456,10 @@ def train(
     one). With ``save_to``, the trained model (ZeRO-3 shards gathered) and ``tokenizer`` are written there
     as an ordinary HF folder by the main process. With ``validation`` the stage is scored on the validation
     split as it trains and hands on (returns and saves) the checkpoint the rule selects. A non-finite loss
-    raises ``Diverged``. Whatever the stage changes process-wide is restored on return
+    raises ``Diverged``. With ``resume_dir`` the stage writes a checkpoint there every ``checkpoint_every``
+    optimizer steps and after the last (``save_checkpoint``), and a stage whose ``resume_dir`` holds one continues
+    from it: the same arguments give the same model and stats (but ``seconds`` and ``resumed_at``) as an
+    uninterrupted run. Whatever the stage changes process-wide is restored on return
     (``process.training_state``)."""
     if sources is None:
         from kdbench.registry import load_registries
@@ -349,18 +495,22 @@ def train(
                                 torch.Generator().manual_seed(seed + 1))
         batches = MicroBatches(context, make_sources(objective, params, sources, context))
         lm_order = lm_term.order(settings.batch_size, seed, accelerator.process_index, world)
-        stats = TrainStats()
+        model.train(objective.train_mode(params))  # minillm: eval mode, so sampling and update share one network
+        # best_state is kept on the CPU, so selection costs no accelerator memory
+        resumed = Resumed(0, TrainStats(), best_value=None, best_state=None)
+        checkpoint = None if resume_dir is None else latest_checkpoint(resume_dir)
+        if checkpoint is not None:
+            resumed = resume_from(checkpoint, accelerator, scheduler, batches, lm_order, total_steps)
+            resumed.stats.resumed_at.append(resumed.step)
+        stats, best_value, best_state = resumed.stats, resumed.best_value, resumed.best_state
         if observer is not None:
             observer.kdbench_on_stage_start(stage=stage, total=total_steps)
-        started = time.perf_counter()
-        model.train(objective.train_mode(params))  # minillm: eval mode, so sampling and update share one network
+        started, seconds_before = time.perf_counter(), stats.seconds
 
         def global_sum(value: int) -> int:
             return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "sum").item())
 
-        best_value: float | None = None
-        best_state: dict[str, torch.Tensor] | None = None  # on the CPU, so selection costs no accelerator memory
-        for step in range(total_steps):
+        for step in range(resumed.step, total_steps):
             group = [batches.next() for _ in range(settings.grad_accum)]
 
             # Normalise by the response tokens of the whole optimizer step, across micro-batches and
@@ -415,6 +565,13 @@ def train(
                     best_value, stats.selected_step = value, step + 1
                     best_state = {name: tensor.detach().to("cpu", copy=True)
                                   for name, tensor in accelerator.get_state_dict(model).items()}
+            if resume_dir is not None and (step + 1 == total_steps or (step + 1) % checkpoint_every == 0):
+                stats.seconds = seconds_before + time.perf_counter() - started
+                loop_state = {"total_steps": total_steps, "scheduler": scheduler.state_dict(),
+                              "batches": batches.state_dict(),
+                              "lm_order": None if lm_order is None else lm_order.state_dict(),
+                              "stats": dataclasses.asdict(stats), "best_value": best_value}
+                save_checkpoint(resume_dir, step + 1, accelerator, loop_state, best_state, stats.selected_step)
         for tracker in accelerator.trackers:  # not end_training(): that also tears down the process group
             tracker.finish()
         if settings.gradient_checkpointing:
@@ -423,7 +580,7 @@ def train(
         stats.tokens = global_sum(stats.tokens)
         stats.examples = global_sum(stats.examples)
         stats.student_samples = global_sum(context.counters["student_samples"])
-        stats.seconds = time.perf_counter() - started
+        stats.seconds = seconds_before + time.perf_counter() - started
         if best_state is None or stats.selected_step == total_steps:
             stats.selected_step, best_state = total_steps, None  # the final weights are the selected ones
         model.eval()

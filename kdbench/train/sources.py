@@ -20,6 +20,10 @@ import torch
 from kdbench.data import TokenizedExample, collate, length_grouped_batches
 from kdbench.objectives import GOLD, Need, Objective, ObjectiveParams, active_reads
 
+# What a stateful part of a training stage hands a resume checkpoint: plain values (numbers, strings, None,
+# lists, tuples, dicts) and tensors only, so that ``torch.load(..., weights_only=True)`` reads it back.
+State = dict[str, Any]
+
 
 @dataclass(frozen=True)
 class Sequences:
@@ -47,6 +51,20 @@ class Sequences:
     def non_padding_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def state_dict(self) -> State:
+        """Its tensors on the CPU, for a resume checkpoint (a source's buffer of sequences)."""
+        position_ids = None if self.position_ids is None else self.position_ids.cpu()
+        return {"input_ids": self.input_ids.cpu(), "attention_mask": self.attention_mask.cpu(),
+                "response_mask": self.response_mask.cpu(), "position_ids": position_ids,
+                "extras": {name: tensor.cpu() for name, tensor in self.extras.items()}}
+
+    @classmethod
+    def from_state(cls, state: State, device: torch.device) -> Sequences:
+        """The sequences ``state_dict`` saved, on ``device``."""
+        position_ids = None if state["position_ids"] is None else state["position_ids"].to(device)
+        return cls(state["input_ids"].to(device), state["attention_mask"].to(device), state["response_mask"].to(device),
+                   position_ids, {name: tensor.to(device) for name, tensor in state["extras"].items()})
+
 
 class PromptOrder:
     """This process's micro-batches of training prompts, in the stage's data order: length-grouped over
@@ -65,6 +83,14 @@ class PromptOrder:
             self.order = self.order[: len(self.order) - len(self.order) % self.world]
         turn, self.order = self.order[: self.world], self.order[self.world:]
         return turn[self.rank]
+
+    def state_dict(self) -> State:
+        """The position in this epoch's order and the generator that shuffles the next epochs."""
+        return {"order": [list(batch) for batch in self.order], "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: State) -> None:
+        self.order = [list(batch) for batch in state["order"]]
+        self.generator.set_state(state["generator"])
 
 
 @dataclass
@@ -108,6 +134,18 @@ class SequenceSource:
         """The sequences of these prompts (indices into ``context.gold``), on ``context.device``."""
         raise NotImplementedError
 
+    def state_dict(self) -> State:
+        """What this source carries from one optimizer step to the next (a buffer of rollouts, a replay queue),
+        for a resume checkpoint, in plain values and tensors (``State``). The context's generator and counters
+        are saved by the engine; a source that keeps a generator of its own saves it here. Stateless sources
+        keep this default."""
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        """Put back what ``state_dict`` returned, into a source freshly made for the same stage."""
+        if state:
+            raise NotImplementedError(f"source {self.name!r} saved a state but does not define load_state_dict")
+
 
 class MicroBatches:
     """Each micro-batch of a training stage: its prompts (from the data order, or from the one source
@@ -119,7 +157,9 @@ class MicroBatches:
         unique = list({id(source): source for source in sources.values()}.values())
         drivers = [source for source in unique if source.drives_prompts]
         assert len(drivers) <= 1, f"only one source may choose the prompts, got {[d.name for d in drivers]}"
-        self.context, self.sources = context, sources
+        names = [source.name for source in unique]
+        assert len(set(names)) == len(names), f"one instance per source, got {names}"
+        self.context, self.sources, self.unique = context, sources, unique
         self.driver = drivers[0] if drivers else None
 
     def next(self) -> dict[str, Sequences]:
@@ -129,6 +169,23 @@ class MicroBatches:
             if id(source) not in made:
                 made[id(source)] = source.sequences(prompts)
         return {role: made[id(source)] for role, source in self.sources.items()}
+
+    def state_dict(self) -> State:
+        """Everything the micro-batches still to come depend on: the data order and its position, the sources'
+        generator and counters, and each source's own state, by source name."""
+        context = self.context
+        return {"prompts": context.prompts.state_dict(), "generator": context.generator.get_state(),
+                "counters": dict(context.counters),
+                "sources": {source.name: source.state_dict() for source in self.unique}}
+
+    def load_state_dict(self, state: State) -> None:
+        context = self.context
+        context.prompts.load_state_dict(state["prompts"])
+        context.generator.set_state(state["generator"])
+        context.counters.clear()
+        context.counters.update(state["counters"])
+        for source in self.unique:
+            source.load_state_dict(state["sources"][source.name])
 
 
 def teacher_use(objective: type[Objective], params: ObjectiveParams,
