@@ -31,9 +31,12 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     dataset: str = "tiny"
     options: dict[str, Any] = Field(default_factory=dict)
-    max_length: int = Field(128, gt=8)
-    max_prompt_length: int = Field(96, gt=4)
-    tokenizer_vocab_size: int = Field(1024, ge=300, description="tiny scale only: size of the BPE trained on the data")
+    # Upper bounds far beyond any model's context or vocabulary: a mistyped size is refused here, not met as an
+    # allocation of terabytes (or an integer overflow) when a model is built for it.
+    max_length: int = Field(128, gt=8, le=2**20)
+    max_prompt_length: int = Field(96, gt=4, le=2**20)
+    tokenizer_vocab_size: int = Field(1024, ge=300, le=2**20,
+                                      description="tiny scale only: size of the BPE trained on the data")
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
@@ -225,9 +224,11 @@ def count_parameters(model: torch.nn.Module) -> int:
 def count_config_parameters(config: PretrainedConfig) -> int:
     """Parameters of the causal LM ``config`` describes, built on the meta device (no memory, no weights);
     tied input/output embeddings count once, as the checkpoint stores them."""
-    with init_empty_weights():
+    # Every tensor created on the meta device: even the first allocation inside a layer's __init__ takes no
+    # memory, so a config with absurd sizes (a mistyped max_length) is counted instead of exhausting RAM.
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    # Under init_empty_weights, transformers 5 leaves lm_head with a meta tensor of its own; tying again
-    # makes it the embedding's Parameter, so parameters() (which skips repeats) counts it once.
+    # transformers 5 leaves lm_head with a meta tensor of its own here; tying again makes it the embedding's
+    # Parameter, so parameters() (which skips repeats) counts it once.
     model.tie_weights()
     return sum(parameter.numel() for parameter in model.parameters())
