@@ -344,16 +344,6 @@ def validate(
         raise KdbenchError("\n".join(failures))
 
 
-def _quiet_libraries() -> None:
-    """kdbench draws its own progress; per-file bars from the HF libraries would bury it."""
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    disable_progress_bars()
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-
-
 def _take_local_rank_argument() -> None:
     """The deepspeed launcher appends ``--local_rank=N`` to the command; kdbench reads ``LOCAL_RANK``."""
     for argument in list(sys.argv[1:]):
@@ -363,10 +353,10 @@ def _take_local_rank_argument() -> None:
 
 
 def main() -> None:
-    from kdbench.process import command_environment, environment
+    from kdbench.process import command_environment, environment, quiet_libraries
 
     _take_local_rank_argument()
-    _quiet_libraries()
+    quiet_libraries()
     try:
         with environment(command_environment()):
             app(standalone_mode=True)

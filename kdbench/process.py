@@ -41,6 +41,17 @@ def command_environment() -> dict[str, str]:
     return values
 
 
+def quiet_libraries() -> None:
+    """kdbench draws its own progress; per-file bars from the HF libraries would bury it (every kdbench process:
+    the command, and each cluster job)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -176,16 +176,15 @@ class GridJob:
 
     def __call__(self) -> dict[str, CellResult]:
         from kdbench import distributed
-        from kdbench.cli import _quiet_libraries
         from kdbench.grid.collect import collect
         from kdbench.grid.execute import run_graph
-        from kdbench.process import command_environment, environment
+        from kdbench.process import command_environment, environment, quiet_libraries
         from kdbench.registry import load_registries
         from kdbench.security import remote_code_scope
 
         request = self.request
         with environment(command_environment()), environment(_process_group_environment(), override=True):
-            _quiet_libraries()
+            quiet_libraries()
             registries = load_registries(request.plugins_dir)
             graph = collect(request.experiment, registries, request.selection)
             missing = [key for key in self.targets if key not in graph.nodes]

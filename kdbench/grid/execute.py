@@ -167,9 +167,7 @@ def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries,
                 with claim_cell(cell_folder(out_dir, node), node) as unscored:  # never over another worker's score
                     if unscored:
                         write_unscored_cell(context, node, status, reason)
-                summary.results[node.label] = json.loads((cell_folder(out_dir, node) / "result.json").read_text())
-            else:
-                summary.results[node.label] = json.loads((cell_folder(out_dir, node) / "result.json").read_text())
+            summary.results[node.label] = json.loads((cell_folder(out_dir, node) / "result.json").read_text())
         for role, parent in node.deps.items():
             if role in FROZEN_ROLES:
                 readers[parent] -= 1

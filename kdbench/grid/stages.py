@@ -271,11 +271,12 @@ def build_training(node: Node, context: RunContext, folder: Path) -> None:
         teacher, probe_batch(context.tokenized(node.deps["data"], "validation"), data.examples), tokenizer.pad_token_id,
         context.graph[node.deps["teacher"]].label, f"{node.label}: train")
     sources = {name: context.registries.sources.get(name) for name in node.inputs["sources"]}
+    resume_dir = resume_folder(context, node)
     _, stats = train(lambda: load_model(init), spec.objective, spec.params, data, spec.settings, spec.seed, teacher,
                      sources=sources, observer=context.hook, stage=f"{node.label}: train",
                      tracking=tracking(context, node.label, spec.objective, spec.params, spec.settings),
                      save_to=folder, tokenizer=tokenizer, validation=validation(node, context, tokenizer),
-                     resume_dir=resume_folder(context, node), checkpoint_every=context.experiment.checkpoint_every)
+                     resume_dir=resume_dir, checkpoint_every=context.experiment.checkpoint_every)
     payload = {**dataclasses.asdict(stats), "selection": dataclasses.asdict(spec.select)}
     if probe is not None:
         payload["teacher_probe"] = probe.as_dict()
@@ -285,7 +286,7 @@ def build_training(node: Node, context: RunContext, folder: Path) -> None:
     # The entry is complete; a kill before it is published retrains the stage (to the same result).
     distributed.barrier()  # every process is done reading the checkpoint
     if distributed.is_main():
-        shutil.rmtree(resume_folder(context, node), ignore_errors=True)
+        shutil.rmtree(resume_dir, ignore_errors=True)
 
 
 def validation(node: Node, context: RunContext, tokenizer: Any) -> Validation:

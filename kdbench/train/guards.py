@@ -33,6 +33,7 @@ PROBE_SIZE = 16  # sequences of the probe batch: the first of the validation spl
 UNIFORM_ENTROPY_RATIO = 0.999
 UNIFORM_NLL_RATIO = 0.99
 
+
 class BrokenTeacher(RuntimeError):
     """The teacher a stage reads is uniform or broken: the stage (and every cell built on it) fails with this reason."""
 
