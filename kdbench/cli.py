@@ -62,6 +62,11 @@ def _report(run_dir: Path, title: str | None = None) -> Report:
     built = build_report(run_dir, title)
     for mismatch in built.warnings:
         stderr.print(f"[yellow]warning:[/] not like with like — {mismatch}", highlight=False)
+    busy = built.folder.in_progress
+    if busy:
+        stderr.print(f"[yellow]note:[/] {len(busy)} cell{'s' * (len(busy) != 1)} in progress (a worker is evaluating "
+                     f"{'them' if len(busy) != 1 else 'it'} now) and left out: {', '.join(busy)}. Report again when "
+                     "the run has finished.", highlight=False)
     return built
 
 

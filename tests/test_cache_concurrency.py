@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from kdbench.cli import app
 from kdbench.errors import KdbenchError
 from kdbench.grid.cache import StageCache
 from kdbench.report.folder import cells_in_progress, load_folder, load_results
@@ -312,6 +314,9 @@ def test_two_runs_on_one_cache_build_every_node_once(tmp_path: Path, children: l
     folder = load_folder(tmp_path / "out-shared")
     assert len(folder.results) == len(cells) - 1
     assert folder.in_progress == (cell.relative_to(tmp_path / "out-shared" / "cells").as_posix(),)
+    printed = CliRunner().invoke(app, ["report", str(tmp_path / "out-shared"), "--format", "csv"])
+    note = " ".join(printed.stderr.split())  # rich wraps lines at the terminal's width
+    assert printed.exit_code == 0 and "1 cell in progress" in note and folder.in_progress[0] in note
     holder.kill()
     holder.wait(30)
     assert len(load_folder(tmp_path / "out-shared").results) == len(cells)  # its worker gone, the cell is read

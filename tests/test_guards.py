@@ -1,8 +1,10 @@
 """Guards against silent wrongness: a uniform or broken teacher stops the stages that read it, with the reason in
-the cells' results, while a healthy teacher's probe is recorded and its cells train."""
+the cells' results, while a healthy teacher's probe is recorded and its cells train; a distillation term without
+gradient stops its stage on the first step, while a live one's gradient is recorded."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,10 +15,22 @@ import yaml
 from typer.testing import CliRunner
 
 from kdbench.cli import app
+from kdbench.config import TrainingConfig
 from kdbench.data import tokenize_records
+from kdbench.objectives import GOLD, LossInputs
 from kdbench.registry import load_registries
-from kdbench.train.guards import UNIFORM_NLL_RATIO, BrokenTeacher, check_teacher, probe_batch, probe_teacher
+from kdbench.train.engine import TrainingData, train
+from kdbench.train.guards import (
+    DEAD_GRADIENT_RMS,
+    UNIFORM_NLL_RATIO,
+    BrokenTeacher,
+    DeadObjective,
+    check_teacher,
+    probe_batch,
+    probe_teacher,
+)
 from kdbench.zoo import build_tiny_model, load_model, load_tokenizer
+from kdbench_plugins.kd import KD, KDParams
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "experiments" / "teachers"  # the tiny suite's trained teachers
@@ -113,3 +127,38 @@ def test_a_run_fails_the_cells_of_a_uniform_teacher_and_trains_the_healthy_one(t
     assert len(stats) == 1 and stats[0]["teacher_probe"]["nll"] < 0.5 * stats[0]["teacher_probe"]["uniform"]
     teacher_row = json.loads((cells / "gpt2" / "teacher" / "teacher" / "seed0" / "result.json").read_text())
     assert teacher_row["status"] == "ok"  # evaluating a bad teacher is allowed: its row shows how bad it is
+
+
+class DetachedKD(KD):
+    """A bug an objective can have: the student's logits detached, so the loss runs and falls to nothing."""
+
+    name = "detached_kd"
+
+    @staticmethod
+    def loss(inputs: LossInputs, params: KDParams) -> torch.Tensor:
+        view = inputs[GOLD]
+        return KD.loss({GOLD: dataclasses.replace(view, student_logits=view.student_logits.detach())}, params)
+
+
+def first_step(setup: dict, student: Path, objective: type[KD] = KD, **params: object) -> float | None:
+    """One kd-style optimizer step (two micro-batches) of ``student`` from the shipped GPT-2 teacher on the probe
+    batch; the distillation term's first-step gradient it recorded."""
+    settings = TrainingConfig(engine="accelerate", lr=1e-3, batch_size=4, grad_accum=2, max_steps=1, warmup_steps=0)
+    data = TrainingData(setup["probe"], setup["tokenizer"].pad_token_id, setup["tokenizer"].eos_token_id)
+    _, stats = train(load_model(str(student)), objective, objective.make_params(params), data, settings, seed=0,
+                     teacher=load_model(str(SHIPPED / "gpt2")).eval(), stage="test: train")
+    return stats.first_gradient_rms
+
+
+def test_a_live_distillation_term_has_its_first_gradient_recorded(probe_setup: dict) -> None:
+    assert first_step(probe_setup, probe_setup["random"]) > 1e3 * DEAD_GRADIENT_RMS
+    assert first_step(probe_setup, probe_setup["random"], kd_ratio=0.0) is None  # no distillation term: no check
+
+
+@pytest.mark.parametrize(("objective", "student"), [(DetachedKD, "random"), (KD, "teacher copy")])
+def test_a_distillation_term_without_gradient_stops_the_stage(probe_setup: dict, objective: type[KD],
+                                                                student: str) -> None:
+    """A detached student (exactly zero) and a student that is the teacher's copy (rounding only) both fail."""
+    folder = SHIPPED / "gpt2" if student == "teacher copy" else probe_setup["random"]
+    with pytest.raises(DeadObjective, match=f"{objective.name}'s distillation term .* first optimizer step of test"):
+        first_step(probe_setup, folder, objective)

@@ -75,6 +75,8 @@ CASES = [
     Case("minillm", {"rollout_batches": 2, "inner_epochs": 2}, {"engine": "accelerate"}, (3, 6)),
     # On-policy: fresh student samples every micro-batch beside the stored teacher text.
     Case("dpkd", {}, {"engine": "deepspeed", "zero_stage": 1}, (3,)),
+    # Off-policy under ZeRO-3: every process's shard of weights and optimizer state.
+    Case("kd", {}, {"engine": "deepspeed", "zero_stage": 3}, (3,)),
 ]
 
 
@@ -100,7 +102,11 @@ def comparable(stats: TrainStats) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(stats).items() if k not in ("seconds", "resumed_at")}
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda case: case.method)
+def case_id(case: Case) -> str:
+    return f"{case.method}-{case.settings['engine']}{case.settings.get('zero_stage', '')}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_a_stopped_stage_resumes_to_the_uninterrupted_result(kdbench_kit: TinyKit, tmp_path: Path, case: Case) -> None:
     """Stopped after each of ``case.stops`` and called again, the stage continues from its last checkpoint (every
     2 steps) and ends with exactly the weights, losses, validation curve, selection and counters of a run that was
@@ -134,6 +140,31 @@ def test_a_checkpoint_from_another_launch_is_refused(kdbench_kit: TinyKit, tmp_p
     longer = dataclasses.replace(case, settings={**case.settings, "max_steps": STEPS + 2})
     with pytest.raises(KdbenchError, match="delete .*resume"):
         run_stage(kdbench_kit, longer, tmp_path / "resume", None)
+
+
+class RunsCode:
+    """What a tampered checkpoint could hold: unpickling it calls ``os.mkdir`` (any function would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_deepspeed_checkpoint_is_read_weights_only(kdbench_kit: TinyKit, tmp_path: Path) -> None:
+    """DeepSpeed's engine state (its ZeRO optimizer shards) is read back with ``weights_only=True``: a checkpoint file
+    replaced by a pickle that runs code is refused, with the folder to delete, and the code never runs."""
+    from kdbench.errors import KdbenchError
+
+    case = Case("kd", {}, {"engine": "deepspeed", "zero_stage": 1}, ())
+    with pytest.raises(Interrupted):
+        run_stage(kdbench_kit, case, tmp_path / "resume", 3)
+    [shard] = (tmp_path / "resume").glob("step-*/engine/**/*optim_states.pt")
+    torch.save({"optimizer_state_dict": RunsCode(tmp_path / "ran")}, shard)
+    with pytest.raises(KdbenchError, match=r"holds GLOBAL posix.mkdir, which kdbench does not unpickle.*Delete .*resume"):
+        run_stage(kdbench_kit, case, tmp_path / "resume", None)
+    assert not (tmp_path / "ran").exists()
 
 
 # -- killed `kdbench run` processes ------------------------------------------------------------------------

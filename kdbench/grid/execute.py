@@ -24,7 +24,14 @@ from kdbench.config import Experiment
 from kdbench.errors import KdbenchError
 from kdbench.grid.cache import claim
 from kdbench.grid.graph import Node, StageGraph, StageKind
-from kdbench.grid.stages import BUILDERS, FROZEN_ROLES, RunContext, failure_of, write_unscored_cell
+from kdbench.grid.stages import (
+    BUILDERS,
+    FROZEN_ROLES,
+    RunContext,
+    discard_resume_checkpoint,
+    failure_of,
+    write_unscored_cell,
+)
 from kdbench.registry import Registries
 from kdbench.results import store
 from kdbench.results.schema import CellResult, Failure, Status
@@ -107,6 +114,7 @@ def run_stage(node: Node, context: RunContext) -> None:
     context.hook.kdbench_on_stage_end(stage=stage, seconds=seconds, cached=cached)
     context.outputs[node.key] = str(path)
     if node.kind is StageKind.TRAIN:
+        discard_resume_checkpoint(context, node)
         stats = json.loads((path / "train_stats.json").read_text())
         context.train_stats[node.key] = {**stats, "this_run": 0.0 if cached else seconds}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 import traceback
@@ -271,22 +272,24 @@ def build_training(node: Node, context: RunContext, folder: Path) -> None:
         teacher, probe_batch(context.tokenized(node.deps["data"], "validation"), data.examples), tokenizer.pad_token_id,
         context.graph[node.deps["teacher"]].label, f"{node.label}: train")
     sources = {name: context.registries.sources.get(name) for name in node.inputs["sources"]}
-    resume_dir = resume_folder(context, node)
     _, stats = train(lambda: load_model(init), spec.objective, spec.params, data, spec.settings, spec.seed, teacher,
                      sources=sources, observer=context.hook, stage=f"{node.label}: train",
                      tracking=tracking(context, node.label, spec.objective, spec.params, spec.settings),
                      save_to=folder, tokenizer=tokenizer, validation=validation(node, context, tokenizer),
-                     resume_dir=resume_dir, checkpoint_every=context.experiment.checkpoint_every)
+                     resume_dir=resume_folder(context, node), checkpoint_every=context.experiment.checkpoint_every)
     payload = {**dataclasses.asdict(stats), "selection": dataclasses.asdict(spec.select)}
     if probe is not None:
         payload["teacher_probe"] = probe.as_dict()
     log = payload.pop("log")
     (folder / "train_stats.json").write_text(json.dumps(payload))
     (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-    # The entry is complete; a kill before it is published retrains the stage (to the same result).
-    distributed.barrier()  # every process is done reading the checkpoint
+
+
+def discard_resume_checkpoint(context: RunContext, node: Node) -> None:
+    """Delete a training stage's resume checkpoint once its entry is published (every process has seen it): a kill
+    at any moment before then finds the checkpoint and continues from it, not from step 0."""
     if distributed.is_main():
-        shutil.rmtree(resume_dir, ignore_errors=True)
+        shutil.rmtree(resume_folder(context, node), ignore_errors=True)
 
 
 def validation(node: Node, context: RunContext, tokenizer: Any) -> Validation:
@@ -394,8 +397,15 @@ def score_lm_eval(context: RunContext, model: Any, tokenizer: Any, heldout: list
 
     started = time.perf_counter()
     if distributed.is_main():
-        work_dir = context.cache.root / "lm_eval" / config_hash([format_prompt(r) for r in heldout])
-        scores = lm_eval_scores(model, tokenizer, context.experiment.evaluation.lm_eval, heldout, work_dir)
+        # A folder of this process's own: workers scoring cells on one cache at once would otherwise rewrite the
+        # task files (and clear the datasets cache) under each other's lm-eval. It is only scratch: the scores are
+        # kept in the cell's result.
+        work_dir = (context.cache.root / "lm_eval" / config_hash([format_prompt(r) for r in heldout])
+                    / f"{store.host()}-{os.getpid()}")
+        try:
+            scores = lm_eval_scores(model, tokenizer, context.experiment.evaluation.lm_eval, heldout, work_dir)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
         for name, value in scores.values.items():
             metrics[f"lm_eval/{name}"] = {LM_EVAL_SEED: value}
             higher_is_better[f"lm_eval/{name}"] = scores.higher_is_better[name]

@@ -4,7 +4,8 @@
    and the sources it reads declare (the teacher only if they use it, stored teacher texts only if a source
    reads them), gives a finite loss.
 2. On one micro-batch made by the real sources, the runner's masked loss is finite, and so are its gradients
-   in the student's weights, which are not all zero.
+   in the student's weights, which are not all zero; and the engine's first-step guard found the gradient of
+   its distillation term above rounding (``kdbench.train.guards``).
 3. Masked positions are ignored: logits, labels and recorded values there can be anything.
 4. It works on bf16 logits: finite, with finite gradients, and close to its fp32 value.
 5. Where the student equals the teacher (the student *is* a copy of the teacher, so even the values its
@@ -37,8 +38,9 @@ from kdbench.objectives import (
 )
 from kdbench.registry import load_registries
 from kdbench.testing.kit import SAMPLE_TOKENS, TinyKit, default_kit
-from kdbench.train.engine import make_sources, sequence_view, train
-from kdbench.train.sources import MicroBatches, PromptOrder, SequenceSource, SourceContext, teacher_use
+from kdbench.train.engine import make_sources, train
+from kdbench.train.guards import DeadObjective
+from kdbench.train.sources import MicroBatches, PromptOrder, SequenceSource, SourceContext, sequence_view, teacher_use
 
 BATCH = 4  # prompts per micro-batch
 Sources = Mapping[str, type[SequenceSource]]
@@ -55,13 +57,14 @@ def objective_contract(objective: type[Objective], kit: TinyKit | None = None, p
     if sources is None:
         registry = load_registries().sources
         sources = {name: registry.get(name) for name in registry}
-    check_declared_needs_suffice(objective, params, kit, sources)
+    dead = check_declared_needs_suffice(objective, params, kit, sources)
     if params.kd_ratio == 0:
         return
     teacher = kit.teacher()
     student = kit.student().eval()  # one network for the sampling and the loss, as at the first step
     inputs = loss_inputs(objective, params, kit, student, teacher, sources)
-    check_finite_with_gradient(objective, params, inputs, student)
+    check_finite_with_gradient(objective, params, inputs, student)  # says why more precisely than the guard, if it can
+    assert dead is None, f"{_where(objective)}: the engine stopped its first step: {dead}"
     fixed = {role: _detached(view) for role, view in inputs.items()}
     check_masked_positions_ignored(objective, params, fixed)
     check_bf16(objective, params, fixed)
@@ -74,8 +77,11 @@ def _where(objective: type[Objective]) -> str:
     return f"objective {objective.name!r} ({objective.__module__}.{objective.__qualname__})"
 
 
-def check_declared_needs_suffice(objective: type[Objective], params: ObjectiveParams, kit: TinyKit, sources: Sources) -> None:
-    """One optimizer step through the engine with exactly what the objective and its sources declare."""
+def check_declared_needs_suffice(objective: type[Objective], params: ObjectiveParams, kit: TinyKit,
+                                 sources: Sources) -> str | None:
+    """One optimizer step through the engine with exactly what the objective and its sources declare; the engine's
+    reason when it ran but found the distillation term's gradient dead (``DeadObjective``), for the caller to report
+    after the checks that can say more precisely why."""
     reads = active_reads(objective, params)
     unknown = [name for name in reads if name not in sources]
     assert not unknown, f"{_where(objective)} reads sequence sources nobody registers: {unknown}"
@@ -85,11 +91,14 @@ def check_declared_needs_suffice(objective: type[Objective], params: ObjectivePa
     try:
         _, stats = train(kit.student(), objective, params, kit.training_data(with_teacher_texts=reads_texts), settings, 0,
                          kit.teacher() if uses_teacher else None, sources=sources)
+    except DeadObjective as error:
+        return str(error)
     except Exception as error:
         declared = sorted(need.value for need in objective.needs_for(params))
         raise AssertionError(f"{_where(objective)}: one engine step given exactly what it declares (needs {declared}, "
                              f"reads {list(reads)}) failed: {type(error).__name__}: {error}") from error
     assert math.isfinite(stats.log[0]["loss"]), f"{_where(objective)}: the engine step's loss is {stats.log[0]['loss']}"
+    return None
 
 
 def loss_inputs(objective: type[Objective], params: ObjectiveParams, kit: TinyKit, student: torch.nn.Module,

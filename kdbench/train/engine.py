@@ -7,7 +7,8 @@ an objective reads (``kdbench.train.sources`` makes them), shifting, masking, th
 the pre-training term ``lm_coef·[(1 − r)·CE + r·word-KD]`` on its own text, and normalisation by the
 global count of response tokens (or sequences) in an optimizer step. It also scores the stage on the
 validation split every N steps and hands on the best checkpoint, and writes a resume checkpoint every N
-steps, from which a killed stage continues exactly as if it had not stopped. It never branches on an
+steps, from which a killed stage continues exactly as if it had not stopped. On its first step it stops a stage
+whose distillation term gives the student no gradient (``kdbench.train.guards``). It never branches on an
 objective's name or on the kind of sequence it reads.
 """
 
@@ -17,7 +18,9 @@ import dataclasses
 import logging
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -50,6 +53,7 @@ from kdbench.objectives import (
     source_of,
     step_roles,
 )
+from kdbench.train.guards import check_objective_gradient, logit_gradient_square
 from kdbench.train.sources import (
     MicroBatches,
     PromptOrder,
@@ -57,6 +61,7 @@ from kdbench.train.sources import (
     SequenceSource,
     SourceContext,
     State,
+    sequence_view,
     teacher_use,
 )
 
@@ -83,6 +88,7 @@ class TrainStats:
     validation: list[dict[str, float]] = field(default_factory=list)  # step, value: the curve it was selected on
     log: list[dict[str, float]] = field(default_factory=list)  # per optimizer step: step, loss, lr
     resumed_at: list[int] = field(default_factory=list)  # steps it continued from after an interruption (none: one go)
+    first_gradient_rms: float | None = None  # of the distillation term at step 1, per unit it averages over (guards)
 
 
 @dataclass(frozen=True)
@@ -175,24 +181,6 @@ def loss_scale(world_size: int, grad_accum: int, global_response_tokens: int) ->
     return world_size * grad_accum / max(global_response_tokens, 1)
 
 
-def forward_logits(model: torch.nn.Module, sequences: Sequences) -> torch.Tensor:
-    """Logits shifted so position i predicts token i+1, (b, t-1, vocab). Left-padded batches (rollouts)
-    carry their own ``position_ids``."""
-    return model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask,
-                 position_ids=sequences.position_ids).logits[:, :-1]
-
-
-def sequence_view(model: torch.nn.Module, sequences: Sequences, teacher: torch.nn.Module | None) -> SequenceView:
-    """The student (and, when given, the frozen teacher) run on ``sequences``, aligned with their labels."""
-    student_logits = forward_logits(model, sequences)  # (b, t-1, vocab)
-    teacher_logits = None
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_logits = forward_logits(teacher, sequences)  # (b, t-1, vocab)
-    return SequenceView(student_logits, sequences.input_ids[:, 1:], sequences.response_mask[:, 1:], teacher_logits,
-                        sequences.extras)
-
-
 def objective_count(objective: type[Objective], micro: Mapping[str, Sequences]) -> int:
     """What the objective term of a micro-batch is averaged over: the response tokens, or the sequences,
     of the first sequence it reads."""
@@ -208,6 +196,7 @@ class LossSums:
     objective: torch.Tensor
     student_forwards: int
     teacher_forwards: int
+    student_logits: tuple[torch.Tensor, ...] = ()  # of the sequences the objective reads (none with kd_ratio 0)
 
 
 def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
@@ -235,8 +224,11 @@ def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: 
         ce_sum = gold_cross_entropy(gold.student_logits, gold.labels, gold.mask).sum()
     else:
         ce_sum = torch.zeros((), device=micro[GOLD].input_ids.device)
-    objective_sum = torch.zeros_like(ce_sum) if params.kd_ratio == 0 else masked_loss_sum(objective, views, params)
-    return LossSums(ce_sum, objective_sum, len(shared), teacher_forwards)
+    if params.kd_ratio == 0:
+        return LossSums(ce_sum, torch.zeros_like(ce_sum), len(shared), teacher_forwards)
+    read = {id(views[role].student_logits): views[role].student_logits for role in objective.reads}
+    return LossSums(ce_sum, masked_loss_sum(objective, views, params), len(shared), teacher_forwards,
+                    tuple(read.values()))
 
 
 @dataclass(frozen=True)
@@ -406,10 +398,32 @@ def save_checkpoint(resume_dir: Path, step: int, accelerator: Accelerator, state
     accelerator.wait_for_everyone()
 
 
-def resume_from(checkpoint: Path, accelerator: Accelerator, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                batches: MicroBatches, lm_order: PromptOrder | None, total_steps: int) -> Resumed:
-    """Load ``checkpoint`` into the engine and the loop's parts, the process-wide generators last (nothing that
-    loads may draw from them afterwards)."""
+def deepspeed_safe_globals() -> list[type]:
+    """The DeepSpeed classes its ZeRO optimizer checkpoints pickle beside tensors and plain values (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 1, 2 and 3 checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(engine: Any) -> None:
+    """Make a DeepSpeed engine read its checkpoint files with ``torch.load(weights_only=True)``: its own reader
+    unpickles anything (``weights_only=False``), and a pickle can run code. Its engine reads every file of a
+    checkpoint through ``checkpoint_engine.load``, which this replaces on the instance."""
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
+
+
+def resume_from(checkpoint: Path, accelerator: Accelerator, model: torch.nn.Module,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, batches: MicroBatches, lm_order: PromptOrder | None,
+                total_steps: int) -> Resumed:
+    """Load ``checkpoint`` into the engine (``model``, as prepared) and the loop's parts, the process-wide generators
+    last (nothing that loads may draw from them afterwards)."""
     own = checkpoint / f"trainer-{accelerator.process_index}.pt"
     state = torch.load(own, weights_only=True) if own.is_file() else {}
     written_by = (state.get("format"), state.get("world"), state.get("total_steps"))
@@ -418,7 +432,16 @@ def resume_from(checkpoint: Path, accelerator: Accelerator, scheduler: torch.opt
             f"the resume checkpoint {checkpoint} was written by a run of (format, processes, optimizer steps) = "
             f"{written_by}, and this run is {(CHECKPOINT_FORMAT, accelerator.num_processes, total_steps)}; run with "
             f"as many processes as before, or delete {checkpoint.parent} to train the stage from the start.")
-    accelerator.load_state(str(checkpoint / "engine"))
+    if hasattr(model, "checkpoint_engine"):  # a DeepSpeed engine
+        load_weights_only(model)
+    try:
+        accelerator.load_state(str(checkpoint / "engine"))
+    except pickle.UnpicklingError as error:
+        unsafe = re.search(r"GLOBAL [\w.]+", str(error))
+        raise KdbenchError(
+            f"the resume checkpoint {checkpoint} holds {unsafe.group(0) if unsafe else 'an object'}, which kdbench does "
+            "not unpickle (it reads back tensors, plain values and known DeepSpeed classes only). Delete "
+            f"{checkpoint.parent} to train the stage from the start.") from None
     scheduler.load_state_dict(state["scheduler"])  # its step count; the optimizer's state holds the current lr
     batches.load_state_dict(state["batches"])
     if lm_order is not None:
@@ -500,7 +523,7 @@ def train(
         resumed = Resumed(0, TrainStats(), best_value=None, best_state=None)
         checkpoint = None if resume_dir is None else latest_checkpoint(resume_dir)
         if checkpoint is not None:
-            resumed = resume_from(checkpoint, accelerator, scheduler, batches, lm_order, total_steps)
+            resumed = resume_from(checkpoint, accelerator, model, scheduler, batches, lm_order, total_steps)
             resumed.stats.resumed_at.append(resumed.step)
         stats, best_value, best_state = resumed.stats, resumed.best_value, resumed.best_state
         if observer is not None:
@@ -527,9 +550,14 @@ def train(
             if lm_batches:  # no extra collective per step for the stages without the term
                 lm_scale = loss_scale(world, settings.grad_accum, global_sum(sum(b.response_tokens() for b in lm_batches)))
             step_loss = torch.zeros((), device=accelerator.device)
+            # A distillation term without gradient would train the cell by CE alone under the objective's name.
+            check_gradient = step == 0 and params.kd_ratio > 0
+            first_gradient = torch.zeros((), device=accelerator.device)
             for index, micro in enumerate(group):
                 with accelerator.accumulate(model):
                     sums = batch_loss_sums(model, objective, params, micro, teacher if needs_logits else None)
+                    if check_gradient:  # before backward frees the graph
+                        first_gradient += logit_gradient_square(sums.objective, sums.student_logits)
                     stats.student_forwards += sums.student_forwards
                     stats.teacher_forwards += sums.teacher_forwards
                     loss = (1 - params.kd_ratio) * sums.ce * ce_scale + params.kd_ratio * sums.objective * objective_scale
@@ -547,6 +575,9 @@ def train(
                     step_loss += loss.detach() / (world * settings.grad_accum)
                     stats.tokens += micro[GOLD].non_padding_tokens()
                     stats.examples += len(micro[GOLD])
+            if check_gradient:  # the whole step on every process, since one micro-batch may have no response token
+                stats.first_gradient_rms = check_objective_gradient(
+                    float(accelerator.reduce(first_gradient, "sum").item()), target_count, objective.name, stage)
             loss_value = float(accelerator.reduce(step_loss, "sum").item())
             stats.response_tokens += gold_count
             record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}

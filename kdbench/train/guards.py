@@ -4,8 +4,13 @@ A teacher that predicts nothing (a uniform output, from zeroed or untrained weig
 non-finite output, or gold tokens no likelier than under a uniform guess: a wrong vocabulary, a wrong
 checkpoint) still lets every distillation loss run, and the leaderboard would rank students distilled from
 noise. So every training stage that reads a teacher first measures it on a fixed probe batch, logs the
-numbers (and records them in the stage's ``train_stats.json``), and refuses to train from such a teacher:
-the cells built on that stage are reported ``failed`` with the reason, the rest of the grid goes on.
+numbers (and records them in the stage's ``train_stats.json``), and refuses to train from such a teacher.
+
+A distillation term whose gradient is zero (an objective that detaches the student's logits, a student that
+starts as the teacher's exact copy, a mask that hides every token) trains the cell by its CE term alone, or
+not at all, under the objective's name; the training loop measures that gradient on its first optimizer step
+and stops such a stage. Either way the cells built on the stage are reported ``failed`` with the reason, and the
+rest of the grid goes on.
 """
 
 from __future__ import annotations
@@ -21,8 +26,7 @@ import torch.nn.functional as F
 
 from kdbench.data import TokenizedExample
 from kdbench.objectives import gold_cross_entropy
-from kdbench.train.engine import sequence_view
-from kdbench.train.sources import Sequences
+from kdbench.train.sources import Sequences, sequence_view
 
 LOG = logging.getLogger(__name__)
 PROBE_SIZE = 16  # sequences of the probe batch: the first of the validation split, the same for every stage
@@ -32,6 +36,11 @@ PROBE_SIZE = 16  # sequences of the probe batch: the first of the validation spl
 # trained teacher is far below (the tiny suite's shipped teachers: about 0.02).
 UNIFORM_ENTROPY_RATIO = 0.999
 UNIFORM_NLL_RATIO = 0.99
+# Dead distillation term: RMS gradient per response token (or sequence) to the logits at or below this. A detached or
+# teacher-only term gives exactly 0; forward KL from a student that is the teacher's exact copy gives about 8e-8 (the
+# shipped tiny teachers, fp32 and bf16), from rounding alone; on the tiny suite's first steps the six seed methods
+# range from about 0.03 (dpkd) through 0.5 (kd) to 1.4 (minillm).
+DEAD_GRADIENT_RMS = 1e-6
 
 
 class BrokenTeacher(RuntimeError):
@@ -106,3 +115,36 @@ def checked_teacher(teacher: torch.nn.Module, examples: Sequence[TokenizedExampl
              probe.entropy, probe.nll, probe.uniform)
     check_teacher(probe, label, stage)
     return probe
+
+
+class DeadObjective(RuntimeError):
+    """The distillation term gives the student no gradient on the first optimizer step: the stage (and every cell
+    built on it) fails with this reason."""
+
+
+def logit_gradient_square(objective_sum: torch.Tensor, student_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ of the squared gradient of ``objective_sum`` with respect to ``student_logits`` (0 when it does not depend on
+    them). Taken to the logits, not the weights: a short backward through the loss alone that reaches no parameter,
+    so it is the same under every ZeRO stage and leaves the engine's gradient accumulation untouched."""
+    if not objective_sum.requires_grad:
+        return torch.zeros((), device=objective_sum.device)
+    gradients = torch.autograd.grad(objective_sum, list(student_logits), retain_graph=True, allow_unused=True)
+    return sum((g.float().square().sum() for g in gradients if g is not None),
+               torch.zeros((), device=objective_sum.device))
+
+
+def check_objective_gradient(square: float, count: int, objective: str, stage: str) -> float:
+    """The root-mean-square gradient of the first step's distillation term per unit it is averaged over (response
+    token or sequence), ``square`` being its squared norm over every process and ``count`` those units; raise
+    ``DeadObjective`` naming the objective, the stage and the likely causes when it is zero, at rounding level, or not
+    finite."""
+    rms = math.sqrt(square / count) if count > 0 else 0.0  # a sum of squares: NaN and inf stay so
+    if math.isfinite(rms) and rms > DEAD_GRADIENT_RMS:
+        return rms
+    what = f"not finite ({square})" if not math.isfinite(rms) else f"{rms:.3g} per unit it averages over"
+    raise DeadObjective(
+        f"the gradient of {objective}'s distillation term with respect to the student's logits is {what} on the first "
+        f"optimizer step of {stage} (at most {DEAD_GRADIENT_RMS:g} is rounding), so the term cannot train the student. "
+        "Causes: the student starts as an exact copy of the teacher (point the student's init elsewhere), the "
+        "objective detaches the student's logits or uses only the teacher's (check its loss), or no response token "
+        "is under the mask (check the data's max_length and max_prompt_length).")

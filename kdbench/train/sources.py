@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from kdbench.data import TokenizedExample, collate, length_grouped_batches
-from kdbench.objectives import GOLD, Need, Objective, ObjectiveParams, active_reads
+from kdbench.objectives import GOLD, Need, Objective, ObjectiveParams, SequenceView, active_reads
 
 # What a stateful part of a training stage hands a resume checkpoint: plain values (numbers, strings, None,
 # lists, tuples, dicts) and tensors only, so that ``torch.load(..., weights_only=True)`` reads it back.
@@ -64,6 +64,24 @@ class Sequences:
         position_ids = None if state["position_ids"] is None else state["position_ids"].to(device)
         return cls(state["input_ids"].to(device), state["attention_mask"].to(device), state["response_mask"].to(device),
                    position_ids, {name: tensor.to(device) for name, tensor in state["extras"].items()})
+
+
+def forward_logits(model: torch.nn.Module, sequences: Sequences) -> torch.Tensor:
+    """Logits shifted so position i predicts token i+1, (b, t-1, vocab). Left-padded batches (rollouts)
+    carry their own ``position_ids``."""
+    return model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask,
+                 position_ids=sequences.position_ids).logits[:, :-1]
+
+
+def sequence_view(model: torch.nn.Module, sequences: Sequences, teacher: torch.nn.Module | None) -> SequenceView:
+    """The student (and, when given, the frozen teacher) run on ``sequences``, aligned with their labels."""
+    student_logits = forward_logits(model, sequences)  # (b, t-1, vocab)
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = forward_logits(teacher, sequences)  # (b, t-1, vocab)
+    return SequenceView(student_logits, sequences.input_ids[:, 1:], sequences.response_mask[:, 1:], teacher_logits,
+                        sequences.extras)
 
 
 class PromptOrder:
