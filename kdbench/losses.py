@@ -6,14 +6,85 @@ both logits. ``p`` is the teacher's distribution, ``q`` the student's. Everythin
 log-softmaxes (mixtures with ``logaddexp``, tails with ``logsumexp``) in float32 or wider, so bf16 and fp16
 logits lose nothing more than their own rounding, and a token with zero probability adds ``0·log 0 = 0``.
 Every divergence here is ≥ 0 and 0 exactly where the two distributions agree. METHODS.md, "Beyond the seed".
+
+Each is ``token_chunked``: logits larger than ``CHUNK_ELEMENTS`` are evaluated a piece of positions at a time, and
+recomputed piece by piece in backward, so the float32 temporaries never exist for every token at once (at GPT-2's
+vocabulary and 4,096 tokens the kd loss's peak above its inputs falls from 3.0× the logits tensor to 1.08×, the
+gradient included: ``benchmarks/kd_loss_memory.py``). Values and gradients are those of the whole-tensor evaluation, which
+stays available as each function's ``__wrapped__``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+Divergence = Callable[..., torch.Tensor]  # (student_logits, teacher_logits, *settings) -> (b, t)
+Piece = tuple[Any, ...]  # an index into the leading dimensions
+
+# Logits a divergence reads at once (32 MiB of float32). Above it, ``token_chunked`` evaluates the divergence piece
+# by piece, so its float32 temporaries (softmaxes, their products, their gradients: several full-vocabulary copies
+# per token) exist for one piece at a time; GPT-2's vocabulary fits 166 tokens in a piece.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def pieces(shape: torch.Size, budget: int) -> list[Piece]:
+    """Indexes that cover the leading dimensions of logits of ``shape`` (``(n, vocab)`` or ``(b, t, vocab)``) in
+    pieces of at most ``budget`` logits (at least one position each): whole rows of the first dimension where they
+    fit, else spans of the second."""
+    per_row = math.prod(shape[1:])
+    if per_row <= budget or len(shape) < 3:
+        rows = max(1, budget // per_row)
+        return [(slice(start, start + rows),) for start in range(0, shape[0], rows)]
+    span = max(1, budget // math.prod(shape[2:]))
+    return [(row, slice(start, start + span)) for row in range(shape[0]) for start in range(0, shape[1], span)]
+
+
+class _PieceByPiece(torch.autograd.Function):
+    """A divergence evaluated piece by piece that keeps only its inputs for backward (which the model holds anyway)
+    and recomputes each piece there: peak memory is the gradient plus one piece's temporaries, instead of every
+    temporary at full size. Each position's arithmetic is the unchunked one's, so values and gradients agree."""
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, divergence: Divergence,
+                index: list[Piece]) -> torch.Tensor:
+        ctx.save_for_backward(student, teacher)
+        ctx.divergence, ctx.index = divergence, index
+        parts = [divergence(student[piece], teacher[piece]) for piece in index]
+        values = torch.empty(student.shape[:-1], dtype=parts[0].dtype, device=student.device)
+        for piece, part in zip(index, parts):
+            values[piece] = part
+        return values
+
+    @staticmethod
+    def backward(ctx: Any, grad_values: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        student, teacher = ctx.saved_tensors
+        grad = torch.empty_like(student)
+        for piece in ctx.index:
+            with torch.enable_grad():
+                part = student[piece].detach().requires_grad_()
+                (grad[piece],) = torch.autograd.grad(ctx.divergence(part, teacher[piece]), part, grad_values[piece])
+        return grad, None, None, None
+
+
+def token_chunked(divergence: Divergence) -> Divergence:
+    """``divergence`` evaluated over at most ``CHUNK_ELEMENTS`` logits at a time (see ``_PieceByPiece``); logits that
+    fit are passed straight through, and so is a teacher whose logits need a gradient themselves. The unchunked
+    function stays available as ``.__wrapped__``."""
+
+    @functools.wraps(divergence)
+    def chunked(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        index = pieces(student_logits.shape, CHUNK_ELEMENTS)
+        if len(index) == 1 or teacher_logits.requires_grad:
+            return divergence(student_logits, teacher_logits, *args, **kwargs)
+        return _PieceByPiece.apply(student_logits, teacher_logits, lambda s, t: divergence(s, t, *args, **kwargs), index)
+
+    return chunked
 
 
 def as_float(logits: torch.Tensor) -> torch.Tensor:
@@ -43,16 +114,19 @@ def kl_from_log_probs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return (a * gap).sum(-1)
 
 
+@token_chunked
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``KL(p‖q) = Σ_v p·(log p − log q)``: mean-seeking; word-level KD less the teacher's entropy. (b, t)"""
     return kl_from_log_probs(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature))
 
 
+@token_chunked
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``KL(q‖p) = Σ_v q·(log q − log p)``: mode-seeking. (b, t)"""
     return kl_from_log_probs(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
 
 
+@token_chunked
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Word-level KD, ``Σ_v p(v)·(−log q(v))`` = ``KL(p‖q) + H(p)``, (b, t): the ``kd`` objective's loss, and the
     distillation half of the runner's pre-training LM term. Not zero at ``q = p`` (it is ``H(p)`` there), but
@@ -61,6 +135,7 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(teacher_probs * log_probs(student_logits, temperature)).sum(-1)
 
 
+@token_chunked
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5, scaled: bool = False,
                     temperature: float = 1.0) -> torch.Tensor:
     """TRL GKD's generalised Jensen-Shannon divergence, (b, t): for 0 < β < 1,
@@ -78,12 +153,14 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return divergence / (beta * (1 - beta)) if scaled else divergence
 
 
+@token_chunked
 def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Total variation distance ``½·Σ_v |p − q|``, in [0, 1]. (b, t)"""
     q, p = log_probs(student_logits, temperature).exp(), log_probs(teacher_logits, temperature).exp()
     return 0.5 * (p - q).abs().sum(-1)
 
 
+@token_chunked
 def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1,
                     temperature: float = 1.0) -> torch.Tensor:
     """DistiLLM's skew KL ``KL(p ‖ α·p + (1 − α)·q)``; α = 0 is the forward KL. (b, t)"""
@@ -91,6 +168,7 @@ def skew_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return kl_from_log_probs(log_p, mixture_logp(log_q, log_p, alpha))
 
 
+@token_chunked
 def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.1,
                     temperature: float = 1.0) -> torch.Tensor:
     """DistiLLM's skew reverse KL ``KL(q ‖ α·q + (1 − α)·p)``; α = 0 is the reverse KL. (b, t)"""
@@ -98,6 +176,7 @@ def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return kl_from_log_probs(log_q, mixture_logp(log_p, log_q, alpha))
 
 
+@token_chunked
 def adaptive_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mu: float = 0.5,
                 temperature: float = 1.0) -> torch.Tensor:
     """AKL (Wu et al., COLING 2025): ``g_head/(g_head + g_tail)·KL(p‖q) + g_tail/(g_head + g_tail)·KL(q‖p)``.
@@ -119,6 +198,7 @@ def _tail_logp(log_probs_: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     return log_probs_.scatter(-1, top, float("-inf")).logsumexp(-1, keepdim=True)
 
 
+@token_chunked
 def topk_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 20, tail_bucket: bool = True,
                     temperature: float = 1.0) -> torch.Tensor:
     """Forward KL on the teacher's top-k tokens, what a cached or served teacher can give. With ``tail_bucket``
@@ -144,6 +224,7 @@ def _ab_edge(log_a: torch.Tensor, log_b: torch.Tensor, power: float) -> torch.Te
     return (kl_from_log_probs(scaled_a, scaled_b) + (scaled_b.exp() - scaled_a.exp()).sum(-1)) / power**2
 
 
+@token_chunked
 def alpha_beta_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float = 0.2, beta: float = 0.7,
                           temperature: float = 1.0) -> torch.Tensor:
     """ABKD's α-β divergence (Cichocki et al. 2011's AB-divergence), α, β ≥ 0, (b, t):

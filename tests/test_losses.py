@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -214,3 +215,59 @@ def test_zero_probability_tokens_give_finite_values_and_gradients(name: str) -> 
     values.sum().backward()
     assert student.grad is not None and torch.isfinite(student.grad).all()
     torch.testing.assert_close(DIVERGENCES[name](teacher, teacher), torch.zeros_like(values), rtol=0, atol=1e-12)
+
+
+@contextmanager
+def chunk_budget(elements: int) -> Iterator[None]:
+    saved, losses.CHUNK_ELEMENTS = losses.CHUNK_ELEMENTS, elements
+    try:
+        yield
+    finally:
+        losses.CHUNK_ELEMENTS = saved
+
+
+def values_and_gradient(divergence: Divergence, student: torch.Tensor, teacher: torch.Tensor,
+                        weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The divergence per position, and the gradient in the student's logits of its sum weighted per position (as
+    the runner's mask and normalisation weight it)."""
+    leaf = student.detach().requires_grad_()
+    values = divergence(leaf, teacher)
+    (gradient,) = torch.autograd.grad((values * weights).sum(), leaf)
+    return values.detach(), gradient
+
+
+CHUNKED = {**DIVERGENCES, "soft_cross_entropy τ=2": lambda s, t: losses.soft_cross_entropy(s, t, 2.0),
+           "forward_kl τ=0.5 (keyword)": lambda s, t: losses.forward_kl(s, t, temperature=0.5)}
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+@pytest.mark.parametrize("budget", [1, 20, 40], ids=["one position a piece", "spans of a row", "whole rows"])
+@settings(max_examples=5, deadline=None)
+@given(pair=logit_pairs(), masked=st.integers(0, 3), bf16=st.booleans())
+def test_chunked_evaluation_gives_the_unchunked_values_and_gradients(
+        name: str, budget: int, pair: tuple[torch.Tensor, torch.Tensor], masked: int, bf16: bool) -> None:
+    """Piece by piece (``losses.token_chunked``: forward without keeping temporaries, each piece recomputed in
+    backward) every position gets the arithmetic of the whole-tensor evaluation: the same values and gradients,
+    whatever the pieces, with positions the runner masks out (weight 0), and on bf16 logits."""
+    student, teacher = (x.to(torch.bfloat16) for x in pair) if bf16 else pair
+    weights = torch.rand(student.shape[:-1], generator=torch.Generator().manual_seed(masked), dtype=torch.float64)
+    weights.view(-1)[:masked] = 0
+    weights = weights.to(torch.float32 if bf16 else torch.float64)
+    whole = values_and_gradient(CHUNKED[name], student, teacher, weights)
+    with chunk_budget(budget):
+        chunked = values_and_gradient(CHUNKED[name], student, teacher, weights)
+    # float64 agrees to rounding; float32 (what bf16 logits are computed in) to 1e-6, as vectorised sums over pieces
+    # of another shape may round once differently; a bf16 gradient to its own last bit.
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2.0**-7}
+    for got, want in zip(chunked, whole):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=tolerance[got.dtype], atol=tolerance[got.dtype])
+
+
+def test_pieces_cover_every_position_once() -> None:
+    for shape, budget in [((3, 5, 4), 1), ((3, 5, 4), 8), ((3, 5, 4), 20), ((3, 5, 4), 45), ((7, 4), 9), ((3, 5, 4), 999)]:
+        covered = torch.zeros(shape[:-1], dtype=torch.int64)
+        for piece in losses.pieces(torch.Size(shape), budget):
+            covered[piece] += 1
+            assert covered[piece].numel() * shape[-1] <= max(budget, shape[-1])
+        assert bool((covered == 1).all()), (shape, budget)

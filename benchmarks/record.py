@@ -1,0 +1,35 @@
+"""What every benchmark writes: ``benchmarks/results/<name>.json`` with the measured ``ratio``, its ``target`` and
+``goal`` (``"<="`` or ``">="``), whether it is met, and the details measured beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured: they hold for that machine only."""
+    return {"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def write_result(name: str, ratio: float, target: float, goal: str, command: str, **details: Any) -> Path:
+    """Write and print the result; ``goal`` says which side of ``target`` the ratio must be on."""
+    if goal not in ("<=", ">="):
+        raise ValueError(f"goal must be '<=' or '>=', not {goal!r}")
+    met = ratio <= target if goal == "<=" else ratio >= target
+    record = {"name": name, "ratio": ratio, "target": target, "goal": goal, "met": met, "command": command,
+              **details, **machine()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{name}: ratio {ratio:.3f} (target {goal} {target}): {'met' if met else 'NOT met'}; written to {path}")
+    return path
