@@ -163,6 +163,9 @@ class Objective:
     reads: ClassVar[tuple[str, ...]] = (GOLD,)
     reduction: ClassVar[Reduction] = Reduction.TOKEN
     at_teacher: ClassVar[AtTeacher | None] = None  # its loss where the student equals the teacher (kdbench.testing)
+    # Why its gradient may be exactly 0 at a healthy start (the first-step guard then warns instead of failing);
+    # None: a zero gradient means a bug or a degenerate cell (kdbench.train.guards).
+    gradient_can_vanish: ClassVar[str | None] = None
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
 
     @classmethod

@@ -66,6 +66,8 @@ class DPKDToken(Objective):
     paper = "Li et al. 2024, Direct Preference Knowledge Distillation (arXiv 2406.19774), released code"
     needs = frozenset({Need.TEACHER_LOGITS, Need.SFT_INIT})  # SFT init: the released runner's (paper protocol)
     at_teacher = AtTeacher.MINIMUM  # log 2 there: both argmaxes agree, so h ≡ 0
+    gradient_can_vanish = ("h ≡ 0 wherever the student's argmax is the teacher's, so a student that agrees with "
+                           "the teacher on every response token gets no gradient from the term")
     Params = DPKDTokenParams
 
     @staticmethod

@@ -162,3 +162,17 @@ def test_a_distillation_term_without_gradient_stops_the_stage(probe_setup: dict,
     folder = SHIPPED / "gpt2" if student == "teacher copy" else probe_setup["random"]
     with pytest.raises(DeadObjective, match=f"{objective.name}'s distillation term .* first optimizer step of test"):
         first_step(probe_setup, folder, objective)
+
+
+class DeclaredVanishing(DetachedKD):
+    """An objective that says why its gradient may be 0 at a healthy start (as dpkd-token does)."""
+
+    name = "declared_vanishing"
+    gradient_can_vanish = "a reason the objective documents"
+
+
+def test_an_objective_that_says_why_its_gradient_may_vanish_is_warned_about_not_stopped(
+        probe_setup: dict, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="kdbench.train.guards"):
+        assert first_step(probe_setup, probe_setup["random"], DeclaredVanishing) == 0.0
+    assert "declared_vanishing says why it may be: a reason the objective documents" in caplog.text

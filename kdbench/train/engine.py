@@ -577,7 +577,7 @@ def train(
                     stats.examples += len(micro[GOLD])
             if check_gradient:  # the whole step on every process, since one micro-batch may have no response token
                 stats.first_gradient_rms = check_objective_gradient(
-                    float(accelerator.reduce(first_gradient, "sum").item()), target_count, objective.name, stage)
+                    float(accelerator.reduce(first_gradient, "sum").item()), target_count, objective, stage)
             loss_value = float(accelerator.reduce(step_loss, "sum").item())
             stats.response_tokens += gold_count
             record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}

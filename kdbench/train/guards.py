@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.data import TokenizedExample
-from kdbench.objectives import gold_cross_entropy
+from kdbench.objectives import Objective, gold_cross_entropy
 from kdbench.train.sources import Sequences, sequence_view
 
 LOG = logging.getLogger(__name__)
@@ -133,18 +133,24 @@ def logit_gradient_square(objective_sum: torch.Tensor, student_logits: Sequence[
                torch.zeros((), device=objective_sum.device))
 
 
-def check_objective_gradient(square: float, count: int, objective: str, stage: str) -> float:
+def check_objective_gradient(square: float, count: int, objective: type[Objective], stage: str) -> float:
     """The root-mean-square gradient of the first step's distillation term per unit it is averaged over (response
-    token or sequence), ``square`` being its squared norm over every process and ``count`` those units; raise
-    ``DeadObjective`` naming the objective, the stage and the likely causes when it is zero, at rounding level, or not
-    finite."""
+    token or sequence), ``square`` being its squared norm over every process and ``count`` those units. Raise
+    ``DeadObjective`` naming the objective, the stage and the likely causes when it is not finite, or zero or at
+    rounding level and the objective does not say why it may be (``Objective.gradient_can_vanish``: then a
+    warning)."""
     rms = math.sqrt(square / count) if count > 0 else 0.0  # a sum of squares: NaN and inf stay so
     if math.isfinite(rms) and rms > DEAD_GRADIENT_RMS:
         return rms
     what = f"not finite ({square})" if not math.isfinite(rms) else f"{rms:.3g} per unit it averages over"
+    said = (f"the gradient of {objective.name}'s distillation term with respect to the student's logits is {what} on "
+            f"the first optimizer step of {stage} (at most {DEAD_GRADIENT_RMS:g} is rounding)")
+    if math.isfinite(rms) and count > 0 and objective.gradient_can_vanish is not None:
+        LOG.warning("%s: %s says why it may be: %s. The cell trains on its other terms until the term wakes.", said,
+                    objective.name, objective.gradient_can_vanish)
+        return rms
     raise DeadObjective(
-        f"the gradient of {objective}'s distillation term with respect to the student's logits is {what} on the first "
-        f"optimizer step of {stage} (at most {DEAD_GRADIENT_RMS:g} is rounding), so the term cannot train the student. "
-        "Causes: the student starts as an exact copy of the teacher (point the student's init elsewhere), the "
-        "objective detaches the student's logits or uses only the teacher's (check its loss), or no response token "
-        "is under the mask (check the data's max_length and max_prompt_length).")
+        f"{said}, so the term cannot train the student. Causes: the student starts as an exact copy of the teacher "
+        "(point the student's init elsewhere), the objective detaches the student's logits or uses only the "
+        "teacher's (check its loss), or no response token is under the mask (check the data's max_length and "
+        "max_prompt_length).")
