@@ -97,10 +97,13 @@ def test_declares_rollouts_and_checks_parameters() -> None:
             MiniLLM.make_params(bad)
 
 
+@pytest.mark.parametrize("alpha", [0.2, 0.0], ids=["teacher-mixed", "student only"])
 @pytest.mark.parametrize("family", [GPT2, OPT])
-def test_mixture_sampler_records_the_probabilities_a_full_forward_gives(family: object, tmp_path: Path) -> None:
+def test_mixture_sampler_records_the_probabilities_a_full_forward_gives(family: object, alpha: float,
+                                                                        tmp_path: Path) -> None:
     """KV-cached, left-padded sampling: each recorded log q_old(y_t) and log p(y_t) equals what one
-    full forward pass over the finished rollout gives, and the mixture is (1−α)·q + α·p."""
+    full forward pass over the finished rollout gives, and the mixture is (1−α)·q + α·p (with α = 0 the teacher
+    runs once, after sampling)."""
     texts = [f"### Response:\n{w} {n}" for n in range(60) for w in ("apple", "pear", "oak")]
     train_tokenizer(texts, 300, tmp_path / "tok", TEMPLATE_PIECES)
     tokenizer = load_tokenizer(str(tmp_path / "tok"))
@@ -108,7 +111,7 @@ def test_mixture_sampler_records_the_probabilities_a_full_forward_gives(family: 
     build_tiny_model(family, TinyArch(32, 2, 2), tokenizer, 64, 1, tmp_path / "teacher")
     student, teacher = load_model(str(tmp_path / "student")), load_model(str(tmp_path / "teacher"))
     prompts = [tokenizer(t)["input_ids"] for t in ("apple 1", "### Response:\npear 22 oak", "oak")]
-    rollout = sample_mixture(student, teacher, prompts, 0.2, 8, tokenizer.eos_token_id, tokenizer.pad_token_id,
+    rollout = sample_mixture(student, teacher, prompts, alpha, 8, tokenizer.eos_token_id, tokenizer.pad_token_id,
                              torch.Generator().manual_seed(0))
     batch = Sequences(rollout.input_ids, rollout.attention_mask, rollout.response_mask,
                       positions_from_mask(rollout.attention_mask))
@@ -120,5 +123,5 @@ def test_mixture_sampler_records_the_probabilities_a_full_forward_gives(family: 
     assert mask.sum() > 0 and mask[:, : max(len(p) for p in prompts) - 1].sum() == 0
     torch.testing.assert_close(rollout.student_logp[mask], log_q[mask], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(rollout.teacher_logp[mask], log_p[mask], rtol=1e-4, atol=1e-4)
-    mix = torch.log(0.8 * log_q.exp() + 0.2 * log_p.exp())
+    mix = torch.log((1 - alpha) * log_q.exp() + alpha * log_p.exp())
     torch.testing.assert_close(rollout.mixture_logp[mask], mix[mask], rtol=1e-4, atol=1e-4)

@@ -68,7 +68,7 @@ def generate_responses(model: Any, tokenizer: Any, records: Sequence[Record], se
     with seeded(0 if seed_label == GREEDY else int(seed_label)):
         for start in range(0, len(order), batch_size):
             indices = order[start:start + batch_size]
-            input_ids, attention_mask = _left_pad([prompts[i] for i in indices], tokenizer.pad_token_id, model.device)
+            input_ids, attention_mask = left_pad([prompts[i] for i in indices], tokenizer.pad_token_id, model.device)
             width = input_ids.shape[1]
             budget = new_token_budget(model, max_new_tokens, width)
             config = generation_config(seed_label == GREEDY, budget, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -93,7 +93,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: Sequence[list[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Left padding: generation continues every row from the right edge."""
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
@@ -113,7 +113,7 @@ def sample_continuations(model: Any, examples: Sequence[TokenizedExample], max_n
     was_training = model.training
     model.eval()
     prompts = [e.input_ids[: e.prompt_length] for e in examples]
-    input_ids, attention_mask = _left_pad(prompts, pad_id, next(model.parameters()).device)
+    input_ids, attention_mask = left_pad(prompts, pad_id, next(model.parameters()).device)
     width = input_ids.shape[1]
     # Training prompts are shorter than the model's positions (max_prompt_length < max_length).
     config = generation_config(False, max(1, new_token_budget(model, max_new_tokens, width)), eos_id, pad_id)
@@ -145,32 +145,35 @@ def sample_mixture(student: Any, teacher: Any, prompts: Sequence[list[int]], alp
                    eos_id: int, pad_id: int, generator: torch.Generator) -> Rollout:
     """Sample token by token from ``(1 − α)·q + α·p`` (MiniLLM's teacher-mixed sampling; α = 0 is plain
     student sampling), with KV caches for both models, recording each token's probabilities. Every draw
-    comes from ``generator`` (a CPU generator; the probabilities are moved to it)."""
+    comes from ``generator`` (a CPU generator; the probabilities are moved to it). With α = 0 the draws
+    need only the student: the teacher scores the sampled tokens afterwards, in one forward pass over the
+    whole sequences instead of one pass per token."""
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
-    input_ids, attention_mask = _left_pad(prompts, pad_id, device)
+    input_ids, attention_mask = left_pad(prompts, pad_id, device)
     b = input_ids.shape[0]
     max_new_tokens = max(1, new_token_budget(student, max_new_tokens, input_ids.shape[1]))
     caches: list[Any] = [None, None]
     step_ids = input_ids  # the whole prompt first, then one new token per step
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     records: dict[str, list[torch.Tensor]] = {"token": [], "live": [], "q": [], "p": [], "mix": []}
+    stepped = (student, teacher) if alpha > 0 else (student,)
     for _ in range(max_new_tokens):
         positions = positions_from_mask(attention_mask)[:, -step_ids.shape[1]:]
         log_probs = []
-        for index, model in enumerate((student, teacher)):
+        for index, model in enumerate(stepped):
             out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=positions,
                         use_cache=True, **{_cache_argument(model): caches[index]})
             caches[index] = out["cache"] if "cache" in out else out["past_key_values"]
             log_probs.append(torch.log_softmax(out.logits[:, -1].float(), dim=-1))  # (b, vocab)
-        log_q, log_p = log_probs
-        log_mix = mixture_logp(log_q, log_p, alpha)  # (b, vocab)
+        log_q = log_probs[0]
+        log_mix = mixture_logp(log_q, log_probs[-1], alpha)  # (b, vocab); log_q itself at α = 0
         token = torch.multinomial(log_mix.exp().cpu(), 1, generator=generator).squeeze(-1).to(device)  # (b,)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         records["token"].append(token)
         records["live"].append(~finished)
-        for key, table in (("q", log_q), ("p", log_p), ("mix", log_mix)):
+        for key, table in (("q", log_q), ("mix", log_mix)) + ((("p", log_probs[1]),) if alpha > 0 else ()):
             records[key].append(table.gather(-1, token.unsqueeze(-1)).squeeze(-1))
         # The new token is attended iff its row was still live when it was sampled (EOS included).
         attention_mask = torch.cat([attention_mask, (~finished).long().unsqueeze(-1)], dim=-1)
@@ -180,6 +183,12 @@ def sample_mixture(student: Any, teacher: Any, prompts: Sequence[list[int]], alp
             break
     student.train(was_training)
     new_tokens = torch.stack(records["token"], dim=1)  # (b, n)
+    if alpha == 0:  # the teacher's log-probability of every sampled token, from one pass over the sequences
+        sequences = torch.cat([input_ids, new_tokens], dim=1)
+        logits = teacher(input_ids=sequences, attention_mask=attention_mask,
+                         position_ids=positions_from_mask(attention_mask)).logits[:, input_ids.shape[1] - 1:-1]
+        records["p"] = list(torch.log_softmax(logits.float(), -1).gather(-1, new_tokens.unsqueeze(-1))
+                            .squeeze(-1).unbind(1))
     live = torch.stack(records["live"], dim=1)  # (b, n): sampled while the row was unfinished
     prompt_part = torch.zeros((b, input_ids.shape[1] - 1), dtype=torch.bool, device=device)
 
