@@ -17,13 +17,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from record import tiny_teacher
 
 from kdbench.config import TrainingConfig
-from kdbench.data import TEMPLATE_PIECES, format_prompt, tokenize_records
-from kdbench.tinysuite import TinySuiteOptions, generate
 from kdbench.train.engine import TrainingData, train
-from kdbench.zoo import build_tiny_model, load_model, load_tokenizer, train_tokenizer
-from kdbench_plugins.families import GPT2, TINY_TEACHER
+from kdbench.zoo import load_model
 from kdbench_plugins.sft import SFT
 
 SETTINGS = {
@@ -42,17 +40,13 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    splits = generate(TinySuiteOptions())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train_tokenizer((format_prompt(r) + r["response"] for r in splits["train"]), 1024, root / "tok", TEMPLATE_PIECES)
-        tokenizer = load_tokenizer(str(root / "tok"))
-        build_tiny_model(GPT2, TINY_TEACHER, tokenizer, 64, 0, root / "teacher")
-        examples = tokenize_records(splits["train"], tokenizer, 64, 48)
+        tokenizer, examples = tiny_teacher(root)
         measured: dict[str, dict[str, float]] = {}
         for label, overrides in SETTINGS.items():
             config = TrainingConfig(lr=3e-3, batch_size=args.batch_size, max_steps=args.steps, warmup_steps=10, **overrides)
-            _, stats = train(load_model(str(root / "teacher")), SFT, SFT.make_params({}),
+            _, stats = train(load_model(str(root / "model")), SFT, SFT.make_params({}),
                              TrainingData(examples, tokenizer.pad_token_id), config, 0)
             measured[label] = {"tokens_per_second": stats.tokens / stats.seconds, "seconds": stats.seconds,
                                "final_loss": stats.log[-1]["loss"]}

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from record import write_result
 
 from kdbench import losses
 
@@ -115,8 +116,6 @@ def main() -> None:
               f"{numbers['seconds']:>10.2f}")
     print(f"largest difference: values {value_gap:.2e}, gradients {gradient_gap:.2e} (must be ≤ 1e-5)")
     ratio = measured["chunked"]["peak_bytes"] / measured["naive"]["peak_bytes"]
-    from record import write_result
-
     write_result("kd_loss_memory", ratio, 0.3, "<=", COMMAND, stretch_target=0.16,
                  tokens=args.batch * args.length, vocab=args.vocab, chunk_elements=losses.CHUNK_ELEMENTS,
                  naive=measured["naive"], chunked=measured["chunked"], logits_bytes=logits_bytes,

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from record import write_result
 
 from kdbench.data import prompt_ids
 from kdbench.registry import load_registries
@@ -94,8 +95,6 @@ def main() -> None:
           f"median of {args.rounds} rounds")
     for name, value in speed.items():
         print(f"{name:<22}{value:>10.0f} tokens/s")
-    from record import write_result
-
     write_result("sampling", ratio, 1.0, ">=", COMMAND, tokens_per_second=speed, runs=runs, prompts=args.prompts,
                  max_new_tokens=args.max_new_tokens)
 

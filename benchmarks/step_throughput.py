@@ -21,15 +21,14 @@ import time
 from pathlib import Path
 
 import torch
+from record import tiny_teacher, write_result
 
 from kdbench.config import TrainingConfig
-from kdbench.data import TEMPLATE_PIECES, TokenizedExample, format_prompt, tokenize_records
+from kdbench.data import TokenizedExample
 from kdbench.objectives import gold_cross_entropy
-from kdbench.tinysuite import TinySuiteOptions, generate
 from kdbench.train.engine import TrainingData, lr_lambda, train
 from kdbench.train.sources import PromptOrder, Sequences, forward_logits
-from kdbench.zoo import build_tiny_model, load_model, load_tokenizer, train_tokenizer
-from kdbench_plugins.families import GPT2, TINY_TEACHER
+from kdbench.zoo import load_model
 from kdbench_plugins.sft import SFT
 
 COMMAND = "python benchmarks/step_throughput.py"
@@ -81,13 +80,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    splits = generate(TinySuiteOptions())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train_tokenizer((format_prompt(r) + r["response"] for r in splits["train"]), 1024, root / "tok", TEMPLATE_PIECES)
-        tokenizer = load_tokenizer(str(root / "tok"))
-        build_tiny_model(GPT2, TINY_TEACHER, tokenizer, 64, 0, root / "model")
-        examples = tokenize_records(splits["train"], tokenizer, 64, 48)
+        tokenizer, examples = tiny_teacher(root)
         runs: dict[str, list[float]] = {}
         for _ in range(args.rounds):
             for precision in PRECISIONS:
@@ -105,8 +100,6 @@ def main() -> None:
               f"{ratios[precision]:>8.2f}")
     print(f"bf16 ÷ fp32: kdbench {speed['kdbench-bf16'] / speed['kdbench-fp32']:.2f}, "
           f"bare loop {speed['bare-bf16'] / speed['bare-fp32']:.2f}")
-    from record import write_result
-
     write_result("step_throughput", min(ratios.values()), 0.9, ">=", COMMAND, ratio_is="the lower of fp32 and bf16",
                  ratios=ratios, tokens_per_second=speed, runs=runs, steps=args.steps, batch_size=args.batch_size)
 
