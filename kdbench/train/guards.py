@@ -9,8 +9,9 @@ numbers (and records them in the stage's ``train_stats.json``), and refuses to t
 A distillation term whose gradient is zero (an objective that detaches the student's logits, a student that
 starts as the teacher's exact copy, a mask that hides every token) trains the cell by its CE term alone, or
 not at all, under the objective's name; the training loop measures that gradient on its first optimizer step
-and stops such a stage. Either way the cells built on the stage are reported ``failed`` with the reason, and the
-rest of the grid goes on.
+and stops such a stage, unless the objective says why its gradient may vanish at a healthy start
+(``Objective.gradient_can_vanish``: then it warns). Either way a stopped stage's cells are reported ``failed``
+with the reason, and the rest of the grid goes on.
 """
 
 from __future__ import annotations
