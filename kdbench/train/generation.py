@@ -173,7 +173,10 @@ def sample_mixture(student: Any, teacher: Any, prompts: Sequence[list[int]], alp
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         records["token"].append(token)
         records["live"].append(~finished)
-        for key, table in (("q", log_q), ("mix", log_mix)) + ((("p", log_probs[1]),) if alpha > 0 else ()):
+        tables = {"q": log_q, "mix": log_mix}
+        if alpha > 0:
+            tables["p"] = log_probs[1]  # with α = 0 the teacher scores the tokens after the loop
+        for key, table in tables.items():
             records[key].append(table.gather(-1, token.unsqueeze(-1)).squeeze(-1))
         # The new token is attended iff its row was still live when it was sampled (EOS included).
         attention_mask = torch.cat([attention_mask, (~finished).long().unsqueeze(-1)], dim=-1)
