@@ -137,6 +137,18 @@ class TeacherGenerationConfig(Strict):
     seed: int = 0
 
 
+class TeacherOutputsConfig(Strict):
+    """The teacher's distributions on the gold training sequences, computed once per teacher and read by every
+    teacher-forced method, seed and epoch instead of a teacher forward pass per step (kdbench.train.teacher_outputs)."""
+
+    share: bool = Field(False, description="compute them once in a teacher-outputs stage (off: every stage runs the "
+                        "teacher itself)")
+    top_k: int | None = Field(None, ge=1, description="keep the k most probable tokens per position and spread the "
+                              "rest of the mass evenly over the others; omitted: the exact distribution (vocab × 4 "
+                              "bytes per response token)")
+    batch_size: int = Field(256, ge=1, description="sequences per teacher forward pass")
+
+
 class EvalDatasetConfig(Strict):
     """An extra evaluation set (SelfInst, Vicuna, S-NI, UnNI beside Dolly): scored like the main one,
     its metrics reported as ``<label>/<metric>`` columns."""
@@ -205,6 +217,7 @@ class Experiment(Strict):
         "5,000 steps); part of that method's own settings, like its parameters")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="training seeds; one cell each")
     teacher_generations: TeacherGenerationConfig = Field(default_factory=TeacherGenerationConfig)
+    teacher_outputs: TeacherOutputsConfig = Field(default_factory=TeacherOutputsConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="accelerate trackers that log every training stage; off when empty")

@@ -44,7 +44,7 @@ class ProgressDisplay:
     def stage_end(self, stage: str, seconds: float, cached: bool) -> None:
         if self.progress is not None and stage in self.tasks:
             self.progress.remove_task(self.tasks.pop(stage))
-        if not stage.endswith(": train") or cached:
+        if not stage.endswith((": train", ": generate", ": teacher_outputs")) or cached:  # the long stages
             return
         self.console.print(f"[green]✓[/] {stage} [dim]{seconds:.1f}s[/]")
 

@@ -22,7 +22,7 @@ class Gold(SequenceSource):
 
     def sequences(self, prompts: list[int]) -> Sequences:
         context = self.context
-        return Sequences.collate([context.gold[i] for i in prompts], context.pad_id, context.device)
+        return Sequences.collate([context.gold[i] for i in prompts], context.pad_id, context.device, rows=prompts)
 
 
 class TeacherText(SequenceSource):

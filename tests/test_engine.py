@@ -11,28 +11,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kdbench.config import TrainingConfig
-from kdbench.data import TEMPLATE_PIECES, TokenizedExample, collate, format_prompt, tokenize_records
+from kdbench.data import TokenizedExample, collate
 from kdbench.objectives import GOLD
 from kdbench.tinysuite import TinySuiteOptions, generate
 from kdbench.train.engine import TrainingData, batch_loss_sums, loss_scale, lr_lambda, total_optimizer_steps, train
 from kdbench.train.sources import Sequences
-from kdbench.zoo import TinyArch, build_tiny_model, load_model, load_tokenizer, train_tokenizer
-from kdbench_plugins.families import GPT2, OPT
+from kdbench.zoo import TinyArch, build_tiny_model, load_model
+from kdbench_plugins.families import OPT
 from kdbench_plugins.kd import KD
 from kdbench_plugins.sft import SFT
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A real tokenizer, a tiny teacher and student (GPT-2 family) saved as HF folders, and data."""
-    root = tmp_path_factory.mktemp("engine")
-    splits = generate(TinySuiteOptions(n_train=300, n_validation=10, n_test=10))
-    train_tokenizer((format_prompt(r) + r["response"] for r in splits["train"]), 400, root / "tok", TEMPLATE_PIECES)
-    tokenizer = load_tokenizer(str(root / "tok"))
-    build_tiny_model(GPT2, TinyArch(32, 2, 2), tokenizer, 64, 0, root / "teacher")
-    build_tiny_model(GPT2, TinyArch(16, 1, 1), tokenizer, 64, 1, root / "student")
-    examples = tokenize_records(splits["train"], tokenizer, 64, 48)
-    return {"root": root, "tokenizer": tokenizer, "examples": examples}
 
 
 def data(setup: dict, examples: list[TokenizedExample] | None = None, **overrides: object) -> TrainingData:
@@ -341,7 +328,6 @@ def test_a_stage_leaves_the_process_as_it_found_it(tiny_setup: dict) -> None:
     from accelerate.state import AcceleratorState, PartialState
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from kdbench.tinysuite import TinySuiteOptions, generate
     from kdbench.train.generation import generate_responses
 
     tokenizer = tiny_setup["tokenizer"]

@@ -182,3 +182,32 @@ def test_each_training_seed_starts_a_tiny_student_from_its_own_initialisation(re
         update={"scale": "paper", "students": ["120M"], "teachers": {}})})
     graph = collect(paper, registries, resolve_selection(paper, registries, ["sft"], ["gpt2"], 3))
     assert len({graph.start_of(cell.deps["model"]).key for cell in graph.cells() if cell.spec.kind == "student"}) == 1
+
+
+def test_shared_teacher_outputs_stand_in_for_the_teacher_in_teacher_forced_stages(registries: Registries) -> None:
+    """With ``teacher_outputs.share`` one outputs stage per family serves every teacher-forced stage (all seeds);
+    stages that sample the teacher or the student keep the teacher; off, the graph is the one without the option."""
+    experiment = load_experiment(None)
+    methods = "sft,kd,rkl,seqkd,minillm,dpkd"
+    shared = experiment.model_copy(update={"teacher_outputs": experiment.teacher_outputs.model_copy(
+        update={"share": True, "top_k": 16})})
+    before, graph = graph_of(experiment, registries, methods), graph_of(shared, registries, methods)
+    assert not [node for node in before if node.kind is StageKind.TEACHER_OUTPUTS]
+    outputs = {node.family: node for node in graph if node.kind is StageKind.TEACHER_OUTPUTS}
+    assert set(outputs) == {"gpt2", "opt"} and len([n for n in graph if n.kind is StageKind.TEACHER_OUTPUTS]) == 2
+    keys, unshared = keys_by_label(graph), keys_by_label(before)
+    for family, node in outputs.items():
+        assert node.label == f"{family}/teacher/outputs" and node.inputs["top_k"] == 16
+        assert set(node.deps) == {"teacher", "data"}
+        for seed in SEEDS:
+            for method in ("kd", "rkl"):
+                stage = graph[keys[("train", f"{family}/s1/{method}/seed{seed}")]]
+                assert stage.deps["outputs"] == node.key and "teacher" not in stage.deps
+            for method in ("sft", "seqkd", "minillm", "dpkd"):  # no teacher logits on gold alone: unchanged
+                label = ("train", f"{family}/s1/{method}/seed{seed}")
+                assert keys[label] == unshared[label]
+    # k is in the key; training stages that do not read the outputs keep their keys
+    other_k = shared.model_copy(update={"teacher_outputs": shared.teacher_outputs.model_copy(update={"top_k": 8})})
+    moved = changed(graph, graph_of(other_k, registries, methods))
+    assert {label for kind, label in moved if kind == "train"} == {
+        f"{f}/s1/{m}/seed{k}" for f in ("gpt2", "opt") for m in ("kd", "rkl") for k in SEEDS}

@@ -3,7 +3,7 @@
 Per family, in run order: the starting checkpoints (hub names or local folders at paper scale; a
 tokenizer trained on the data and randomly initialised models at tiny scale), the tokenised training
 split, the teacher's SFT and its evaluation row; then for every student, method and training seed the
-stages its objective needs (the shared SFT init, the stored teacher generations), its training and
+stages its objective needs (the shared SFT init, the stored teacher generations or outputs), its training and
 its evaluation. Everything downstream of this module — ``--dry-run``, the executors, resume, the
 lineage recorded in every result — reads the graph built here.
 """
@@ -24,7 +24,7 @@ from kdbench.grid.selection import Selection, method_params
 from kdbench.grid.stages import BUILDERS
 from kdbench.objectives import Need, Objective, ObjectiveParams, active_reads
 from kdbench.registry import Registries
-from kdbench.train.sources import teacher_use
+from kdbench.train.sources import teacher_logits_on_gold, teacher_use
 from kdbench.zoo import ModelFamily, TinyArch
 
 TEACHER_METHOD = "teacher"
@@ -139,6 +139,8 @@ class _Collector:
                        "teacher_training": experiment.teacher_training.model_dump(),
                        "evaluation": experiment.evaluation.model_dump(), "eval_seeds": selection.eval_seeds,
                        "teacher_generations": experiment.teacher_generations.model_dump()}
+        if experiment.teacher_outputs.share:  # the teacher signal becomes part of the protocol (top-k approximates)
+            self.shared["teacher_outputs"] = experiment.teacher_outputs.model_dump(exclude={"batch_size"})
 
     def add(self, kind: StageKind, label: str, inputs: dict[str, Any], deps: dict[str, str], family: str | None,
             spec: Any = None) -> str:
@@ -179,13 +181,18 @@ class _Collector:
 
     def trained(self, family: str, label: str, init: str, data: str, objective: type[Objective], params: ObjectiveParams,
                 settings: TrainingConfig, seed: int, teacher: str | None = None, select: SelectSpec | None = None) -> str:
-        """``init`` trained with ``objective``; the teacher and its stored generations join the deps when the
-        objective or a source it reads uses them."""
+        """``init`` trained with ``objective``; the teacher, its stored generations and its stored outputs join the
+        deps when the objective or a source it reads uses them."""
         reads = active_reads(objective, params)
         sources = [self.registries.sources.get(name) for name in reads]
-        _, uses_teacher = teacher_use(objective, params, {s.name: s for s in sources})
+        stored = (teacher is not None and self.experiment.teacher_outputs.share
+                  and teacher_logits_on_gold(objective, params))
+        _, uses_teacher = teacher_use(objective, params, {s.name: s for s in sources}, stored_logits=stored)
         uses_teacher |= settings.lm_coef > 0 and settings.lm_kd_ratio > 0  # word-KD on the pre-training text
         deps = {"init": init, "data": data}
+        if stored:
+            assert teacher is not None
+            deps["outputs"] = self.teacher_outputs(family, teacher, data)
         if uses_teacher:
             assert teacher is not None, f"{objective.name} needs a teacher"
             deps["teacher"] = teacher
@@ -218,6 +225,13 @@ class _Collector:
         teacher_label = self.graph[teacher].label
         inputs = {"generation": settings.model_dump(), "data": self.data}
         return self.add(StageKind.GENERATE, teacher_label, inputs, {"teacher": teacher}, family, GenerateSpec(settings))
+
+    def teacher_outputs(self, family: str, teacher: str, data: str) -> str:
+        """The teacher's distributions on the tokenised training split ``data``, computed once for every stage that
+        reads them. Keyed by what changes them: the teacher, the data, k, and the precision the teacher runs in."""
+        inputs = {"top_k": self.experiment.teacher_outputs.top_k, "precision": self.experiment.training.precision}
+        return self.add(StageKind.TEACHER_OUTPUTS, f"{self.graph[teacher].label}/outputs", inputs,
+                        {"teacher": teacher, "data": data}, family)
 
     def cell(self, cell: Cell, model: str) -> str:
         evaluation = self.experiment.evaluation

@@ -27,6 +27,7 @@ from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.stages import (
     BUILDERS,
     FROZEN_ROLES,
+    STATS_FILES,
     RunContext,
     discard_resume_checkpoint,
     failure_of,
@@ -115,7 +116,8 @@ def run_stage(node: Node, context: RunContext) -> None:
     context.outputs[node.key] = str(path)
     if node.kind is StageKind.TRAIN:
         discard_resume_checkpoint(context, node)
-        stats = json.loads((path / "train_stats.json").read_text())
+    if node.kind in STATS_FILES:
+        stats = json.loads((path / STATS_FILES[node.kind]).read_text())
         context.train_stats[node.key] = {**stats, "this_run": 0.0 if cached else seconds}
 
 

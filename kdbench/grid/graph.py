@@ -27,13 +27,14 @@ class StageKind(str, Enum):
     TOKENIZE = "tokenize"  # the training split tokenised for one tokenizer
     TRAIN = "train"  # a model trained with an objective: the teacher's SFT, a shared SFT init, a cell's training
     GENERATE = "generate"  # one stored teacher sample per training prompt
+    TEACHER_OUTPUTS = "teacher_outputs"  # the teacher's distributions on the gold training sequences, stored once
     EVAL = "eval"  # a cell: evaluate one model and write its result folder
 
 
 @dataclass(frozen=True)
 class Node:
     """One stage. ``inputs`` are its own settings (JSON-able); ``deps`` maps the role each parent plays
-    (``init``, ``data``, ``teacher``, ``texts``, ``model``, ``tokenizer``) to that parent's key."""
+    (``init``, ``data``, ``teacher``, ``texts``, ``outputs``, ``model``, ``tokenizer``) to that parent's key."""
 
     kind: StageKind
     label: str  # what a person reads: "gpt2/s1/kd/seed0", "gpt2/teacher", "data"

@@ -282,6 +282,12 @@ class _Planner:
             return f"tokenise the training split ({self._count(self.train_examples)} records)"
         if node.kind is StageKind.GENERATE:
             return self._generation_work()
+        if node.kind is StageKind.TEACHER_OUTPUTS:
+            outputs = experiment.teacher_outputs
+            kept = ("the exact distribution (vocab × 4 bytes a response token)" if outputs.top_k is None else
+                    f"the top {outputs.top_k} tokens and an even tail ({outputs.top_k * 8} bytes a response token)")
+            return (f"teacher forward over the training split ({self._count(self.train_examples)} records, batches of "
+                    f"{outputs.batch_size}), once for every stage reading it: {kept}")
         if node.kind is StageKind.EVAL:
             return self.eval_work
         assert training is not None

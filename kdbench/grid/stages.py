@@ -56,6 +56,7 @@ from kdbench.results.schema import (
 from kdbench.train.engine import Diverged, Tracking, TrainingData, Validation, train, validation_loss
 from kdbench.train.generation import GREEDY, batch_progress, generate_responses
 from kdbench.train.guards import PROBE_SIZE, checked_teacher, probe_batch
+from kdbench.train.teacher_outputs import TeacherOutputs, compute_teacher_outputs, tail_mass
 from kdbench.zoo import build_tiny_model, count_parameters, load_model, load_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ if TYPE_CHECKING:
 LM_EVAL_SEED = "lm-eval"  # the eval-seed label of lm-eval scores (lm-eval decodes greedily, once)
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FROZEN_ROLES = ("teacher", "model")  # parents a node runs without training them: loaded once, kept while needed
+# What a stage cost, for the cells built on it (``cell_cost``): its steps, examples, tokens and seconds.
+STATS_FILES = {StageKind.TRAIN: "train_stats.json", StageKind.TEACHER_OUTPUTS: "stats.json"}
 
 
 class SilentObservers:
@@ -90,7 +93,8 @@ class RunContext:
         self.dtype = PRECISION_DTYPES[experiment.training.precision]
         self.device = distributed.device()
         self.outputs: dict[str, str] = {}  # node key → its output: a cache folder, or a checkpoint's hub name or path
-        # training node key → its train_stats.json, plus "this_run": the seconds this invocation spent on it
+        # costed node key (training, teacher outputs) → its stats (STATS_FILES), plus "this_run": the seconds this
+        # invocation spent on it
         self.train_stats: dict[str, dict[str, Any]] = {}
         self._frozen: dict[str, torch.nn.Module] = {}
         self._splits: dict[str, dict[str, list[Record]]] = {}
@@ -250,6 +254,28 @@ def build_generations(node: Node, context: RunContext, folder: Path) -> None:
     (folder / "generations.json").write_text(json.dumps(responses))
 
 
+def build_teacher_outputs(node: Node, context: RunContext, folder: Path) -> None:
+    """The teacher's distributions at every loss position of the tokenised training split, exact or top-k
+    (``kdbench.train.teacher_outputs``), with what it cost in ``stats.json``: an ancestor of every cell reading it."""
+    settings = context.experiment.teacher_outputs
+    teacher_key = node.deps["teacher"]
+    teacher = context.frozen(teacher_key)
+    tokenizer = load_tokenizer(context.path(teacher_key))
+    examples = context.tokenized(node.deps["data"])
+    probe = checked_teacher(teacher, probe_batch(context.tokenized(node.deps["data"], "validation"), examples),
+                            tokenizer.pad_token_id, context.graph[teacher_key].label, f"{node.label}: teacher_outputs")
+    started = time.perf_counter()
+    batches = -(-len(examples) // settings.batch_size)
+    advance = batch_progress(context.hook, f"{node.label}: teacher_outputs", batches)
+    outputs = compute_teacher_outputs(teacher, examples, tokenizer.pad_token_id, settings.top_k, settings.batch_size,
+                                      context.device, advance)
+    outputs.save(folder)
+    stats = {"steps": 0, "examples": len(examples), "tokens": 0, "seconds": time.perf_counter() - started,
+             "teacher_forwards": batches, "positions": int(outputs.logprobs.shape[0]), "top_k": outputs.top_k,
+             "bytes": outputs.nbytes(), "tail_mass": tail_mass(outputs), "teacher_probe": probe.as_dict()}
+    (folder / STATS_FILES[StageKind.TEACHER_OUTPUTS]).write_text(json.dumps(stats))
+
+
 def resume_folder(context: RunContext, node: Node) -> Path:
     """Where a training stage keeps its resume checkpoint, ``<cache>/.resume/train/<key>``: named by the stage's key,
     so the next worker to build the key (whichever holds its lock) continues it; outside the staging folder, which
@@ -258,7 +284,7 @@ def resume_folder(context: RunContext, node: Node) -> Path:
 
 
 def build_training(node: Node, context: RunContext, folder: Path) -> None:
-    """Provide what the objective and its sources declared (teacher, stored generations), then train, continuing
+    """Provide what the objective and its sources declared (teacher, stored generations or outputs), then train, continuing
     from the stage's resume checkpoint when a killed run left one."""
     spec: TrainSpec = node.spec
     init = context.path(node.deps["init"])
@@ -266,8 +292,9 @@ def build_training(node: Node, context: RunContext, folder: Path) -> None:
     texts = context.teacher_texts(node.deps["texts"], tokenizer) if "texts" in node.deps else None
     teacher = context.frozen(node.deps["teacher"]) if "teacher" in node.deps else None
     lm_text = context.tokenized(node.deps["data"], "lm") if spec.settings.lm_coef > 0 else None
+    outputs = TeacherOutputs.load(Path(context.path(node.deps["outputs"]))) if "outputs" in node.deps else None
     data = TrainingData(context.tokenized(node.deps["data"]), tokenizer.pad_token_id, tokenizer.eos_token_id, texts,
-                        context.experiment.teacher_generations.max_new_tokens, lm_text)
+                        context.experiment.teacher_generations.max_new_tokens, lm_text, outputs)
     probe = None if teacher is None else checked_teacher(  # a uniform or broken teacher fails the stage before step 1
         teacher, probe_batch(context.tokenized(node.deps["data"], "validation"), data.examples), tokenizer.pad_token_id,
         context.graph[node.deps["teacher"]].label, f"{node.label}: train")
@@ -281,7 +308,7 @@ def build_training(node: Node, context: RunContext, folder: Path) -> None:
     if probe is not None:
         payload["teacher_probe"] = probe.as_dict()
     log = payload.pop("log")
-    (folder / "train_stats.json").write_text(json.dumps(payload))
+    (folder / STATS_FILES[StageKind.TRAIN]).write_text(json.dumps(payload))
     (folder / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
 
@@ -418,8 +445,8 @@ def stage_cost(stats: dict[str, Any]) -> StageCost:
 
 
 def cell_cost(context: RunContext, node: Node) -> Cost:
-    """The cell's own training stage and every training stage before it (SFT init, teacher), each by label,
-    and their sum: what it took, from the base models, to produce the row."""
+    """The cell's own training stage and every costed stage before it (SFT init, teacher, stored teacher outputs),
+    each by label, and their sum: what it took, from the base models, to produce the row."""
     own_key = node.deps["model"]
     # A student reads a shipped teacher's folder for its tokenizer only: that is no training of the row's.
     lineage = context.graph.lineage(own_key, skip_roles=("tokenizer",))
@@ -512,5 +539,6 @@ BUILDERS: dict[StageKind, Builder] = {builder.kind: builder for builder in (
     Builder(StageKind.TOKENIZE, 2, build_tokenize),
     Builder(StageKind.TRAIN, 2, build_training, collective=True),
     Builder(StageKind.GENERATE, 1, build_generations, collective=True),
+    Builder(StageKind.TEACHER_OUTPUTS, 1, build_teacher_outputs),
     Builder(StageKind.EVAL, 3, build_cell, collective=True),  # 3: writes examples.json
 )}

@@ -14,7 +14,7 @@ from typing import Any
 from kdbench.config import Experiment, TrainingConfig
 
 ProtocolCard = dict[str, str]
-CARD_FIELDS = ("protocol", "init", "budget", "lm term", "selection", "training seeds", "evaluation")
+CARD_FIELDS = ("protocol", "init", "budget", "lm term", "teacher signal", "selection", "training seeds", "evaluation")
 
 
 def _budget(settings: TrainingConfig) -> str:
@@ -56,7 +56,7 @@ def protocol_card(experiment: Experiment, train_seeds: Sequence[int]) -> Protoco
         chosen = f"best validation {selection.metric}{how}, every {selection.every} optimizer steps"
     decoding = (f"sampled (temperature 1, top-k 0, top-p 1), seeds {', '.join(map(str, evaluation.seeds))}"
                 + (" + greedy" if evaluation.greedy else ""))
-    return {
+    card = {
         "protocol": experiment.protocol,
         "init": start,
         "budget": budget,
@@ -65,6 +65,12 @@ def protocol_card(experiment: Experiment, train_seeds: Sequence[int]) -> Protoco
         "training seeds": ", ".join(map(str, train_seeds)),
         "evaluation": f"{evaluation.split} split, {decoding}; ranked by {evaluation.primary}",
     }
+    outputs = experiment.teacher_outputs
+    if outputs.share:  # absent: every stage runs the teacher itself, as cards written before the option say too
+        kept = "exact distributions" if outputs.top_k is None else f"top {outputs.top_k} tokens with an even tail"
+        card["teacher signal"] = (f"teacher-forced methods read the teacher's stored outputs on the gold training "
+                                  f"sequences ({kept}), computed once per teacher")
+    return card
 
 
 def cards_of(results: Sequence[Mapping[str, Any]]) -> list[ProtocolCard]:

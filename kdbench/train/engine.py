@@ -61,9 +61,12 @@ from kdbench.train.sources import (
     SequenceSource,
     SourceContext,
     State,
+    StoredTeacher,
     sequence_view,
+    teacher_logits_on_gold,
     teacher_use,
 )
+from kdbench.train.teacher_outputs import TeacherOutputs
 
 
 class Diverged(Exception):
@@ -200,9 +203,9 @@ class LossSums:
 
 
 def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
-                    micro: Mapping[str, Sequences], teacher: torch.nn.Module | None) -> LossSums:
-    """Run the student on every sequence the step reads (the teacher too, on the ones the objective reads,
-    when it needs teacher logits), then sum both terms. ``micro`` is keyed by role: the GOLD forward pass
+                    micro: Mapping[str, Sequences], teacher: torch.nn.Module | StoredTeacher | None) -> LossSums:
+    """Run the student on every sequence the step reads (the teacher too, or its stored outputs, on the ones the
+    objective reads, when it needs teacher logits), then sum both terms. ``micro`` is keyed by role: the GOLD forward pass
     serves the CE term and an objective that reads GOLD alike, and roles one source fills (the same
     ``Sequences``) share one pass; with ``kd_ratio = 0`` only the CE is computed (sft, teachers), with
     ``kd_ratio = 1`` no CE at all (MiniLLM's and DPKD's recipes), so GOLD runs only if the objective reads it."""
@@ -218,7 +221,7 @@ def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: 
         with_teacher = any(role in teacher_roles for role in roles)
         view = sequence_view(model, micro[roles[0]], teacher if with_teacher else None)
         views.update(dict.fromkeys(roles, view))
-        teacher_forwards += with_teacher
+        teacher_forwards += with_teacher and isinstance(teacher, torch.nn.Module)
     if GOLD in views:
         gold = views[GOLD]
         ce_sum = gold_cross_entropy(gold.student_logits, gold.labels, gold.mask).sum()
@@ -288,6 +291,9 @@ class TrainingData:
     teacher_texts: Sequence[TokenizedExample] | None = None
     sample_max_new_tokens: int = 64  # bound on every response sampled from the student while training
     lm_text: Sequence[TokenizedExample] | None = None  # pre-training chunks of the LM term (settings.lm_coef > 0)
+    # The teacher's stored distributions on ``examples`` (the teacher-outputs stage): read for the gold sequences
+    # instead of a teacher forward pass; only for objectives whose teacher logits are all on gold sequences.
+    teacher_outputs: TeacherOutputs | None = None
 
 
 def make_sources(objective: type[Objective], params: ObjectiveParams, registry: Mapping[str, type[SequenceSource]],
@@ -488,7 +494,10 @@ def train(
         from kdbench.registry import load_registries
 
         sources = {name: load_registries().sources.get(name) for name in active_reads(objective, params)}
-    needs_logits, needs_teacher = teacher_use(objective, params, sources)
+    stored = data.teacher_outputs
+    assert stored is None or teacher_logits_on_gold(objective, params), \
+        f"{objective.name} reads teacher logits on sequences the stored teacher outputs do not cover"
+    needs_logits, needs_teacher = teacher_use(objective, params, sources, stored_logits=stored is not None)
     lm_term = LmTerm(settings, data.lm_text)
     needs_teacher |= lm_term.distils
     assert teacher is not None or not needs_teacher, f"{objective.name} needs a teacher"
@@ -509,6 +518,7 @@ def train(
         model, optimizer = accelerator.prepare(student, optimizer)
         if needs_teacher:
             teacher = teacher.to(accelerator.device).eval()  # type: ignore[union-attr]
+        logit_teacher = stored if stored is not None else teacher  # where the objective's teacher logits come from
         # Two generators, the same on every process: the data order, and every draw a source makes.
         order = PromptOrder([len(e.input_ids) for e in data.examples], settings.batch_size,
                             torch.Generator().manual_seed(seed), accelerator.process_index, world, settings.length_bucket)
@@ -555,7 +565,7 @@ def train(
             first_gradient = torch.zeros((), device=accelerator.device)
             for index, micro in enumerate(group):
                 with accelerator.accumulate(model):
-                    sums = batch_loss_sums(model, objective, params, micro, teacher if needs_logits else None)
+                    sums = batch_loss_sums(model, objective, params, micro, logit_teacher if needs_logits else None)
                     if check_gradient:  # before backward frees the graph
                         first_gradient += logit_gradient_square(sums.objective, sums.student_logits)
                     stats.student_forwards += sums.student_forwards

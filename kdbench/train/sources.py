@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from kdbench.data import TokenizedExample, collate, length_grouped_batches
-from kdbench.objectives import GOLD, Need, Objective, ObjectiveParams, SequenceView, active_reads
+from kdbench.objectives import GOLD, Need, Objective, ObjectiveParams, SequenceView, active_reads, source_of
 
 # What a stateful part of a training stage hands a resume checkpoint: plain values (numbers, strings, None,
 # lists, tuples, dicts) and tensors only, so that ``torch.load(..., weights_only=True)`` reads it back.
@@ -34,12 +34,17 @@ class Sequences:
     response_mask: torch.Tensor  # (b, t) bool: the tokens a loss is taken on (response, EOS included)
     position_ids: torch.Tensor | None = None  # (b, t) for left-padded batches; None: 0, 1, 2, … per row
     extras: Mapping[str, torch.Tensor] = field(default_factory=dict)  # (b, t-1) per-token values, aligned with labels
+    # When the rows are the data set's own training sequences: their indices into the gold examples, by which
+    # stored teacher outputs (kdbench.train.teacher_outputs) are looked up. None for anything sampled or stored.
+    rows: tuple[int, ...] | None = None
 
     @classmethod
-    def collate(cls, examples: Sequence[TokenizedExample], pad_id: int, device: torch.device) -> Sequences:
-        """Right-padded examples, moved to ``device``."""
+    def collate(cls, examples: Sequence[TokenizedExample], pad_id: int, device: torch.device,
+                rows: Sequence[int] | None = None) -> Sequences:
+        """Right-padded examples, moved to ``device``; ``rows``: their gold indices, when they are gold examples."""
         batch = {name: tensor.to(device) for name, tensor in collate(list(examples), pad_id).items()}
-        return cls(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+        return cls(batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                   rows=None if rows is None else tuple(rows))
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -56,14 +61,16 @@ class Sequences:
         position_ids = None if self.position_ids is None else self.position_ids.cpu()
         return {"input_ids": self.input_ids.cpu(), "attention_mask": self.attention_mask.cpu(),
                 "response_mask": self.response_mask.cpu(), "position_ids": position_ids,
-                "extras": {name: tensor.cpu() for name, tensor in self.extras.items()}}
+                "extras": {name: tensor.cpu() for name, tensor in self.extras.items()},
+                "rows": None if self.rows is None else list(self.rows)}
 
     @classmethod
     def from_state(cls, state: State, device: torch.device) -> Sequences:
         """The sequences ``state_dict`` saved, on ``device``."""
         position_ids = None if state["position_ids"] is None else state["position_ids"].to(device)
         return cls(state["input_ids"].to(device), state["attention_mask"].to(device), state["response_mask"].to(device),
-                   position_ids, {name: tensor.to(device) for name, tensor in state["extras"].items()})
+                   position_ids, {name: tensor.to(device) for name, tensor in state["extras"].items()},
+                   None if state.get("rows") is None else tuple(state["rows"]))
 
 
 def forward_logits(model: torch.nn.Module, sequences: Sequences) -> torch.Tensor:
@@ -73,13 +80,23 @@ def forward_logits(model: torch.nn.Module, sequences: Sequences) -> torch.Tensor
                  position_ids=sequences.position_ids).logits[:, :-1]
 
 
-def sequence_view(model: torch.nn.Module, sequences: Sequences, teacher: torch.nn.Module | None) -> SequenceView:
-    """The student (and, when given, the frozen teacher) run on ``sequences``, aligned with their labels."""
+class StoredTeacher(Protocol):
+    """Teacher logits read from storage rather than computed (``kdbench.train.teacher_outputs.TeacherOutputs``)."""
+
+    def logits(self, sequences: Sequences) -> torch.Tensor: ...
+
+
+def sequence_view(model: torch.nn.Module, sequences: Sequences,
+                  teacher: torch.nn.Module | StoredTeacher | None) -> SequenceView:
+    """The student run on ``sequences``, aligned with their labels, with the teacher's logits when ``teacher`` is
+    given: the frozen teacher run on them, or its stored outputs read for them."""
     student_logits = forward_logits(model, sequences)  # (b, t-1, vocab)
     teacher_logits = None
-    if teacher is not None:
+    if isinstance(teacher, torch.nn.Module):
         with torch.no_grad():
             teacher_logits = forward_logits(teacher, sequences)  # (b, t-1, vocab)
+    elif teacher is not None:
+        teacher_logits = teacher.logits(sequences)
     return SequenceView(student_logits, sequences.input_ids[:, 1:], sequences.response_mask[:, 1:], teacher_logits,
                         sequences.extras)
 
@@ -206,10 +223,18 @@ class MicroBatches:
             source.load_state_dict(state["sources"][source.name])
 
 
-def teacher_use(objective: type[Objective], params: ObjectiveParams,
-                sources: Mapping[str, type[SequenceSource]]) -> tuple[bool, bool]:
+def teacher_use(objective: type[Objective], params: ObjectiveParams, sources: Mapping[str, type[SequenceSource]],
+                stored_logits: bool = False) -> tuple[bool, bool]:
     """(teacher logits under teacher forcing, the teacher model at all) for training with ``objective``:
     the objective may need its logits, a source the step reads may sample from it; with ``kd_ratio = 0``
-    no logits."""
+    no logits. With ``stored_logits`` the logits are read from the teacher-outputs stage, not computed."""
     logits = params.kd_ratio > 0 and Need.TEACHER_LOGITS in objective.needs_for(params)
-    return logits, logits or any(Need.TEACHER_MODEL in sources[name].needs for name in active_reads(objective, params))
+    samples = any(Need.TEACHER_MODEL in sources[name].needs for name in active_reads(objective, params))
+    return logits, (logits and not stored_logits) or samples
+
+
+def teacher_logits_on_gold(objective: type[Objective], params: ObjectiveParams) -> bool:
+    """Whether every sequence the objective reads teacher logits on is a gold training sequence, so the
+    teacher-outputs stage can serve them: true of the teacher-forced objectives (kd, rkl, tvd, …)."""
+    return (params.kd_ratio > 0 and Need.TEACHER_LOGITS in objective.needs_for(params)
+            and all(source_of(role, params) == GOLD for role in objective.reads))
