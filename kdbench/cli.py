@@ -19,6 +19,10 @@ from rich.table import Table
 from kdbench.errors import KdbenchError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from kdbench.config import Experiment
+    from kdbench.grid.graph import StageGraph
     from kdbench.report.build import Report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -216,6 +220,42 @@ def run(
         raise typer.Exit(1)
 
 
+def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], plugins_dir: Optional[Path], what: str,
+            prepare: Callable[[Experiment], Experiment], models: Optional[str], seeds: Optional[int],
+            targets: Callable[[StageGraph], dict[Path, str]]) -> None:
+    """Train the stages ``targets`` picks from the graph of ``prepare(experiment)`` (sft cells) and copy each one's
+    model folder to its path under ``out``: how the tiny suite's shipped teachers and SFT inits are made."""
+    import shutil
+
+    from kdbench.config import load_experiment
+    from kdbench.grid.cache import default_cache_dir
+    from kdbench.grid.collect import collect
+    from kdbench.grid.execute import build_stages
+    from kdbench.grid.selection import resolve_selection
+    from kdbench.preflight import check_writable
+    from kdbench.registry import load_registries
+
+    config = load_experiment(experiment)
+    if config.models.scale != "tiny":
+        raise KdbenchError(f"export-{what} trains tiny models; experiment {config.name!r} has models.scale "
+                           f"{config.models.scale!r}. Give a tiny-scale experiment (such as the default).")
+    if out.exists() and not out.is_dir():
+        raise KdbenchError(f"--out {out} is a file; expected a folder to write the model folders into.")
+    check_writable(out, "--out", "Pass another --out.", create=True)  # before hours of training, not after
+    check_writable(cache_dir or default_cache_dir(), "the cache folder", "Pass another --cache-dir or set "
+                   "KDBENCH_CACHE_DIR.", create=True)
+    config = prepare(config)
+    registries = load_registries(plugins_dir)
+    graph = collect(config, registries, resolve_selection(config, registries, ["sft"], _split(models, "--models"), seeds))
+    chosen = targets(graph)
+    built = build_stages(graph, list(chosen.values()), config, registries, cache_dir or default_cache_dir())
+    for target, key in chosen.items():
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(built[key], target)
+        stdout.print(f"{graph[key].label}: written to {target} (stage key {key})", highlight=False)
+
+
 @app.command("export-teachers")
 def export_teachers(
     out: Annotated[Path, typer.Option(help="Folder to write one model folder per family into (<out>/<family>).")],
@@ -230,39 +270,46 @@ def export_teachers(
     from a random initialisation (any `models.teachers` folder it names is ignored), selected on validation as
     every training stage is, and written with its tokenizer, training statistics and log. An experiment that
     names the folders in `models.teachers` (with `teacher.train: false`) then starts every run from them."""
-    import shutil
+    from kdbench.grid.collect import TEACHER_METHOD
 
-    from kdbench.config import load_experiment
-    from kdbench.grid.cache import default_cache_dir
-    from kdbench.grid.collect import TEACHER_METHOD, collect
-    from kdbench.grid.execute import build_stages
-    from kdbench.grid.selection import resolve_selection
-    from kdbench.registry import load_registries
+    def from_scratch(config: Experiment) -> Experiment:
+        return config.model_copy(update={"teacher": config.teacher.model_copy(update={"train": True}),
+                                         "models": config.models.model_copy(update={"teachers": {}})})
 
-    config = load_experiment(experiment)
-    if config.models.scale != "tiny":
-        raise KdbenchError(f"export-teachers trains tiny teachers; experiment {config.name!r} has models.scale "
-                           f"{config.models.scale!r}. Give a tiny-scale experiment (such as the default).")
-    if out.exists() and not out.is_dir():
-        raise KdbenchError(f"--out {out} is a file; expected a folder to write one model folder per family into.")
-    from kdbench.preflight import check_writable
+    def teachers(graph: StageGraph) -> dict[Path, str]:
+        return {out / str(node.family): node.deps["model"] for node in graph.cells() if node.spec.method == TEACHER_METHOD}
 
-    check_writable(out, "--out", "Pass another --out.", create=True)  # before hours of training, not after
-    check_writable(cache_dir or default_cache_dir(), "the cache folder", "Pass another --cache-dir or set "
-                   "KDBENCH_CACHE_DIR.", create=True)
-    config = config.model_copy(update={"teacher": config.teacher.model_copy(update={"train": True}),
-                                       "models": config.models.model_copy(update={"teachers": {}})})
-    registries = load_registries(plugins_dir)
-    selection = resolve_selection(config, registries, ["sft"], _split(models, "--models"), 1)
-    graph = collect(config, registries, selection)
-    teachers = {node.family: node.deps["model"] for node in graph.cells() if node.spec.method == TEACHER_METHOD}
-    built = build_stages(graph, list(teachers.values()), config, registries, cache_dir or default_cache_dir())
-    for family, key in teachers.items():
-        target = out / str(family)
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(built[key], target)
-        stdout.print(f"{family}: teacher written to {target} (stage key {key})", highlight=False)
+    _export(out, experiment, cache_dir, plugins_dir, "teachers", from_scratch, models, 1, teachers)
+
+
+@app.command("export-inits")
+def export_inits(
+    out: Annotated[Path, typer.Option(help="Folder to write the SFT inits into (<out>/<family>/<student>/seed<k>).")],
+    models: ModelsOption = None,
+    seeds: SeedsOption = None,
+    experiment: ExperimentOption = None,
+    cache_dir: CacheOption = None,
+    plugins_dir: PluginsDir = None,
+) -> None:
+    """Train the SFT init of every family, student and training seed with the experiment's `init` block and save each
+    as an ordinary model folder.
+
+    How shipped SFT inits are made: each student is initialised with its training seed, trained with SFT as the
+    `init` block says, selected by validation loss, and written with its tokenizer, training statistics and log (any
+    `models.sft_inits` the experiment names is ignored). Name `<out>/<family>` in `models.sft_inits` and every method
+    that starts from the SFT student reads them instead of training them; their recorded training counts in every
+    row's cost."""
+
+    def trained_inits(config: Experiment) -> Experiment:
+        return config.model_copy(update={
+            "protocol": "uniform", "init": config.init.model_copy(update={"start": "sft"}),
+            "models": config.models.model_copy(update={"sft_inits": {}})})
+
+    def inits(graph: StageGraph) -> dict[Path, str]:
+        return {out / cell.spec.family / cell.spec.student / f"seed{cell.spec.seed}":
+                graph[cell.deps["model"]].deps["init"] for cell in graph.cells() if cell.spec.kind == "student"}
+
+    _export(out, experiment, cache_dir, plugins_dir, "inits", trained_inits, models, seeds, inits)
 
 
 @app.command()

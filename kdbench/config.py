@@ -51,6 +51,9 @@ class ModelsConfig(Strict):
     students: list[str] | None = Field(None, description="student labels to run; all of the scale when omitted")
     teachers: dict[str, str] = Field(default_factory=dict, description="family → hub name or local path override")
     student_paths: dict[str, dict[str, str]] = Field(default_factory=dict, description="family → label → path override")
+    sft_inits: dict[str, str] = Field(default_factory=dict, description=(
+        "family → a folder of SFT inits made by `kdbench export-inits`, <folder>/<student>/seed<k> per student and "
+        "training seed, that the methods starting from the SFT student read instead of training it"))
     trust_remote_code: list[str] = Field(default_factory=list, description=(
         "checkpoints (hub names or folders, as written in models or the family's table) allowed to run the Python "
         "code they ship when loaded; none by default, as that code runs with your rights"))
@@ -370,6 +373,9 @@ def resolve_model_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     trusted = models.get("trust_remote_code")
     if isinstance(trusted, list):  # resolved as the paths they name, so that the names match
         models = {**models, "trust_remote_code": [resolve(name) for name in trusted]}
+    inits = models.get("sft_inits")
+    if isinstance(inits, dict):
+        models = {**models, "sft_inits": {family: resolve(path) for family, path in inits.items()}}
     paths = models.get("student_paths")
     if isinstance(paths, dict):
         models = {**models, "student_paths": {family: {label: resolve(path) for label, path in labels.items()}

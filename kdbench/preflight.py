@@ -76,6 +76,13 @@ def model_errors(experiment: Experiment, registries: Registries) -> list[str]:
         if family not in models.families:
             errors.append(f"models.teachers.{family}: not one of models.families {models.families}; add the family "
                           "there or remove the entry")
+    if models.sft_inits and experiment.protocol == "uniform" and experiment.init.start == "base":
+        errors.append("models.sft_inits: given, but init.start is base, so no method starts from an SFT init; set "
+                      "init.start: sft or remove models.sft_inits")
+    for family in models.sft_inits:
+        if family not in models.families:
+            errors.append(f"models.sft_inits.{family}: not one of models.families {models.families}; add the family "
+                          "there or remove the entry")
     for family, labels in models.student_paths.items():
         if models.scale != "paper":
             errors.append(f"models.student_paths.{family}: student paths apply at scale paper (tiny students are built "

@@ -122,6 +122,13 @@ FILE_CASES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "an untrusted-code entry naming no model": (
         with_changes(models={**BASE["models"], "trust_remote_code": ["evil/model"]}),
         ("models.trust_remote_code: 'evil/model' is not a checkpoint of this experiment",)),
+    "SFT inits for a family not run": (with_changes(models={**BASE["models"], "sft_inits": {"llama": "inits/llama"}}),
+                                       ("models.sft_inits.llama: not one of models.families",)),
+    "SFT inits no method reads": (with_changes(models={**BASE["models"], "sft_inits": {"gpt2": "inits/gpt2"}}),
+                                  ("models.sft_inits: given, but init.start is base",)),
+    "SFT inits without a seed's folder": (with_changes(models={**BASE["models"], "sft_inits": {"gpt2": "/nonexistent"}},
+                                                       init={"start": "sft"}),
+                                          ("models.sft_inits.gpt2 = /nonexistent holds no SFT init", "export-inits")),
     "a teacher path that does not exist": (
         with_changes(models={**BASE["models"], "teachers": {"gpt2": "/nonexistent/teacher"}}),
         ("gpt2/teacher: /nonexistent/teacher does not exist", "expected a model folder")),

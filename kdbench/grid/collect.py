@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench.config import DataConfig, Experiment, SelectionConfig, TeacherGenerationConfig, TrainingConfig, config_hash
+from kdbench.errors import KdbenchError
 from kdbench.grid.estimate import ModelSize, paper_model_size, tiny_model_size
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.selection import Selection, method_params
@@ -209,7 +210,19 @@ class _Collector:
         return self.add(StageKind.TRAIN, label, inputs, deps, family, TrainSpec(objective, params, settings, seed, select))
 
     def sft_init(self, family: str, label: str, student: str, data: str, seed: int) -> str:
-        """The SFT student other stages start from (one per student and training seed), selected by validation loss."""
+        """The SFT student other stages start from (one per student and training seed), selected by validation loss;
+        read from ``models.sft_inits`` when the experiment ships them (made by ``kdbench export-inits``)."""
+        shipped = self.experiment.models.sft_inits.get(family)
+        if shipped is not None:
+            folder = Path(shipped) / label / f"seed{seed}"
+            if not (folder / "config.json").is_file():
+                made = sorted(p.name for p in (Path(shipped) / label).glob("seed*")) if Path(shipped).is_dir() else []
+                raise KdbenchError(
+                    f"models.sft_inits.{family} = {shipped} holds no SFT init of student {label} for training seed {seed} "
+                    f"(expected the model folder {folder}; found {made or 'none'}). Run `kdbench export-inits --out "
+                    f"{shipped}` with this experiment's seeds, or remove models.sft_inits.{family} to train the inits.")
+            family_spec = self.registries.families.get(family)
+            return self.checkpoint(family_spec, f"{label}/init/seed{seed}", str(folder))
         sft = self.registries.objectives.get("sft")
         return self.trained(family, f"{family}/{label}/init/seed{seed}", student, data, sft, sft.make_params({}),
                             self.experiment.init_training, seed, select=self.select("loss"))
@@ -291,8 +304,12 @@ class _Collector:
                     data = self.tokenized(tokenizers[student])
                     init = self.sft_init(family.name, label, student, data, seed) if self.starts_from_sft(
                         objective, params) else student
+                    # A shipped SFT init is the row's own starting point: it joins the seed's part of the config.
+                    shipped = {"sft_init": init} if self.graph[init].kind is StageKind.CHECKPOINT and init != student else {}
+                    if shipped and (teacher_base, init) not in self.graph.same_vocabulary:
+                        self.graph.same_vocabulary.append((teacher_base, init))
                     cell = Cell(family.name, label, method, seed, "student",
-                                {**base, "student": {"label": label, "key": student}, "method": method,
+                                {**base, "student": {"label": label, "key": student, **shipped}, "method": method,
                                  "params": dataclasses.asdict(params),
                                  "method_training": experiment.method_training.get(method, {}), "seed": seed},
                                 selection.eval_seeds, teacher)
@@ -307,4 +324,5 @@ def collect(experiment: Experiment, registries: Registries, selection: Selection
     collector = _Collector(experiment, registries, selection)
     for name in selection.families:
         collector.family(registries.families.get(name))
+    collector.graph.drop_unneeded()
     return collector.graph

@@ -73,6 +73,13 @@ class StageGraph:
         self.nodes.setdefault(node.key, node)
         return node.key
 
+    def drop_unneeded(self) -> None:
+        """Keep only the nodes some cell is built from: a tiny student's random initialisation, for one, is not
+        needed when every method starts from a shipped SFT init."""
+        needed = {key for cell in self.cells() for key in self.lineage(cell.key)}
+        self.nodes = {key: node for key, node in self.nodes.items() if key in needed}
+        self.same_vocabulary = [pair for pair in self.same_vocabulary if set(pair) <= needed]
+
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes.values())
 

@@ -9,6 +9,7 @@ per variant, so a mixed leaderboard shows that it is mixed.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from kdbench.config import Experiment, TrainingConfig
@@ -40,6 +41,10 @@ def protocol_card(experiment: Experiment, train_seeds: Sequence[int]) -> Protoco
     selection, evaluation = experiment.selection, experiment.evaluation
     init = (f"one SFT student per training seed ({_budget(experiment.init_training)}), selected by validation loss"
             f" every {selection.every} steps")
+    if experiment.models.sft_inits:  # trained once by `kdbench export-inits` with the init block, and read
+        folders = ", ".join(f"{family}: {Path(folder).parent.name}/{Path(folder).name}"  # the same on every machine
+                            for family, folder in experiment.models.sft_inits.items())
+        init += f", shipped in models.sft_inits ({folders}; made by kdbench export-inits)"
     if experiment.protocol == "uniform":
         start = init if experiment.init.start == "sft" else "the base model"
         budget = f"every method's own stage: {_budget(experiment.training)}"
