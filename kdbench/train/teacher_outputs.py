@@ -65,14 +65,16 @@ class TeacherOutputs:
         tensors = (self.offsets, self.logprobs) + (() if self.indices is None else (self.indices,))
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def dense(self, rows: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities (len(rows), vocab) of the stored rows ``rows`` (int64 indices)."""
-        values = self.logprobs[rows].float()
+    def dense(self, rows: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Log-probabilities (len(rows), vocab) of the stored rows ``rows`` (int64 indices), made on ``device``: only
+        the kept entries travel there, the full width is written where it is used."""
+        values = self.logprobs[rows].to(device).float()
         if self.indices is None:
             return values
         kept = values.exp().sum(dim=-1, keepdim=True)
         tail = torch.log((1 - kept).clamp(min=TAIL_FLOOR) / (self.vocab_size - values.shape[1]))
-        return tail.expand(len(rows), self.vocab_size).clone().scatter_(1, self.indices[rows].long(), values)
+        ids = self.indices[rows].to(device).long()
+        return tail.expand(len(rows), self.vocab_size).clone().scatter_(1, ids, values)
 
     def logits(self, sequences: Sequences) -> torch.Tensor:
         """The teacher's (b, t - 1, vocab) log-probabilities for gold ``sequences``, aligned like ``forward_logits``."""
@@ -85,9 +87,10 @@ class TeacherOutputs:
         if rows.numel() != int(mask.sum()):
             raise ValueError(f"these gold sequences have {int(mask.sum())} loss positions but the stored outputs of "
                              f"examples {list(sequences.rows)[:8]}… have {rows.numel()}: they were computed on other data")
-        dense = torch.zeros((*mask.shape, self.vocab_size), dtype=torch.float32)
-        dense[mask] = self.dense(rows)
-        return dense.to(sequences.input_ids.device)
+        device = sequences.input_ids.device
+        dense = torch.zeros((*mask.shape, self.vocab_size), dtype=torch.float32, device=device)
+        dense[mask.to(device)] = self.dense(rows, device)
+        return dense
 
     def save(self, folder: Path) -> None:
         tensors = {"offsets": self.offsets, "logprobs": self.logprobs.contiguous()}
