@@ -27,7 +27,7 @@ from kdbench.config import TrainingConfig
 from kdbench.data import TokenizedExample
 from kdbench.train.engine import TrainingData, train
 from kdbench.train.generation import sample_mixture
-from kdbench.zoo import TinyArch, load_model
+from kdbench.zoo import TinyArch, count_parameters, load_model
 from kdbench_plugins.families import GPT2
 from kdbench_plugins.kd import KD
 
@@ -42,7 +42,7 @@ def build(arch: TinyArch, positions: int, folder: Path, dtype: torch.dtype) -> i
     """A random-weight GPT-2 of ``arch`` saved to ``folder``; its parameter count."""
     model = AutoModelForCausalLM.from_config(GPT2.make_config(arch, VOCAB, positions, EOS, PAD)).to(dtype)
     model.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
+    return count_parameters(model)
 
 
 def main() -> None:

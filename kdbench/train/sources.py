@@ -223,12 +223,17 @@ class MicroBatches:
             source.load_state_dict(state["sources"][source.name])
 
 
+def reads_teacher_logits(objective: type[Objective], params: ObjectiveParams) -> bool:
+    """Whether a step of ``objective`` needs the teacher's logits under teacher forcing (none with ``kd_ratio = 0``)."""
+    return params.kd_ratio > 0 and Need.TEACHER_LOGITS in objective.needs_for(params)
+
+
 def teacher_use(objective: type[Objective], params: ObjectiveParams, sources: Mapping[str, type[SequenceSource]],
                 stored_logits: bool = False) -> tuple[bool, bool]:
     """(teacher logits under teacher forcing, the teacher model at all) for training with ``objective``:
     the objective may need its logits, a source the step reads may sample from it; with ``kd_ratio = 0``
     no logits. With ``stored_logits`` the logits are read from the teacher-outputs stage, not computed."""
-    logits = params.kd_ratio > 0 and Need.TEACHER_LOGITS in objective.needs_for(params)
+    logits = reads_teacher_logits(objective, params)
     samples = any(Need.TEACHER_MODEL in sources[name].needs for name in active_reads(objective, params))
     return logits, (logits and not stored_logits) or samples
 
@@ -236,5 +241,4 @@ def teacher_use(objective: type[Objective], params: ObjectiveParams, sources: Ma
 def teacher_logits_on_gold(objective: type[Objective], params: ObjectiveParams) -> bool:
     """Whether every sequence the objective reads teacher logits on is a gold training sequence, so the
     teacher-outputs stage can serve them: true of the teacher-forced objectives (kd, rkl, tvd, …)."""
-    return (params.kd_ratio > 0 and Need.TEACHER_LOGITS in objective.needs_for(params)
-            and all(source_of(role, params) == GOLD for role in objective.reads))
+    return reads_teacher_logits(objective, params) and all(source_of(role, params) == GOLD for role in objective.reads)

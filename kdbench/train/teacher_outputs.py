@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from kdbench.data import TokenizedExample
 from kdbench.train.sources import Sequences, forward_logits
@@ -30,14 +30,10 @@ FILE = "teacher_outputs.safetensors"
 TAIL_FLOOR = 1e-12  # least tail mass per position: the tail's log-probability stays finite for reverse KL
 
 
-def first_loss_position(example: TokenizedExample) -> int:
-    """Index of the first shifted logit a loss is taken on: the one that predicts the first response token."""
-    return max(example.prompt_length, 1) - 1
-
-
 def loss_positions(example: TokenizedExample) -> int:
-    """How many shifted logits of ``example`` a loss is taken on (response tokens, EOS included)."""
-    return len(example.input_ids) - 1 - first_loss_position(example)
+    """How many shifted logits of ``example`` a loss is taken on: its response tokens, EOS included, that some earlier
+    position predicts (as ``Sequences.response_tokens`` counts them for a batch)."""
+    return len(example.input_ids) - max(example.prompt_length, 1)
 
 
 @dataclass(frozen=True)
@@ -101,9 +97,8 @@ class TeacherOutputs:
     @classmethod
     def load(cls, folder: Path) -> TeacherOutputs:
         with safe_open(str(folder / FILE), "pt") as handle:
-            vocab_size = int(handle.metadata()["vocab_size"])
-        tensors = load_file(str(folder / FILE))
-        return cls(tensors["offsets"], tensors["logprobs"], tensors.get("indices"), vocab_size)
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            return cls(tensors["offsets"], tensors["logprobs"], tensors.get("indices"), int(handle.metadata()["vocab_size"]))
 
 
 @torch.no_grad()
@@ -146,18 +141,9 @@ def compute_teacher_outputs(teacher: torch.nn.Module, examples: Sequence[Tokeniz
     return TeacherOutputs(offsets, logprobs, indices, vocab_size)
 
 
-def top_k_bytes(rows: int, top_k: int | None, vocab_size: int) -> int:
-    """Size of the stored outputs: fp32 values and int32 token ids per kept entry (values only when exact)."""
-    per_row = vocab_size * 4 if top_k is None or top_k >= vocab_size else top_k * 8
-    return rows * per_row
-
-
 def tail_mass(outputs: TeacherOutputs) -> float:
     """Mean probability mass outside the kept tokens (0 when exact)."""
     if outputs.exact or len(outputs.logprobs) == 0:
         return 0.0
     return float((1 - outputs.logprobs.exp().sum(dim=-1)).clamp(min=0).mean())
 
-
-__all__ = ["TeacherOutputs", "compute_teacher_outputs", "first_loss_position", "loss_positions", "tail_mass",
-           "top_k_bytes"]
