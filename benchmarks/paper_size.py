@@ -6,9 +6,10 @@ config and saved as HF folders, then trained through kdbench's engine exactly as
 DeepSpeed ZeRO-1 by default, on synthetic sequences of ``--length`` tokens (half prompt). Then the student samples
 MiniLLM rollouts (teacher mix α = 0.2, KV caches for both) from the same prompts. Weights are random, so only the
 speed and memory mean anything. Needs a GPU for the default sizes; ``--small`` shrinks everything so the script
-can be checked on a CPU. Writes ``benchmarks/results/paper_size.json``. Run from the repository root:
+can be checked on a CPU. Writes ``benchmarks/results/paper_size-<teacher>[-fused].json``. Run from the repository
+root:
 
-    python benchmarks/paper_size.py [--teacher 1.5b] [--steps 4] [--small]
+    python benchmarks/paper_size.py [--teacher 1.5b] [--fused-head] [--steps 4] [--small] [--profile]
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("--engine", choices=["deepspeed", "accelerate"], default="deepspeed")
     parser.add_argument("--zero-stage", type=int, default=1)
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--fused-head", action="store_true", help="training.fused_head: logits made a piece at a time")
     parser.add_argument("--small", action="store_true", help="tiny sizes, to check the script on a CPU")
+    parser.add_argument("--profile", action="store_true", help="then profile one more rollout and print its top operators")
     args = parser.parse_args()
     student_arch, teacher_arch = (SMALL, SMALL) if args.small else (STUDENT, TEACHERS[args.teacher])
     length = 32 if args.small else args.length
@@ -72,7 +75,8 @@ def main() -> None:
         device = torch.device("cuda" if cuda else "cpu")
         teacher = load_model(str(root / "teacher"), dtype=weights_dtype, device=device).eval()
         settings = TrainingConfig(engine=args.engine, zero_stage=args.zero_stage, precision=args.precision, lr=1e-4,
-                                  batch_size=args.batch_size, max_steps=args.steps, warmup_steps=0)
+                                  batch_size=args.batch_size, max_steps=args.steps, warmup_steps=0,
+                                  fused_head=args.fused_head)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         student, stats = train(lambda: load_model(str(root / "student")), KD, KD.make_params({}),
@@ -82,6 +86,7 @@ def main() -> None:
                     "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
         student = student.to(device=device, dtype=weights_dtype).eval()
         prompts = [e.input_ids[: e.prompt_length] for e in examples[: args.batch_size]]
+        sample_mixture(student, teacher, prompts[:2], 0.2, 4, EOS, PAD, generator)  # warm-up: first calls pay start-up
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
@@ -92,12 +97,19 @@ def main() -> None:
         seconds = time.perf_counter() - started
         sampling = {"tokens_per_second": int(rollout.response_mask.sum()) / seconds, "seconds": seconds,
                     "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+        if args.profile:
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+            with torch.profiler.profile(activities=activities) as profile:
+                sample_mixture(student, teacher, prompts, 0.2, 16, EOS, PAD, generator)
+            for column in ("self_cpu_time_total", "self_device_time_total" if cuda else "cpu_time_total"):
+                print(profile.key_averages().table(sort_by=column, row_limit=15, max_name_column_width=50))
     record = {"name": "paper_size", "parameters": sizes, "settings": {**vars(args), "length": length}, "kd_training": training,
               "minillm_rollouts": sampling, **machine()}
     print(json.dumps(record, indent=2))
     if not args.small:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "paper_size.json").write_text(json.dumps(record, indent=2) + "\n")
+        name = f"paper_size-{args.teacher}{'-fused' if args.fused_head else ''}.json"
+        (RESULTS / name).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,12 @@ def machine() -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def on_device(name: str, device: torch.device | str) -> str:
+    """A benchmark's result name on ``device``: the CPU figures keep the plain name, a GPU's get its own file."""
+    kind = torch.device(device).type
+    return name if kind == "cpu" else f"{name}_{kind}"
+
+
 def write_result(name: str, ratio: float, target: float, goal: str, command: str, **details: Any) -> Path:
     """Write and print the result; ``goal`` says which side of ``target`` the ratio must be on."""
     if goal not in ("<=", ">="):

@@ -14,10 +14,19 @@ import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from kdbench.errors import KdbenchError
 
@@ -80,11 +89,34 @@ class TrainingConfig(Strict):
     lm_coef: float = Field(0.0, ge=0, description="weight of the pre-training LM term on lm_data (MiniLLM's lm_coef = 1; "
                            "0: none)")
     lm_kd_ratio: float = Field(0.5, ge=0, le=1, description="the LM term's own mix, (1 − r)·CE + r·word-KD on lm_data")
+    fused_head: bool = Field(False, description=(
+        "make the logits a piece of positions at a time inside the losses, from the hidden states and the LM head, so "
+        "the full (tokens × vocabulary) logits and their gradient never exist at once (objectives that allow it, the CE "
+        "term and the LM term); the same values up to rounding. Not with ZeRO-3, which partitions the head"))
+
+    # Settings added after results were published, which change no number beyond rounding: left out of the dump
+    # (so out of every stage key and config hash) at their default, so the keys of earlier results stay valid.
+    KEYED_WHEN_SET: ClassVar[dict[str, Any]] = {"fused_head": False}
+
+    @model_serializer(mode="wrap")
+    def _left_out_at_default(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        dumped = handler(self)
+        for name, default in self.KEYED_WHEN_SET.items():
+            if dumped.get(name, default) == default:
+                dumped.pop(name, None)
+        return dumped
 
     @model_validator(mode="after")
     def _a_length(self) -> TrainingConfig:
         if self.epochs is None and self.max_steps is None:
             raise ValueError("give epochs or max_steps (both: whichever ends first, as MiniLLM's 5,000 steps or 10 epochs)")
+        return self
+
+    @model_validator(mode="after")
+    def _head_whole(self) -> TrainingConfig:
+        if self.fused_head and self.engine == "deepspeed" and self.zero_stage == 3:
+            raise ValueError("fused_head reads the LM head's weight outside the model's forward pass, where ZeRO-3 holds "
+                             "only this process's shard of it; use zero_stage 1 or 2, or fused_head: false")
         return self
 
 

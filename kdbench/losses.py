@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +34,29 @@ Piece = tuple[Any, ...]  # an index into the leading dimensions
 CHUNK_ELEMENTS = 1 << 23
 
 
+@dataclass(eq=False)
+class HeadLogits:
+    """Logits not yet made: a model's last hidden states and its LM head's weight (a linear map without bias), (b, t, d)
+    and (vocab, d). The divergences here take them in place of a logits tensor and make the logits a piece of positions
+    at a time, in forward and again in backward, so the (b, t, vocab) logits and their gradient never exist whole
+    (``sequence_view`` with ``head_dtype``). Gradients reach the hidden states and the weight."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    dtype: torch.dtype | None = None  # the logits' (the model's head's under mixed precision); None: the hidden states'
+    # While ``recording``, backward passes add Σ‖∂L/∂logits‖² here, piece by piece: the first-step guard's figure
+    # (kdbench.train.guards), since there is no logits tensor to take a gradient to.
+    recording: bool = False
+    gradient_square: torch.Tensor | float = 0.0
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
+
+
+Logits = torch.Tensor | HeadLogits
+
+
 def pieces(shape: torch.Size, budget: int) -> list[Piece]:
     """Indexes that cover the leading dimensions of logits of ``shape`` (``(n, vocab)`` or ``(b, t, vocab)``) in
     pieces of at most ``budget`` logits (at least one position each): whole rows of the first dimension where they
@@ -45,17 +69,28 @@ def pieces(shape: torch.Size, budget: int) -> list[Piece]:
     return [(row, slice(start, start + span)) for row in range(shape[0]) for start in range(0, shape[1], span)]
 
 
+def _piece(tensor: torch.Tensor, weight: torch.Tensor | None, piece: Piece, dtype: torch.dtype) -> torch.Tensor:
+    """One piece of logits: sliced from a logits tensor, or made from hidden states and a head weight."""
+    if weight is None:
+        return tensor[piece]
+    return F.linear(tensor[piece].to(dtype), weight.to(dtype))
+
+
 class _PieceByPiece(torch.autograd.Function):
     """A divergence evaluated piece by piece that keeps only its inputs for backward (which the model holds anyway)
     and recomputes each piece there: peak memory is the gradient plus one piece's temporaries, instead of every
-    temporary at full size. Each position's arithmetic is the unchunked one's, so values and gradients agree."""
+    temporary at full size. Either side may be ``HeadLogits`` (hidden states and a head weight), whose pieces of
+    logits are made from them; the student side's gradient then goes to both. Each position's arithmetic is the
+    unchunked one's, so values and gradients agree."""
 
     @staticmethod
-    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, divergence: Divergence,
-                index: list[Piece]) -> torch.Tensor:
-        ctx.save_for_backward(student, teacher)
-        ctx.divergence, ctx.index = divergence, index
-        parts = [divergence(student[piece], teacher[piece]) for piece in index]
+    def forward(ctx: Any, divergence: Divergence, index: list[Piece], record: HeadLogits | None,
+                dtypes: tuple[torch.dtype, torch.dtype], student: torch.Tensor, student_weight: torch.Tensor | None,
+                other: torch.Tensor, other_weight: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(student, student_weight, other, other_weight)
+        ctx.divergence, ctx.index, ctx.record, ctx.dtypes = divergence, index, record, dtypes
+        parts = [divergence(_piece(student, student_weight, piece, dtypes[0]), _piece(other, other_weight, piece, dtypes[1]))
+                 for piece in index]
         values = torch.empty(student.shape[:-1], dtype=parts[0].dtype, device=student.device)
         for piece, part in zip(index, parts):
             values[piece] = part
@@ -63,26 +98,58 @@ class _PieceByPiece(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_values: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        student, teacher = ctx.saved_tensors
+        student, student_weight, other, other_weight = ctx.saved_tensors
         grad = torch.empty_like(student)
+        weighted = student_weight is not None and ctx.needs_input_grad[5]
+        dtype, other_dtype = ctx.dtypes
+        # The weight's gradient sums over pieces: in float32 at least, whatever the weight's own dtype.
+        wide = torch.promote_types(student_weight.dtype, torch.float32) if weighted else None
+        grad_weight = torch.zeros_like(student_weight, dtype=wide) if weighted else None
         for piece in ctx.index:
+            with torch.no_grad():
+                logits = _piece(student, student_weight, piece, dtype).detach().requires_grad_()
+                target = _piece(other, other_weight, piece, other_dtype)
             with torch.enable_grad():
-                part = student[piece].detach().requires_grad_()
-                (grad[piece],) = torch.autograd.grad(ctx.divergence(part, teacher[piece]), part, grad_values[piece])
-        return grad, None, None, None
+                (grad_logits,) = torch.autograd.grad(ctx.divergence(logits, target), logits, grad_values[piece])
+            if ctx.record is not None and ctx.record.recording:
+                ctx.record.gradient_square = ctx.record.gradient_square + grad_logits.float().square().sum()
+            if student_weight is None:
+                grad[piece] = grad_logits
+                continue
+            # Through the head by hand (F.linear's backward): to the hidden states, and summed into the weight's.
+            grad[piece] = (grad_logits @ student_weight.to(dtype)).to(grad.dtype)
+            if grad_weight is not None:
+                # In place, from pieces widened first: no weight-sized temporary beside the sum.
+                grad_weight.addmm_(grad_logits.flatten(0, -2).T.to(wide), student[piece].flatten(0, -2).to(wide))
+        return (None, None, None, None, grad, None if grad_weight is None else grad_weight.to(student_weight.dtype),
+                None, None)
+
+
+def _parts(logits: Logits) -> tuple[torch.Tensor, torch.Tensor | None, torch.dtype]:
+    """(logits or hidden states, head weight or None, the dtype pieces of logits are made in)."""
+    if isinstance(logits, HeadLogits):
+        return logits.hidden, logits.weight, logits.dtype or logits.hidden.dtype
+    return logits, None, logits.dtype
 
 
 def token_chunked(divergence: Divergence) -> Divergence:
     """``divergence`` evaluated over at most ``CHUNK_ELEMENTS`` logits at a time (see ``_PieceByPiece``); logits that
-    fit are passed straight through, and so is a teacher whose logits need a gradient themselves. The unchunked
-    function stays available as ``.__wrapped__``."""
+    fit are passed straight through, and so is a teacher whose logits need a gradient themselves. ``HeadLogits`` on
+    either side always go piece by piece (one piece where they fit). The unchunked function stays available as
+    ``.__wrapped__``."""
 
     @functools.wraps(divergence)
-    def chunked(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def chunked(student_logits: Logits, teacher_logits: Logits, *args: Any, **kwargs: Any) -> torch.Tensor:
         index = pieces(student_logits.shape, CHUNK_ELEMENTS)
-        if len(index) == 1 or teacher_logits.requires_grad:
+        fused = isinstance(student_logits, HeadLogits) or isinstance(teacher_logits, HeadLogits)
+        if not fused and (len(index) == 1 or teacher_logits.requires_grad):
             return divergence(student_logits, teacher_logits, *args, **kwargs)
-        return _PieceByPiece.apply(student_logits, teacher_logits, lambda s, t: divergence(s, t, *args, **kwargs), index)
+        student, student_weight, student_dtype = _parts(student_logits)
+        teacher, teacher_weight, teacher_dtype = _parts(teacher_logits)
+        assert not teacher.requires_grad, "a teacher side whose logits need a gradient is not chunked"
+        record = student_logits if isinstance(student_logits, HeadLogits) else None
+        return _PieceByPiece.apply(lambda s, t: divergence(s, t, *args, **kwargs), index, record,
+                                   (student_dtype, teacher_dtype), student, student_weight, teacher, teacher_weight)
 
     return chunked
 
@@ -112,6 +179,13 @@ def kl_from_log_probs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     a = log_a.exp()
     gap = torch.where(a > 0, log_a - log_b, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
     return (a * gap).sum(-1)
+
+
+@token_chunked
+def label_nll(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``−log q(label)`` at every position, (b, t), in float32; ``labels`` (b, t) must index the vocabulary everywhere
+    (the runner's gold cross-entropy, ``kdbench.objectives.gold_cross_entropy``, masks it)."""
+    return -F.log_softmax(student_logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
 @token_chunked

@@ -34,9 +34,9 @@ from enum import Enum
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
+from kdbench.losses import Logits, label_nll
 from kdbench.losses import soft_cross_entropy as soft_cross_entropy  # re-exported: where plugins have long imported it
 
 GOLD = "gold"  # the source of the data set's own responses; as a role, the sequences the CE term reads
@@ -101,13 +101,15 @@ class SequenceView:
     """One batch of sequences as a loss sees them, aligned so position ``i`` of the logits predicts
     ``labels[:, i]``; all (b, t) unless noted."""
 
-    student_logits: torch.Tensor  # (b, t, vocab) the student being trained, with gradients
+    # (b, t, vocab) the student being trained, with gradients; ``HeadLogits`` (hidden states and the LM head, the
+    # logits made a piece at a time) when the training settings fuse the head and the objective allows it
+    student_logits: Logits
     labels: torch.Tensor  # the next token at every position (anything at masked positions)
     mask: torch.Tensor  # bool: response tokens, the only ones a loss is taken on
-    teacher_logits: torch.Tensor | None = None  # (b, t, vocab) when the objective needs TEACHER_LOGITS
+    teacher_logits: Logits | None = None  # (b, t, vocab) when the objective needs TEACHER_LOGITS
     extras: Mapping[str, torch.Tensor] = field(default_factory=dict)  # per-token values its source recorded
 
-    def logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self) -> tuple[Logits, Logits]:
         """(student, teacher) logits, (b, t, vocab) each."""
         assert self.teacher_logits is not None, "the objective must declare Need.TEACHER_LOGITS"
         return self.student_logits, self.teacher_logits
@@ -166,6 +168,10 @@ class Objective:
     # Why its gradient may be exactly 0 at a healthy start (the first-step guard then warns instead of failing);
     # None: a zero gradient means a bug or a degenerate cell (kdbench.train.guards).
     gradient_can_vanish: ClassVar[str | None] = None
+    # Its loss reads the logits only through ``kdbench.losses``' divergences and the view's ``logits``,
+    # ``student_logp`` and ``teacher_logp``, which all take ``HeadLogits``: the runner may then hand it the hidden
+    # states and the LM head instead of the logits (the ``fused_head`` training setting).
+    fused_head: ClassVar[bool] = False
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
 
     @classmethod
@@ -220,11 +226,11 @@ class Objective:
         return params
 
 
-def gold_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token CE on the gold tokens, (b, t); masked positions give 0 and never index out of range."""
+def gold_cross_entropy(student_logits: Logits, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token CE on the gold tokens, (b, t), a piece of positions at a time where the logits are large;
+    masked positions give 0 and never index out of range."""
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
-    log_probs = F.log_softmax(student_logits.float(), dim=-1)  # (b, t, vocab)
-    return -log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1) * mask
+    return label_nll(student_logits, safe_labels) * mask
 
 
 def step_roles(objective: type[Objective], params: ObjectiveParams) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ class ABKDParams(TemperatureParams):
 
 class ABKD(Objective):
     name = "abkd"
+    fused_head = True  # its loss reads logits through kdbench.losses only
     summary = "ABKD: α-β divergence to the teacher on the training sequence (α = 0.2, β = 0.7)"
     paper = "Wang et al. 2025, ABKD: Pursuing a Proper Allocation of the Probability Mass in KD via α-β-Divergence (ICML)"
     needs = frozenset({Need.TEACHER_LOGITS})

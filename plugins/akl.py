@@ -32,6 +32,7 @@ class AKLParams(TemperatureParams):
 
 class AdaptiveKL(Objective):
     name = "akl"
+    fused_head = True  # its loss reads logits through kdbench.losses only
     summary = "adaptive KL: forward and reverse KL weighted by the student's gaps on the teacher's head and tail"
     paper = "Wu et al. 2025, Rethinking Kullback-Leibler Divergence in Knowledge Distillation for LLMs (COLING; arXiv 2404.02657)"
     needs = frozenset({Need.TEACHER_LOGITS})

@@ -38,6 +38,7 @@ def jsd_loss(view: SequenceView, params: JSDParams) -> torch.Tensor:
 
 class JSD(Objective):
     name = "jsd"
+    fused_head = True  # its loss reads logits through kdbench.losses only
     summary = "generalised JSD_β to the teacher on the training sequence (TRL GKD's; β=0 forward, β=1 reverse KL)"
     paper = "Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD, arXiv 2306.13649); TRL's generalized_jsd_loss"
     needs = frozenset({Need.TEACHER_LOGITS})

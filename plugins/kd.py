@@ -25,6 +25,7 @@ class KDParams(TemperatureParams):
 
 class KD(Objective):
     name = "kd"
+    fused_head = True  # its loss reads logits through kdbench.losses only
     summary = "word-level KD: soft cross-entropy to the teacher's next-token distribution (forward KL)"
     paper = "Hinton et al. 2015 (arXiv 1503.02531); word-level KD of Kim & Rush 2016 (arXiv 1606.07947)"
     needs = frozenset({Need.TEACHER_LOGITS})

@@ -18,6 +18,7 @@ from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, Tem
 
 class ReverseKL(Objective):
     name = "rkl"
+    fused_head = True  # its loss reads logits through kdbench.losses only
     summary = "token-level reverse KL(q‖p) to the teacher on the training sequence (mode-seeking)"
     paper = "reverse-KL KD, as compared by MiniLLM (Gu et al. 2024, arXiv 2306.08543) and GKD (arXiv 2306.13649)"
     needs = frozenset({Need.TEACHER_LOGITS})

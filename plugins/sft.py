@@ -25,6 +25,7 @@ class SFTParams(ObjectiveParams):
 
 class SFT(Objective):
     name = "sft"
+    fused_head = True  # its loss reads logits through kdbench.losses only
     summary = "fine-tuning on gold responses (cross-entropy), no teacher"
     paper = "baseline of MiniLLM (arXiv 2306.08543) and DPKD (arXiv 2406.19774)"
     Params = SFTParams

@@ -32,6 +32,7 @@ class SkewParams(TemperatureParams):
 
 class SkewKL(Objective):
     name = "skl"
+    fused_head = True  # its loss reads logits through kdbench.losses only
     summary = "DistiLLM skew KL: KL(p ‖ α·p + (1−α)·q) on the training sequence, α = 0.1"
     paper = DISTILLM
     needs = frozenset({Need.TEACHER_LOGITS})

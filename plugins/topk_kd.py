@@ -35,6 +35,7 @@ class TopKParams(TemperatureParams):
 
 class TopKKD(Objective):
     name = "topk-kd"
+    fused_head = True  # its loss reads logits through kdbench.losses only
     summary = "forward KL on the teacher's top-k tokens plus one tail bucket (what a served teacher gives), k = 20"
     paper = "top-k logit distillation with a tail bucket: TRL ServerDistillation (loss_add_tail), DistillKit"
     needs = frozenset({Need.TEACHER_LOGITS})

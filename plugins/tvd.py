@@ -16,6 +16,7 @@ from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, Tem
 
 class TVD(Objective):
     name = "tvd"
+    fused_head = True  # its loss reads logits through kdbench.losses only
     summary = "total variation distance ½·Σ|p − q| to the teacher on the training sequence"
     paper = "Wen et al. 2023, f-Divergence Minimization for Sequence-Level Knowledge Distillation (arXiv 2307.15190)"
     needs = frozenset({Need.TEACHER_LOGITS})

@@ -133,6 +133,7 @@ def test_activations_by_hand(registries: Registries) -> None:
     assert estimate_activations(size, b, s, "bf16", checkpointing=True) == layers * 2 * s * b * h + output
     assert estimate_activations(size, b, s, "bf16", sequences=3) == 3 * full
     assert estimate_activations(size, b, s, "fp32") == 2 * layers * s * b * h * 74 + 8 * s * b * h + 4 * s * b * v
+    assert estimate_activations(size, b, s, "bf16", fused_head=True) == full - 4 * s * b * v  # no whole logits kept
 
 
 # -- the plan -------------------------------------------------------------------------------------

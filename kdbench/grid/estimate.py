@@ -133,7 +133,7 @@ def estimate_memory(params: int, precision: str, zero_stage: int, gpus: int, tea
 
 
 def estimate_activations(size: ModelSize, batch_size: int, seq_len: int, precision: str,
-                         checkpointing: bool = False, sequences: int = 1) -> int:
+                         checkpointing: bool = False, sequences: int = 1, fused_head: bool = False) -> int:
     """An *estimate* of the activation bytes one GPU keeps for backward over a micro-batch of ``batch_size``
     sequences of ``seq_len`` tokens, after Korthikanti et al. 2022 ("Reducing Activation Recomputation in
     Large Transformer Models", §4), with s = ``seq_len``, b = ``batch_size``, h, a, L, v the model's width,
@@ -142,7 +142,7 @@ def estimate_activations(size: ModelSize, batch_size: int, seq_len: int, precisi
     * per layer, 16-bit, no recomputation: s·b·h·(34 + 5·a·s/h) bytes (attention scores included, as
       without flash attention); with gradient checkpointing only each layer's input, 2·s·b·h;
     * the output layer (their §4.3): final layer norm and vocabulary projection input, 2·s·b·h each, and
-      the fp32 logits of the loss, 4·s·b·v;
+      the fp32 logits of the loss, 4·s·b·v (none with ``fused_head``: the losses make a piece at a time);
     * fp32 training doubles the 16-bit terms (approximation: the 1-byte dropout masks do not double);
     * times ``sequences``: the sequences per prompt the student runs with gradients in one micro-batch
       (gold, plus teacher text, a fresh sample or a rollout), all kept until the one backward pass.
@@ -154,7 +154,7 @@ def estimate_activations(size: ModelSize, batch_size: int, seq_len: int, precisi
     s, b, h, a, v = seq_len, batch_size, size.hidden, size.heads, size.vocab
     scale = PRECISION_BYTES[precision] // 2  # 1 for 16-bit, 2 for fp32
     per_layer = 2 * s * b * h if checkpointing else 34 * s * b * h + 5 * a * s * s * b  # = s·b·h·(34 + 5as/h)
-    output_layer = 4 * s * b * h * scale + 4 * s * b * v
+    output_layer = 4 * s * b * h * scale + (0 if fused_head else 4 * s * b * v)
     return sequences * (size.layers * per_layer * scale + output_layer)
 
 

@@ -31,7 +31,7 @@ from kdbench.grid.stages import FROZEN_ROLES
 from kdbench.objectives import active_reads
 from kdbench.registry import Registries
 from kdbench.report.card import protocol_card, render_card
-from kdbench.train.engine import total_optimizer_steps
+from kdbench.train.engine import fused_head_dtype, total_optimizer_steps
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,8 @@ class _Planner:
         memory = None
         if size is not None:
             activations = estimate_activations(size, settings.batch_size, self.experiment.data.max_length,
-                                               settings.precision, settings.gradient_checkpointing, sequences)
+                                               settings.precision, settings.gradient_checkpointing, sequences,
+                                               fused_head_dtype(settings, spec.objective, spec.params) is not None)
             # Plain accelerate mixes precision by autocast: fp32 weights, gradients and Adam state, replicated (DDP).
             # Frozen models are loaded in the shared training precision, whatever a method's own.
             memory = estimate_memory(size.params, settings.precision if deepspeed else "fp32",

@@ -53,7 +53,7 @@ from kdbench.results.schema import (
     StageCost,
     Status,
 )
-from kdbench.train.engine import Diverged, Tracking, TrainingData, Validation, train, validation_loss
+from kdbench.train.engine import PRECISION_DTYPES, Diverged, Tracking, TrainingData, Validation, train, validation_loss
 from kdbench.train.generation import GREEDY, batch_progress, generate_responses
 from kdbench.train.guards import PROBE_SIZE, checked_teacher, probe_batch
 from kdbench.train.teacher_outputs import TeacherOutputs, compute_teacher_outputs, tail_mass
@@ -63,7 +63,6 @@ if TYPE_CHECKING:
     from kdbench.grid.collect import Cell, GenerateSpec, InitSpec, SelectSpec, TrainSpec
 
 LM_EVAL_SEED = "lm-eval"  # the eval-seed label of lm-eval scores (lm-eval decodes greedily, once)
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FROZEN_ROLES = ("teacher", "model")  # parents a node runs without training them: loaded once, kept while needed
 # What a stage cost, for the cells built on it (``cell_cost``): its steps, examples, tokens and seconds.
 STATS_FILES = {StageKind.TRAIN: "train_stats.json", StageKind.TEACHER_OUTPUTS: "stats.json"}

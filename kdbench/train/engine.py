@@ -62,6 +62,7 @@ from kdbench.train.sources import (
     SourceContext,
     State,
     StoredTeacher,
+    plain_head,
     sequence_view,
     teacher_logits_on_gold,
     teacher_use,
@@ -203,12 +204,14 @@ class LossSums:
 
 
 def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
-                    micro: Mapping[str, Sequences], teacher: torch.nn.Module | StoredTeacher | None) -> LossSums:
+                    micro: Mapping[str, Sequences], teacher: torch.nn.Module | StoredTeacher | None,
+                    head_dtype: torch.dtype | None = None) -> LossSums:
     """Run the student on every sequence the step reads (the teacher too, or its stored outputs, on the ones the
-    objective reads, when it needs teacher logits), then sum both terms. ``micro`` is keyed by role: the GOLD forward pass
-    serves the CE term and an objective that reads GOLD alike, and roles one source fills (the same
+    objective reads, when it needs teacher logits), then sum both terms. ``micro`` is keyed by role: the GOLD forward
+    pass serves the CE term and an objective that reads GOLD alike, and roles one source fills (the same
     ``Sequences``) share one pass; with ``kd_ratio = 0`` only the CE is computed (sft, teachers), with
-    ``kd_ratio = 1`` no CE at all (MiniLLM's and DPKD's recipes), so GOLD runs only if the objective reads it."""
+    ``kd_ratio = 1`` no CE at all (MiniLLM's and DPKD's recipes), so GOLD runs only if the objective reads it. With
+    ``head_dtype`` the logits are ``HeadLogits``, made in that dtype a piece at a time inside the losses (``fused_head``)."""
     teacher_roles = set(objective.reads) if teacher is not None and params.kd_ratio > 0 else set()
     roles_run = [role for role in step_roles(objective, params)
                  if role != GOLD or params.kd_ratio < 1 or GOLD in objective.reads]
@@ -219,7 +222,7 @@ def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: 
     teacher_forwards = 0
     for roles in shared.values():
         with_teacher = any(role in teacher_roles for role in roles)
-        view = sequence_view(model, micro[roles[0]], teacher if with_teacher else None)
+        view = sequence_view(model, micro[roles[0]], teacher if with_teacher else None, head_dtype)
         views.update(dict.fromkeys(roles, view))
         teacher_forwards += with_teacher and isinstance(teacher, torch.nn.Module)
     if GOLD in views:
@@ -264,13 +267,25 @@ class LmTerm:
 
     def loss_sum(self, model: torch.nn.Module, chunks: Sequences, teacher: torch.nn.Module | None) -> torch.Tensor:
         """Σ over the chunks' tokens of ``(1 − r)·CE + r·word-KD``."""
-        view = sequence_view(model, chunks, teacher if self.distils else None)
+        view = sequence_view(model, chunks, teacher if self.distils else None, fused_head_dtype(self.settings))
         ratio = self.settings.lm_kd_ratio
         term = (1 - ratio) * gold_cross_entropy(view.student_logits, view.labels, view.mask)
         if view.teacher_logits is not None:
             term = term + ratio * soft_cross_entropy(view.student_logits, view.teacher_logits) * view.mask
         return term.sum()
 
+
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fused_head_dtype(settings: TrainingConfig, objective: type[Objective] | None = None,
+                     params: ObjectiveParams | None = None) -> torch.dtype | None:
+    """The dtype the losses make the logits in, a piece at a time, when ``fused_head`` is on and every loss of the step
+    takes ``HeadLogits`` (the CE term does; the objective must say so, unless ``kd_ratio = 0`` leaves only the CE term);
+    None: the model makes the logits whole. The dtype is the training precision's, the head's own under it."""
+    fusable = objective is None or objective.fused_head or (params is not None and params.kd_ratio == 0)
+    return PRECISION_DTYPES[settings.precision] if settings.fused_head and fusable else None
 
 
 def set_activation_checkpointing(model: Any, enabled: bool) -> None:
@@ -519,6 +534,9 @@ def train(
         if needs_teacher:
             teacher = teacher.to(accelerator.device).eval()  # type: ignore[union-attr]
         logit_teacher = stored if stored is not None else teacher  # where the objective's teacher logits come from
+        head_dtype = fused_head_dtype(settings, objective, params)
+        if head_dtype is not None or (settings.fused_head and settings.lm_coef > 0):
+            plain_head(model)  # refuses a head the losses cannot make the logits of, before any step
         # Two generators, the same on every process: the data order, and every draw a source makes.
         order = PromptOrder([len(e.input_ids) for e in data.examples], settings.batch_size,
                             torch.Generator().manual_seed(seed), accelerator.process_index, world, settings.length_bucket)
@@ -565,7 +583,8 @@ def train(
             first_gradient = torch.zeros((), device=accelerator.device)
             for index, micro in enumerate(group):
                 with accelerator.accumulate(model):
-                    sums = batch_loss_sums(model, objective, params, micro, logit_teacher if needs_logits else None)
+                    sums = batch_loss_sums(model, objective, params, micro, logit_teacher if needs_logits else None,
+                                           head_dtype)
                     if check_gradient:  # before backward frees the graph
                         first_gradient += logit_gradient_square(sums.objective, sums.student_logits)
                     stats.student_forwards += sums.student_forwards

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.data import TokenizedExample
+from kdbench.losses import HeadLogits, Logits
 from kdbench.objectives import Objective, gold_cross_entropy
 from kdbench.train.sources import Sequences, sequence_view
 
@@ -123,15 +124,26 @@ class DeadObjective(RuntimeError):
     built on it) fails with this reason."""
 
 
-def logit_gradient_square(objective_sum: torch.Tensor, student_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+def logit_gradient_square(objective_sum: torch.Tensor, student_logits: Sequence[Logits]) -> torch.Tensor:
     """Σ of the squared gradient of ``objective_sum`` with respect to ``student_logits`` (0 when it does not depend on
     them). Taken to the logits, not the weights: a short backward through the loss alone that reaches no parameter,
-    so it is the same under every ZeRO stage and leaves the engine's gradient accumulation untouched."""
+    so it is the same under every ZeRO stage and leaves the engine's gradient accumulation untouched. ``HeadLogits``
+    have no logits tensor: the backward goes to their hidden states, and the losses, which make the logits a piece at
+    a time, add up the squares of the pieces' gradients on the way."""
+    zero = torch.zeros((), device=objective_sum.device)
     if not objective_sum.requires_grad:
-        return torch.zeros((), device=objective_sum.device)
-    gradients = torch.autograd.grad(objective_sum, list(student_logits), retain_graph=True, allow_unused=True)
-    return sum((g.float().square().sum() for g in gradients if g is not None),
-               torch.zeros((), device=objective_sum.device))
+        return zero
+    made = [logits for logits in student_logits if isinstance(logits, HeadLogits)]
+    for logits in made:
+        logits.recording, logits.gradient_square = True, 0.0
+    targets = [logits.hidden if isinstance(logits, HeadLogits) else logits for logits in student_logits]
+    gradients = torch.autograd.grad(objective_sum, targets, retain_graph=True, allow_unused=True)
+    total = sum((g.float().square().sum() for g, logits in zip(gradients, student_logits)
+                 if g is not None and not isinstance(logits, HeadLogits)), zero)
+    for logits in made:
+        total = total + logits.gradient_square
+        logits.recording = False
+    return total
 
 
 def check_objective_gradient(square: float, count: int, objective: type[Objective], stage: str) -> float:

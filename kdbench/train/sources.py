@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from kdbench.data import TokenizedExample, collate, length_grouped_batches
+from kdbench.losses import HeadLogits, Logits
 from kdbench.objectives import GOLD, Need, Objective, ObjectiveParams, SequenceView, active_reads, source_of
 
 # What a stateful part of a training stage hands a resume checkpoint: plain values (numbers, strings, None,
@@ -86,15 +87,39 @@ class StoredTeacher(Protocol):
     def logits(self, sequences: Sequences) -> torch.Tensor: ...
 
 
-def sequence_view(model: torch.nn.Module, sequences: Sequences,
-                  teacher: torch.nn.Module | StoredTeacher | None) -> SequenceView:
+def head_logits(model: torch.nn.Module, sequences: Sequences, dtype: torch.dtype | None) -> HeadLogits:
+    """The logits of ``forward_logits`` not yet made: the last hidden states, shifted alike, and the LM head's weight
+    (``fused_head``). The forward asks for the logits of no position, so the head makes none."""
+    no_position = torch.empty(0, dtype=torch.long, device=sequences.input_ids.device)
+    out = model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask,
+                position_ids=sequences.position_ids, logits_to_keep=no_position, output_hidden_states=True)
+    return HeadLogits(out.hidden_states[-1][:, :-1], plain_head(model).weight, dtype)
+
+
+def plain_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The model's LM head (inside an engine's wrapper), which ``fused_head`` needs to be a linear map without bias
+    applied to the last hidden states as they are (GPT-2, OPT; not a head that scales or caps its logits)."""
+    inner = getattr(model, "module", model)  # DeepSpeed's engine and DDP hold the model as .module
+    head = inner.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or any(
+            getattr(inner.config, name, None) for name in ("final_logit_softcapping", "logit_scale")):
+        raise ValueError(f"fused_head needs an LM head that is a linear map without bias on the last hidden states; "
+                         f"{type(inner).__name__} has {type(head).__name__}. Set training.fused_head: false")
+    return head
+
+
+def sequence_view(model: torch.nn.Module, sequences: Sequences, teacher: torch.nn.Module | StoredTeacher | None,
+                  head_dtype: torch.dtype | None = None) -> SequenceView:
     """The student run on ``sequences``, aligned with their labels, with the teacher's logits when ``teacher`` is
-    given: the frozen teacher run on them, or its stored outputs read for them."""
-    student_logits = forward_logits(model, sequences)  # (b, t-1, vocab)
-    teacher_logits = None
+    given: the frozen teacher run on them, or its stored outputs read for them. With ``head_dtype`` (``fused_head``)
+    the student's logits, and a teacher model's, are ``HeadLogits`` to be made in that dtype a piece at a time."""
+    student_logits: Logits = (forward_logits(model, sequences) if head_dtype is None  # (b, t-1, vocab)
+                              else head_logits(model, sequences, head_dtype))
+    teacher_logits: Logits | None = None
     if isinstance(teacher, torch.nn.Module):
         with torch.no_grad():
-            teacher_logits = forward_logits(teacher, sequences)  # (b, t-1, vocab)
+            teacher_logits = (forward_logits(teacher, sequences) if head_dtype is None
+                              else head_logits(teacher, sequences, None))
     elif teacher is not None:
         teacher_logits = teacher.logits(sequences)
     return SequenceView(student_logits, sequences.input_ids[:, 1:], sequences.response_mask[:, 1:], teacher_logits,
