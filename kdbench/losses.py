@@ -8,10 +8,12 @@ logits lose nothing more than their own rounding, and a token with zero probabil
 Every divergence here is ≥ 0 and 0 exactly where the two distributions agree. METHODS.md, "Beyond the seed".
 
 Each is ``token_chunked``: logits larger than ``CHUNK_ELEMENTS`` are evaluated a piece of positions at a time,
-and recomputed piece by piece in backward, so the float32 temporaries never exist for every token at once (at
-GPT-2's vocabulary and 4,096 tokens the kd loss's peak above its inputs falls from 3.0× the logits tensor to
-1.08×, the gradient included: ``benchmarks/kd_loss_memory.py``). Values and gradients are those of the
-whole-tensor evaluation, which stays available as each function's ``__wrapped__``.
+and recomputed piece by piece in backward, so the float32 temporaries never exist for every token at once. Each
+also takes ``HeadLogits`` (hidden states and the LM head's weight) in place of logits and then makes the logits
+piece by piece too, so neither they nor their gradient ever exist whole (``training.fused_head``; at GPT-2's
+vocabulary and 4,096 tokens the kd loss's peak above its inputs falls from 5.0× one logits tensor to 0.45×, the
+gradients included: ``benchmarks/kd_loss_memory.py``). Values and gradients are those of the whole-tensor
+evaluation, which stays available as each function's ``__wrapped__``.
 """
 
 from __future__ import annotations

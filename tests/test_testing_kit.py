@@ -90,6 +90,16 @@ class ChangesWithDtype(ReverseKL):
         return reverse_kl(student, teacher) * (1.0 if student.dtype == torch.float32 else 2.0)
 
 
+class ReadsLogitsItself(ReverseKL):
+    name = "reads-logits-itself"  # fused_head comes from ReverseKL, yet this loss does its own arithmetic on the logits
+
+    @staticmethod
+    def loss(inputs: LossInputs, params: TemperatureParams) -> torch.Tensor:
+        student, teacher = inputs[GOLD].logits()
+        log_q, log_p = student.float().log_softmax(-1), teacher.float().log_softmax(-1)
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
 @pytest.mark.parametrize("objective,complaint", [
     (UndeclaredTeacher, "one engine step given exactly what it declares"),
     (ReadsMaskedPositions, "changing only masked positions"),
@@ -97,6 +107,7 @@ class ChangesWithDtype(ReverseKL):
     (MaximalAtTeacher, "moving the student away from the teacher lowers"),
     (Detached, "detached from the student's logits"),
     (ChangesWithDtype, "on bf16 logits"),
+    (ReadsLogitsItself, "declares fused_head, but its loss fails on HeadLogits"),
 ])
 def test_the_contract_names_the_property_a_broken_objective_breaks(objective: type[Objective], complaint: str,
                                                                     kdbench_kit: TinyKit) -> None:

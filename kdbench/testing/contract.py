@@ -12,6 +12,8 @@
    sources record agree), what ``Objective.at_teacher`` declares: zero gradient in the student's logits;
    for ``MINIMUM`` and ``ZERO`` no perturbation lowers it; for ``ZERO`` it is 0 there and ≥ 0 at every
    position elsewhere.
+6. If it declares ``fused_head``, on ``HeadLogits`` (hidden states and the LM head, the logits made a piece at a
+   time) its masked loss and the gradient in the student's weights are those on whole logits.
 
 With ``kd_ratio = 0`` the runner never computes the loss (``sft``): only the engine step applies.
 """
@@ -71,6 +73,8 @@ def objective_contract(objective: type[Objective], kit: TinyKit | None = None, p
     if objective.at_teacher is not None:
         at_teacher = loss_inputs(objective, params, kit, kit.teacher(), teacher, sources)  # the student is the teacher
         check_at_teacher(objective, params, at_teacher, fixed)
+    if objective.fused_head:
+        check_fused_head(objective, params, kit, student, teacher, sources)
 
 
 def _where(objective: type[Objective]) -> str:
@@ -102,9 +106,10 @@ def check_declared_needs_suffice(objective: type[Objective], params: ObjectivePa
 
 
 def loss_inputs(objective: type[Objective], params: ObjectiveParams, kit: TinyKit, student: torch.nn.Module,
-                teacher: torch.nn.Module, sources: Sources) -> dict[str, SequenceView]:
+                teacher: torch.nn.Module, sources: Sources, head_dtype: torch.dtype | None = None) -> dict[str, SequenceView]:
     """One micro-batch of the sequences the objective reads, made by the real sources with ``student`` as the
-    sampling student, and the views the runner would hand its loss (teacher logits where it needs them)."""
+    sampling student, and the views the runner would hand its loss (teacher logits where it needs them; ``HeadLogits``
+    made in ``head_dtype`` when given)."""
     tokenizer, examples = kit.tokenizer, kit.examples
     order = PromptOrder([len(e.input_ids) for e in examples], BATCH, torch.Generator().manual_seed(0), 0, 1, 1)
     context = SourceContext(examples, kit.teacher_texts, order, lambda: student, teacher, torch.device("cpu"),
@@ -112,7 +117,7 @@ def loss_inputs(objective: type[Objective], params: ObjectiveParams, kit: TinyKi
                             max(len(e.input_ids) for e in examples), torch.Generator().manual_seed(1))
     micro = MicroBatches(context, make_sources(objective, params, sources, context)).next()
     with_teacher = teacher if Need.TEACHER_LOGITS in objective.needs_for(params) else None
-    return {role: sequence_view(student, micro[role], with_teacher) for role in objective.reads}
+    return {role: sequence_view(student, micro[role], with_teacher, head_dtype) for role in objective.reads}
 
 
 def _detached(view: SequenceView) -> SequenceView:
@@ -217,3 +222,28 @@ def check_at_teacher(objective: type[Objective], params: ObjectiveParams, at_tea
             assert perturbed >= value - 1e-5 * units, (
                 f"{where} declares at_teacher={kind.value}, but moving the student away from the teacher lowers its "
                 f"loss from {value} to {perturbed}")
+
+
+def check_fused_head(objective: type[Objective], params: ObjectiveParams, kit: TinyKit, student: torch.nn.Module,
+                     teacher: torch.nn.Module, sources: Sources) -> None:
+    """The same micro-batch with whole logits and with ``HeadLogits``: the same masked loss and weight gradients."""
+    sums: list[torch.Tensor] = []
+    gradients: list[list[torch.Tensor]] = []
+    for head_dtype in (None, torch.float32):
+        inputs = loss_inputs(objective, params, kit, student, teacher, sources, head_dtype)
+        try:
+            total = masked_loss_sum(objective, inputs, params)
+        except Exception as error:
+            raise AssertionError(f"{_where(objective)} declares fused_head, but its loss fails on HeadLogits: "
+                                 f"{type(error).__name__}: {error}; read the logits through kdbench.losses only, or "
+                                 "leave fused_head False") from error
+        weights = [p for p in student.parameters() if p.requires_grad]
+        sums.append(total.detach())
+        gradients.append([torch.zeros_like(p) if g is None else g
+                          for p, g in zip(weights, torch.autograd.grad(total, weights, allow_unused=True))])
+    assert torch.allclose(sums[1], sums[0], rtol=1e-5, atol=1e-6), (
+        f"{_where(objective)} declares fused_head, but on HeadLogits its masked loss is {sums[1].item()}, on whole "
+        f"logits {sums[0].item()}")
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(gradients[1], gradients[0])), (
+        f"{_where(objective)} declares fused_head, but on HeadLogits its gradient in the student's weights differs")
+
