@@ -81,6 +81,10 @@ def test_sequence_view_hands_on_the_models_own_head_and_hidden_states(tiny_setup
     assert isinstance(fused.student_logits, HeadLogits) and fused.student_logits.weight is plain_head(model).weight
     assert fused.student_logits.shape == plain.student_logits.shape
     torch.testing.assert_close(F.linear(fused.student_logits.hidden, fused.student_logits.weight), plain.student_logits)
+    teacher = load_model(str(tiny_setup["root"] / "teacher"))  # a bare model: its base model alone runs
+    made = sequence_view(model, batch, teacher, torch.float32).teacher_logits
+    assert isinstance(made, HeadLogits) and not made.hidden.requires_grad
+    torch.testing.assert_close(F.linear(made.hidden, made.weight), sequence_view(model, batch, teacher).teacher_logits)
 
 
 def test_a_head_the_losses_cannot_make_is_refused(tiny_setup: dict) -> None:

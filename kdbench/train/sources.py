@@ -87,13 +87,19 @@ class StoredTeacher(Protocol):
     def logits(self, sequences: Sequences) -> torch.Tensor: ...
 
 
-def head_logits(model: torch.nn.Module, sequences: Sequences, dtype: torch.dtype | None) -> HeadLogits:
+def head_logits(model: torch.nn.Module, sequences: Sequences, dtype: torch.dtype | None, bare: bool = False) -> HeadLogits:
     """The logits of ``forward_logits`` not yet made: the last hidden states, shifted alike, and the LM head's weight
-    (``fused_head``). The forward asks for the logits of no position, so the head makes none."""
-    no_position = torch.empty(0, dtype=torch.long, device=sequences.input_ids.device)
-    out = model(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask,
-                position_ids=sequences.position_ids, logits_to_keep=no_position, output_hidden_states=True)
-    return HeadLogits(out.hidden_states[-1][:, :-1], plain_head(model).weight, dtype)
+    (``fused_head``). The model runs whole, as an engine has wrapped or patched it (the student), asking for the
+    logits of no position and for every layer's states, which its backward keeps anyway. A ``bare`` model (the frozen
+    teacher) runs only its base model, so that no layer's states but the last outlive the pass."""
+    inputs = {"input_ids": sequences.input_ids, "attention_mask": sequences.attention_mask,
+              "position_ids": sequences.position_ids}
+    if bare:
+        hidden = model.base_model(**inputs).last_hidden_state
+    else:
+        no_position = torch.empty(0, dtype=torch.long, device=sequences.input_ids.device)
+        hidden = model(**inputs, logits_to_keep=no_position, output_hidden_states=True).hidden_states[-1]
+    return HeadLogits(hidden[:, :-1], plain_head(model).weight, dtype)
 
 
 def plain_head(model: torch.nn.Module) -> torch.nn.Linear:
@@ -119,7 +125,7 @@ def sequence_view(model: torch.nn.Module, sequences: Sequences, teacher: torch.n
     if isinstance(teacher, torch.nn.Module):
         with torch.no_grad():
             teacher_logits = (forward_logits(teacher, sequences) if head_dtype is None
-                              else head_logits(teacher, sequences, None))
+                              else head_logits(teacher, sequences, None, bare=True))
     elif teacher is not None:
         teacher_logits = teacher.logits(sequences)
     return SequenceView(student_logits, sequences.input_ids[:, 1:], sequences.response_mask[:, 1:], teacher_logits,
