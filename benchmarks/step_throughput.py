@@ -82,21 +82,22 @@ def bare_steps(folder: Path, examples: list[TokenizedExample], pad_id: int, conf
     return steps
 
 
+def tokens_per_second(steps: list[tuple[int, float]]) -> float:
+    return sum(tokens for tokens, _ in steps) / sum(seconds for _, seconds in steps)
+
+
 def bare_loop(folder: Path, examples: list[TokenizedExample], pad_id: int, config: TrainingConfig) -> float:
     """Tokens/s of the hand-written loop."""
-    steps = bare_steps(folder, examples, pad_id, config)
-    return sum(tokens for tokens, _ in steps) / sum(seconds for _, seconds in steps)
+    return tokens_per_second(bare_steps(folder, examples, pad_id, config))
 
 
 def compile_probe(folder: Path, examples: list[TokenizedExample], pad_id: int, config: TrainingConfig) -> dict[str, float]:
     """What ``torch.compile`` would buy the tiny suite: the compiled bare loop's first step (compiling), the seconds of
     the whole run against the eager loop's, and the tokens/s of the steps after the first few (recompiles included)."""
     eager, compiled = bare_steps(folder, examples, pad_id, config), bare_steps(folder, examples, pad_id, config, True)
-    later = compiled[5:]
     return {"first_step_seconds": compiled[0][1], "seconds": sum(s for _, s in compiled),
-            "eager_seconds": sum(s for _, s in eager),
-            "later_tokens_per_second": sum(t for t, _ in later) / sum(s for _, s in later),
-            "eager_later_tokens_per_second": sum(t for t, _ in eager[5:]) / sum(s for _, s in eager[5:])}
+            "eager_seconds": sum(s for _, s in eager), "later_tokens_per_second": tokens_per_second(compiled[5:]),
+            "eager_later_tokens_per_second": tokens_per_second(eager[5:])}
 
 
 def report_compile(probe: dict[str, float], steps: int) -> None:

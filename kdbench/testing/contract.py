@@ -246,4 +246,3 @@ def check_fused_head(objective: type[Objective], params: ObjectiveParams, kit: T
         f"logits {sums[0].item()}")
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(gradients[1], gradients[0])), (
         f"{_where(objective)} declares fused_head, but on HeadLogits its gradient in the student's weights differs")
-

@@ -40,6 +40,7 @@ from kdbench.config import TrainingConfig
 from kdbench.data import TokenizedExample
 from kdbench.distributed import launched_world_size
 from kdbench.errors import KdbenchError
+from kdbench.losses import Logits
 from kdbench.objectives import (
     GOLD,
     Objective,
@@ -200,7 +201,7 @@ class LossSums:
     objective: torch.Tensor
     student_forwards: int
     teacher_forwards: int
-    student_logits: tuple[torch.Tensor, ...] = ()  # of the sequences the objective reads (none with kd_ratio 0)
+    student_logits: tuple[Logits, ...] = ()  # of the sequences the objective reads (none with kd_ratio 0)
 
 
 def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
