@@ -1,7 +1,7 @@
 """Wall time of a grid of teacher-forced objectives that share the teacher's stored outputs, against the same grid
 running the teacher in every training stage; and what the stored top-k distributions do to the scores.
 
-The tiny suite's GPT-2 family (the shipped teacher, 933k parameters, distilling 60k-parameter students: 15×), eight
+The tiny suite's GPT-2 family (the shipped teacher, 933k parameters, distilling the suite's students), eight
 teacher-forced methods × three training seeds. The unshared grid is the exact path: every stage runs the teacher on
 its own batches. The shared grid adds ``teacher_outputs: {share: true, top_k: K}``: one stage runs the teacher once
 over the 40,000 training sequences and keeps its top ``K`` tokens per response position with an even tail, and all

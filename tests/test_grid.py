@@ -47,9 +47,10 @@ def changed(before: StageGraph, after: StageGraph) -> set[tuple[str, str]]:
 
 
 def from_scratch(experiment: Experiment) -> Experiment:
-    """The experiment with its teachers trained here instead of read from shipped folders (export-teachers' view)."""
+    """The experiment with its teachers and SFT inits trained here instead of read from shipped folders."""
     return experiment.model_copy(update={"teacher": experiment.teacher.model_copy(update={"train": True}),
-                                         "models": experiment.models.model_copy(update={"teachers": {}})})
+                                         "models": experiment.models.model_copy(update={"teachers": {},
+                                                                                        "sft_inits": {}})})
 
 
 def test_collect_builds_the_graph_from_settings_alone(registries: Registries, tmp_path: Path,
@@ -82,19 +83,26 @@ def test_collect_builds_the_graph_from_settings_alone(registries: Registries, tm
     assert [graph[k].kind.value for k in lineage] == ["tokenizer", "init", "tokenize", "train", "train", "eval"]
 
 
-def test_shipped_teachers_are_checkpoints_whose_tokenizer_the_students_share(registries: Registries) -> None:
-    """The default reads each family's teacher from experiments/teachers/<family>: no teacher training, no tokenizer
-    training; the students are initialised with the teacher's tokenizer."""
+def test_shipped_teachers_and_sft_inits_are_checkpoints_whose_tokenizer_the_students_share(registries: Registries) -> None:
+    """The default reads each family's teacher from experiments/teachers/<family> and each training seed's SFT init
+    from experiments/inits/<family>/s1/seed<k>: no teacher, tokenizer or init training. Trained here instead, the
+    students are initialised with the teacher's tokenizer."""
     experiment = load_experiment(None)
     graph = graph_of(experiment, registries)
-    teachers = [node for node in graph if node.kind is StageKind.CHECKPOINT]
-    assert [node.family for node in teachers] == ["gpt2", "opt"]
-    assert all(node.inputs["checkpoint"].startswith("local:") and Path(node.spec.path).is_dir() for node in teachers)
-    assert not any(node.kind is StageKind.TOKENIZER for node in graph)
-    assert not any(node.label.endswith("/teacher") and node.kind is StageKind.TRAIN for node in graph)
-    for node in graph:
-        if node.kind is StageKind.INIT:
-            assert graph[node.deps["tokenizer"]] in teachers
+    checkpoints = {node.label: node for node in graph if node.kind is StageKind.CHECKPOINT}
+    teachers = [checkpoints[f"{family}/teacher"] for family in ("gpt2", "opt")]
+    assert sorted(checkpoints) == sorted([f"{f}/teacher" for f in ("gpt2", "opt")]
+                                         + [f"{f}/s1/init/seed{k}" for f in ("gpt2", "opt") for k in SEEDS])
+    for node in checkpoints.values():
+        assert node.inputs["checkpoint"].startswith("local:") and Path(node.spec.path).is_dir()
+    assert not any(node.kind in (StageKind.TOKENIZER, StageKind.INIT) for node in graph)
+    assert not any(node.kind is StageKind.TRAIN and (node.label.endswith("/teacher") or "/init/" in node.label)
+                   for node in graph)
+    trained_inits = graph_of(experiment.model_copy(update={"models": experiment.models.model_copy(
+        update={"sft_inits": {}})}), registries)
+    teacher_keys = {node.key for node in teachers}
+    initialised = [node for node in trained_inits if node.kind is StageKind.INIT]
+    assert len(initialised) == 2 * len(SEEDS) and all(node.deps["tokenizer"] in teacher_keys for node in initialised)
 
 
 def test_bumping_an_objectives_version_rekeys_exactly_its_cells(registries: Registries) -> None:
@@ -169,7 +177,7 @@ def test_a_methods_own_setting_rekeys_only_its_cells(registries: Registries) -> 
 
 def test_each_training_seed_starts_a_tiny_student_from_its_own_initialisation(registries: Registries) -> None:
     """Seeds vary the initialisation as well as the data order (a pretrained checkpoint is the same for all)."""
-    experiment = load_experiment(None)
+    experiment = from_scratch(load_experiment(None))  # the SFT inits trained here, from the students' initialisations
     selection = resolve_selection(experiment, registries, ["sft", "kd"], ["gpt2"], 3)
     graph = collect(experiment, registries, selection)
     for method in ("sft", "kd"):

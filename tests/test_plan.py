@@ -159,18 +159,23 @@ def test_the_tiny_plan_lists_every_stage_with_the_engines_step_counts(registries
     splits = registries.datasets.get("tiny").load(dict(experiment.data.options))
     n_train = len(splits["train"])
     assert plan.train_examples == n_train and not plan.data.estimated
-    assert [m.family for m in plan.models] == ["gpt2", "gpt2", "opt", "opt"]
+    # per family the shipped teacher and the shipped SFT init of each training seed
+    assert [(m.family, m.role, m.label) for m in plan.models] == [
+        (f, role, label) for f in ("gpt2", "opt")
+        for role, label in [("teacher", "teacher"), *(("student", f"s1/init/seed{k}") for k in experiment.seeds)]]
     for family in ("gpt2", "opt"):
-        teacher, student = (m for m in plan.models if m.family == family)
-        assert teacher.size is not None and student.size is not None  # the shipped teacher's size from its config
+        teacher, student, *_ = (m for m in plan.models if m.family == family)
+        assert teacher.size is not None and student.size is not None  # the shipped folders' sizes from their configs
         assert trained(plan, f"{family}/teacher/teacher/seed0").training is None  # shipped: nothing to train
         for method in experiment.methods:
             cell = f"{family}/s1/{method}/seed0"
             names = lineage_names(plan, cell)
-            # what prepares the cell: the shared SFT init, and the teacher's samples when the loss reads them
+            # what prepares the cell: the shipped SFT init is read, not trained; the teacher's samples are made when
+            # the loss reads them
             preparation = [n for n in names[:-2] if n not in ("checkpoint", "init", "tokenize")]
-            expected = ["train sft", "generate"] if method in ("seqkd", "dpkd") else ["train sft"]
+            expected = ["generate"] if method in ("seqkd", "dpkd") else []
             assert preparation == expected, (method, names)
+            assert plan.stage(trained(plan, cell).node.deps["init"]).name == "checkpoint"
             train = trained(plan, cell)
             assert names[-2:] == [f"train {method}", "eval"] and train.name == f"train {method}"
             assert train.training is not None and train.training.params == student.size.params
@@ -179,16 +184,20 @@ def test_the_tiny_plan_lists_every_stage_with_the_engines_step_counts(registries
             # The teacher stays loaded from its evaluation to the family's last reader: every student stage.
             assert train.training.teacher_params == teacher.size.params
             assert f"{len(splits['test']):,} examples × 3 seeds" in plan.stage(cell_node(plan, cell).key).work
-            # the SFT init, and the shipped teacher's 4,500 steps for the rows whose training reads it
-            assert plan.cell_steps(cell_node(plan, cell)) == (200, 200 + 600 + (0 if method == "sft" else 4500))
+            # the shipped SFT init's recorded 12,800 steps, and the shipped teacher's 9,000 for the rows whose training
+            # reads it
+            assert plan.cell_steps(cell_node(plan, cell)) == (200, 200 + 12800 + (0 if method == "sft" else 9000))
 
 
 def test_one_sft_init_per_seed_serves_every_method(registries: Registries) -> None:
-    plan = plan_of(load_experiment(None), registries, 1, ["minillm", "sft"])
+    default = load_experiment(None)  # without its shipped inits, so that the plan trains them
+    plan = plan_of(default.model_copy(update={"models": default.models.model_copy(update={"sft_inits": {}})}),
+                   registries, 1, ["minillm", "sft"])
     sft = trained(plan, "gpt2/s1/sft/seed0")
     minillm = trained(plan, "gpt2/s1/minillm/seed0")
     assert minillm.node.deps["init"] == sft.node.deps["init"] == plan.graph.lineage(sft.node.key)[-2]
     assert [s.node.label for s in plan.stages].count("gpt2/s1/init/seed0") == 1  # trained once, read by both
+    assert plan.stage(minillm.node.deps["init"]).name == "train sft"
     assert plan.stage(minillm.node.deps["init"]).number < minillm.number
 
 

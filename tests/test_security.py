@@ -117,7 +117,7 @@ def test_models_trained_from_a_trusted_checkpoint_are_trusted_and_nothing_else(t
 
     experiment = load_experiment(None).model_copy(deep=True)
     models = experiment.models.model_copy(update={"scale": "paper", "families": ["gpt2"], "students": ["120M"],
-                                                  "teachers": {}, "trust_remote_code": ["gpt2"]})
+                                                  "teachers": {}, "sft_inits": {}, "trust_remote_code": ["gpt2"]})
     experiment = experiment.model_copy(update={"models": models, "teacher": experiment.teacher.model_copy(
         update={"train": True})})
     registries = load_registries()

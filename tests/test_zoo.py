@@ -40,7 +40,7 @@ def test_paper_scale_resolution_takes_local_path_overrides(tmp_path: Path) -> No
     """At paper scale nothing is built: hub names pass through, local paths replace them where given."""
     experiment = load_experiment(None).model_copy(deep=True)
     models = experiment.models.model_copy(update={"scale": "paper", "students": ["120M"],
-                                                  "teachers": {"gpt2": "/models/gpt2-xl-sft"}})
+                                                  "teachers": {"gpt2": "/models/gpt2-xl-sft"}, "sft_inits": {}})
     experiment = experiment.model_copy(update={"models": models})
     registries = load_registries()
     graph = collect(experiment, registries, resolve_selection(experiment, registries, ["sft"], ["gpt2"], None))

@@ -34,7 +34,8 @@ SCORINGS = 12  # validation-loss evaluations per run
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", nargs="+", default=["16x2x2", "32x2x2"], help="WIDTHxLAYERSxHEADS each")
+    parser.add_argument("--archs", nargs="+", default=["16x2x2", "32x2x2"],
+                        help="WIDTHxLAYERSxHEADS[xFFN] each (FFN defaults to 4 x WIDTH)")
     parser.add_argument("--steps", type=int, nargs="+", default=[6400, 12800])
     parser.add_argument("--family", default="gpt2")
     parser.add_argument("--seed", type=int, default=0)
@@ -63,8 +64,7 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {"teacher": scored(load_model(str(teacher_folder), PRECISION_DTYPES["fp32"]))}
     sft = registries.objectives.get("sft")
     for arch_text in args.archs:
-        width, layers, heads = (int(part) for part in arch_text.split("x"))
-        arch = TinyArch(width=width, layers=layers, heads=heads)
+        arch = TinyArch(*(int(part) for part in arch_text.split("x")))  # WIDTHxLAYERSxHEADS[xFFN]
         init = args.out / f"init-{arch_text}-seed{args.seed}"
         build_tiny_model(family, arch, tokenizer, data.max_length, args.seed, init)
         for steps in args.steps:
