@@ -46,11 +46,16 @@ def changed(before: StageGraph, after: StageGraph) -> set[tuple[str, str]]:
     return {label for label in old if old[label] != new[label]}
 
 
+def with_trained_inits(experiment: Experiment) -> Experiment:
+    """The experiment with its SFT inits trained here instead of read from shipped folders."""
+    return experiment.model_copy(update={"models": experiment.models.model_copy(update={"sft_inits": {}})})
+
+
 def from_scratch(experiment: Experiment) -> Experiment:
     """The experiment with its teachers and SFT inits trained here instead of read from shipped folders."""
+    experiment = with_trained_inits(experiment)
     return experiment.model_copy(update={"teacher": experiment.teacher.model_copy(update={"train": True}),
-                                         "models": experiment.models.model_copy(update={"teachers": {},
-                                                                                        "sft_inits": {}})})
+                                         "models": experiment.models.model_copy(update={"teachers": {}})})
 
 
 def test_collect_builds_the_graph_from_settings_alone(registries: Registries, tmp_path: Path,
@@ -98,8 +103,7 @@ def test_shipped_teachers_and_sft_inits_are_checkpoints_whose_tokenizer_the_stud
     assert not any(node.kind in (StageKind.TOKENIZER, StageKind.INIT) for node in graph)
     assert not any(node.kind is StageKind.TRAIN and (node.label.endswith("/teacher") or "/init/" in node.label)
                    for node in graph)
-    trained_inits = graph_of(experiment.model_copy(update={"models": experiment.models.model_copy(
-        update={"sft_inits": {}})}), registries)
+    trained_inits = graph_of(with_trained_inits(experiment), registries)
     teacher_keys = {node.key for node in teachers}
     initialised = [node for node in trained_inits if node.kind is StageKind.INIT]
     assert len(initialised) == 2 * len(SEEDS) and all(node.deps["tokenizer"] in teacher_keys for node in initialised)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from test_grid import with_trained_inits
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from kdbench.config import Experiment, load_experiment, parse_experiment
@@ -175,8 +176,8 @@ def test_the_tiny_plan_lists_every_stage_with_the_engines_step_counts(registries
             preparation = [n for n in names[:-2] if n not in ("checkpoint", "init", "tokenize")]
             expected = ["generate"] if method in ("seqkd", "dpkd") else []
             assert preparation == expected, (method, names)
-            assert plan.stage(trained(plan, cell).node.deps["init"]).name == "checkpoint"
             train = trained(plan, cell)
+            assert plan.stage(train.node.deps["init"]).name == "checkpoint"
             assert names[-2:] == [f"train {method}", "eval"] and train.name == f"train {method}"
             assert train.training is not None and train.training.params == student.size.params
             assert train.training.steps == total_optimizer_steps(experiment.training_for(method), n_train, gpus) == 200
@@ -190,9 +191,7 @@ def test_the_tiny_plan_lists_every_stage_with_the_engines_step_counts(registries
 
 
 def test_one_sft_init_per_seed_serves_every_method(registries: Registries) -> None:
-    default = load_experiment(None)  # without its shipped inits, so that the plan trains them
-    plan = plan_of(default.model_copy(update={"models": default.models.model_copy(update={"sft_inits": {}})}),
-                   registries, 1, ["minillm", "sft"])
+    plan = plan_of(with_trained_inits(load_experiment(None)), registries, 1, ["minillm", "sft"])
     sft = trained(plan, "gpt2/s1/sft/seed0")
     minillm = trained(plan, "gpt2/s1/minillm/seed0")
     assert minillm.node.deps["init"] == sft.node.deps["init"] == plan.graph.lineage(sft.node.key)[-2]

@@ -5,9 +5,8 @@ reads the shipped ``models.sft_inits``, which are that init), the method stage's
 50·k steps, runs ``kdbench run`` of it (``sft`` only, one family, ``--seeds`` training seeds, the shipped teacher)
 into ``--out``/k<k> on one cache (``--cache``, by default under ``--out``; name the reference run's cache and k = 1
 reuses its stages), and prints ROUGE-L overall and per task, averaged over the training seeds, with the teacher's
-beside it. A row has plateaued when doubling its budget moves it by less than a
-point. Run from the repository root (k = 2 with three seeds trains 3 × (25,600 + 400) steps of the 10k student,
-about 12 min each on one core):
+beside it. A row has plateaued when doubling its budget moves it by less than a point. Run from the repository root
+(k = 2 with three seeds trains 3 × (25,600 + 400) steps of the 10k student, about 13 min each on one core):
 
     python experiments/calibration/budget_ladder.py --factors 1 2 --seeds 3 --out /tmp/ladder
 """
