@@ -153,6 +153,8 @@ class InitConfig(Strict):
     start: Literal["sft", "base"] = Field("sft", description="uniform protocol: every method starts from the shared "
                                           "SFT student (sft) or from the base model (base)")
     training: TrainingConfig | None = Field(None, description="the SFT init's training; `training` when omitted")
+    select_every: int | None = Field(None, ge=1, description="optimizer steps between the init's validation-loss "
+                                     "checks; `selection.every` when omitted (a long init validates less often)")
 
 
 class TeacherConfig(Strict):
@@ -276,6 +278,10 @@ class Experiment(Strict):
     @property
     def init_training(self) -> TrainingConfig:
         return self.init.training or self.training
+
+    @property
+    def init_select_every(self) -> int:
+        return self.init.select_every or self.selection.every
 
     def training_for(self, method: str) -> TrainingConfig:
         """The shared ``training`` with the method's own overrides (``method_training``) applied."""

@@ -12,8 +12,8 @@ from kdbench.zoo import ModelFamily, TinyArch
 
 # Teacher ≈ 90× the student. Issue 9's calibration (experiments/calibration/student_capacity.py): students of 24k
 # parameters and more keep memorising the suite's facts for tens of thousands of steps, so no budget a grid can
-# afford puts them on a plateau; this 10k student, whose capacity is about the world's facts, levels off near
-# chance recall (SFT ROUGE-L 39.8 / 41.6 / 42.1 at 6,400 / 12,800 / 25,600 steps, GPT-2, seed 0).
+# afford puts them on a plateau; this 10k student, whose capacity is about the world's facts, stays near chance
+# recall and climbs slowly (SFT ROUGE-L 39.8 / 41.6 / 42.1 at 6,400 / 12,800 / 25,600 steps, GPT-2, seed 0).
 TINY_TEACHER = TinyArch(width=128, layers=4, heads=4)
 TINY_STUDENTS = {"s1": TinyArch(width=8, layers=2, heads=2)}
 

@@ -243,3 +243,17 @@ def test_the_teacher_stage_may_validate_on_its_own_schedule(registries: Registri
     assert students and all(n.inputs["selection"]["every"] == 50 and n.inputs["selection"]["max_examples"] is None
                             for n in students)
     assert train_nodes(tiny(teacher={"train": True}), registries)["gpt2/teacher"].inputs["selection"]["every"] == 50
+
+
+def test_the_sft_init_may_validate_on_its_own_schedule(registries: Registries) -> None:
+    """init.select_every spaces the SFT init's validation-loss checks alone (a long init validates less often); the
+    method stages keep selection.every, and without it the init does too. The protocol card states the init's."""
+    init = {"training": {"max_steps": 5, "batch_size": 16}, "select_every": 4}
+    nodes = train_nodes(tiny(init=init), registries)
+    assert {nodes[f"gpt2/s1/init/seed{seed}"].inputs["selection"]["every"] for seed in (0, 1)} == {4}
+    students = [n for label, n in nodes.items() if "/init/" not in label]
+    assert students and all(n.inputs["selection"]["every"] == 50 for n in students)
+    assert train_nodes(tiny(), registries)["gpt2/s1/init/seed0"].inputs["selection"]["every"] == 50
+    card = protocol_card(parse_experiment(tiny(init=init), "t"), [0])
+    assert "selected by validation loss every 4 steps" in card["init"]
+    assert "every 50 optimizer steps" in card["selection"]

@@ -1,12 +1,13 @@
 """Issue 9's budget ladder: the tiny suite's SFT row at k times its budget, to see where it stops moving.
 
 For each factor k this writes ``experiments/tiny.yaml`` with the SFT init's ``max_steps`` × k (trained here; k = 1
-reads the shipped ``models.sft_inits``, which are that init), the method stage's × k and checkpoint selection every
-50·k steps, runs ``kdbench run`` of it (``sft`` only, one family, ``--seeds`` training seeds, the shipped teacher)
-into ``--out``/k<k> on one cache (``--cache``, by default under ``--out``; name the reference run's cache and k = 1
-reuses its stages), and prints ROUGE-L overall and per task, averaged over the training seeds, with the teacher's
-beside it. A row has plateaued when doubling its budget moves it by less than a point. Run from the repository root
-(k = 2 with three seeds trains 3 × (25,600 + 400) steps of the 10k student, about 13 min each on one core):
+reads the shipped ``models.sft_inits``, which are that init), the method stage's × k and the validations of both k
+times further apart, runs ``kdbench run`` of it (``sft`` only, one family, ``--seeds`` training seeds, the shipped
+teacher) into ``--out``/k<k> on one cache (``--cache``, by default under ``--out``; name the reference run's cache and
+k = 1 reuses its stages), and prints ROUGE-L overall and per task, averaged over the training seeds, with the
+teacher's beside it. A row has plateaued when doubling its budget moves it by less than a point. Run from the
+repository root (k = 2 with three seeds trains 3 × (51,200 + 400) steps of the 10k student, about 30 min each on one
+core):
 
     python experiments/calibration/budget_ladder.py --factors 1 2 --seeds 3 --out /tmp/ladder
 """
@@ -31,6 +32,7 @@ def ladder_experiment(factor: int, family: str) -> dict[str, Any]:
     experiment = yaml.safe_load((REPOSITORY / "experiments" / "tiny.yaml").read_text())
     experiment["name"] = f"ladder{factor}"
     experiment["init"]["training"]["max_steps"] *= factor
+    experiment["init"]["select_every"] = experiment["init"].get("select_every", experiment["selection"]["every"]) * factor
     experiment["training"]["max_steps"] *= factor
     experiment["selection"]["every"] *= factor
     experiment["models"]["teachers"] = {family: str(REPOSITORY / "experiments" / "teachers" / family)}

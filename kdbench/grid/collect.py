@@ -174,11 +174,13 @@ class _Collector:
         return self.add(StageKind.TOKENIZE, "data", inputs, {"tokenizer": tokenizer}, None)
 
     # -- stages ------------------------------------------------------------------------------------
-    def select(self, metric: str | None = None, selection: SelectionConfig | None = None) -> SelectSpec:
-        """``selection`` (the experiment's when None) as a stage's spec, on ``metric`` instead of its own when given."""
+    def select(self, metric: str | None = None, selection: SelectionConfig | None = None,
+               every: int | None = None) -> SelectSpec:
+        """``selection`` (the experiment's when None) as a stage's spec, on ``metric`` and every ``every`` steps
+        instead of its own when given."""
         selection, evaluation = selection or self.experiment.selection, self.experiment.evaluation
-        return SelectSpec(metric or selection.metric, selection.every, selection.rule == "best", selection.greedy,
-                          selection.max_examples, evaluation.max_new_tokens)
+        return SelectSpec(metric or selection.metric, every or selection.every, selection.rule == "best",
+                          selection.greedy, selection.max_examples, evaluation.max_new_tokens)
 
     def trained(self, family: str, label: str, init: str, data: str, objective: type[Objective], params: ObjectiveParams,
                 settings: TrainingConfig, seed: int, teacher: str | None = None, select: SelectSpec | None = None) -> str:
@@ -225,7 +227,8 @@ class _Collector:
             return self.checkpoint(family_spec, f"{label}/init/seed{seed}", str(folder))
         sft = self.registries.objectives.get("sft")
         return self.trained(family, f"{family}/{label}/init/seed{seed}", student, data, sft, sft.make_params({}),
-                            self.experiment.init_training, seed, select=self.select("loss"))
+                            self.experiment.init_training, seed,
+                            select=self.select("loss", every=self.experiment.init_select_every))
 
     def starts_from_sft(self, objective: type[Objective], params: ObjectiveParams) -> bool:
         """uniform: every method starts where ``init.start`` says; paper: those whose recipe starts from the SFT student."""

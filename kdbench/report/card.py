@@ -40,7 +40,7 @@ def protocol_card(experiment: Experiment, train_seeds: Sequence[int]) -> Protoco
     """The card of ``experiment`` run with ``train_seeds``."""
     selection, evaluation = experiment.selection, experiment.evaluation
     init = (f"one SFT student per training seed ({_budget(experiment.init_training)}), selected by validation loss"
-            f" every {selection.every} steps")
+            f" every {experiment.init_select_every} steps")
     if experiment.models.sft_inits:  # trained once by `kdbench export-inits` with the init block, and read
         folders = ", ".join(f"{family}: {Path(folder).parent.name}/{Path(folder).name}"  # the same on every machine
                             for family, folder in experiment.models.sft_inits.items())
