@@ -185,9 +185,9 @@ def test_the_tiny_plan_lists_every_stage_with_the_engines_step_counts(registries
             # The teacher stays loaded from its evaluation to the family's last reader: every student stage.
             assert train.training.teacher_params == teacher.size.params
             assert f"{len(splits['test']):,} examples × 5 seeds" in plan.stage(cell_node(plan, cell).key).work
-            # the shipped SFT init's recorded 25,600 steps, and the shipped teacher's 9,000 for the rows whose training
+            # the shipped SFT init's recorded 3,200 steps, and the shipped teacher's 9,000 for the rows whose training
             # reads it
-            assert plan.cell_steps(cell_node(plan, cell)) == (200, 200 + 25600 + (0 if method == "sft" else 9000))
+            assert plan.cell_steps(cell_node(plan, cell)) == (200, 200 + 3200 + (0 if method == "sft" else 9000))
 
 
 def test_one_sft_init_per_seed_serves_every_method(registries: Registries) -> None:

@@ -6,7 +6,7 @@ times further apart, runs ``kdbench run`` of it (``sft`` only, one family, ``--s
 teacher) into ``--out``/k<k> on one cache (``--cache``, by default under ``--out``; name the reference run's cache and
 k = 1 reuses its stages), and prints ROUGE-L overall and per task, averaged over the training seeds, with the
 teacher's beside it. A row has plateaued when doubling its budget moves it by less than a point. Run from the
-repository root (k = 2 with three seeds trains 3 × (51,200 + 400) steps of the 10k student, about 30 min each on one
+repository root (k = 2 with three seeds trains 3 × (6,400 + 400) steps of the 10k student, about 2.5 min each on one
 core):
 
     python experiments/calibration/budget_ladder.py --factors 1 2 --seeds 3 --out /tmp/ladder
