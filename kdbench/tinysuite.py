@@ -9,8 +9,8 @@ real benchmark rather than a smoke test:
   teacher's. ``fact`` asks one of them in one of several phrasings, all used in training (closed-book
   recall of trained knowledge), and ``describe`` states them all in one sentence. A student learns
   the sentence's template quickly, then guesses the facts from their frequencies; a teacher recalls them;
-* nothing else is slow to learn: the student learns the templates and categories within a few
-  hundred steps; what it still gains with a longer budget is slowly memorised facts. The algorithmic
+* nothing else is slow to learn: the student learns the templates and categories within about 3,000
+  steps; what it still gains with a longer budget is slowly memorised facts. The algorithmic
   tasks (``reverse``, ``sort``, ``add``) stay available as options but are off by default: a 2-layer
   student learns them only after thousands of steps;
 * responses vary in length, from one word (``fact``) to whole sentences (``describe``);
