@@ -25,14 +25,17 @@ from typing import Any
 
 import yaml
 
+from kdbench.config import load_experiment
+
 REPOSITORY = Path(__file__).resolve().parents[2]
+TINY = REPOSITORY / "experiments" / "tiny.yaml"
 
 
 def ladder_experiment(factor: int, family: str) -> dict[str, Any]:
-    experiment = yaml.safe_load((REPOSITORY / "experiments" / "tiny.yaml").read_text())
+    experiment = yaml.safe_load(TINY.read_text())
     experiment["name"] = f"ladder{factor}"
     experiment["init"]["training"]["max_steps"] *= factor
-    experiment["init"]["select_every"] = experiment["init"].get("select_every", experiment["selection"]["every"]) * factor
+    experiment["init"]["select_every"] = load_experiment(TINY).init_select_every * factor  # its fallback resolved once
     experiment["training"]["max_steps"] *= factor
     experiment["selection"]["every"] *= factor
     experiment["models"]["teachers"] = {family: str(REPOSITORY / "experiments" / "teachers" / family)}
