@@ -64,7 +64,7 @@ class TinySuiteOptions:
     n_towns: int = 16
     n_train: int = 40000
     n_validation: int = 200
-    n_test: int = 1000
+    n_test: int = 4000
     task_weights: dict[str, float] = field(
         default_factory=lambda: {
             # reverse, sort and add stay available (weight > 0 turns them on) but are off in the benchmark: a

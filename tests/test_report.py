@@ -184,9 +184,29 @@ def test_rank_significance_and_gap_from_per_example_scores(run_dir: Path) -> Non
     assert sft.gap_recovered == 0.0
     assert bloom.gap_recovered is None and bloom.gap_recovered_ci95 is None  # no sft row, no teacher
     assert kd.n_examples == 4
+    # Paired by training seed with sft: only seed 0 has both (41 − 46), so there is no interval.
+    assert kd.vs_sft is not None and (kd.vs_sft.difference, kd.vs_sft.interval, kd.vs_sft.seeds) == (-5.0, None, 1)
+    assert sft.vs_sft is None and bloom.vs_sft is None  # the baseline itself; a student without an sft row
     # Gold lengths 5, 40, 80, 20 words: (0,30] holds the first and last examples (23 − 2, 23 + 2).
     assert kd.length_counts == {"(0,30]": 2, "(30,70]": 1, "(70,inf)": 1}
     assert kd.length_scores == pytest.approx({"(0,30]": 23.0, "(30,70]": 25.0, "(70,inf)": 21.0})
+
+
+def test_difference_to_sft_is_paired_by_training_seed(run_dir: Path) -> None:
+    write_result(run_dir, family="gpt2", student="s1", method="sft", train_seed=1,
+                 rouge={"10": 50.0, "20": 52.0}, em={"10": 10.0, "20": 12.0}, wall_total=6.0)
+    kd = rows_by_key(leaderboard(run_dir))[("gpt2", "s1", "kd")]
+    # kd − sft: seed 0 41 − 46 = −5, seed 1 45 − 51 = −6; the t interval is over those two differences.
+    half = T_975_1 * math.sqrt(0.5) / math.sqrt(2)
+    assert kd.vs_sft is not None and kd.vs_sft.seeds == 2 and kd.vs_sft.difference == pytest.approx(-5.5)
+    assert kd.vs_sft.interval == pytest.approx((-5.5 - half, -5.5 + half))
+    assert kd.vs_sft.p_value == pytest.approx(scipy_stats.ttest_rel([41.0, 45.0], [46.0, 51.0]).pvalue)
+    text = render(build_report(run_dir), "md")
+    assert f"| -5.50 [{-5.5 - half:.2f}, {-5.5 + half:.2f}] |" in text and "'Δ sft by seed'" in text
+    records = json.loads(render(build_report(run_dir), "json"))
+    record = next(r for r in records if (r["family"], r["method"]) == ("gpt2", "kd"))
+    assert record["diff_to_sft_by_seed"] == -5.5
+    assert record["diff_to_sft_by_seed_ci95"] == [round(-5.5 - half, 4), round(-5.5 + half, 4)]
 
 
 def test_rows_scored_on_different_examples_are_not_paired(run_dir: Path) -> None:
@@ -254,7 +274,8 @@ def test_json_output_has_every_statistic_and_cost(run_dir: Path) -> None:
     required = {"family", "student", "method", "kind", "rank", "n_seeds", "n_train_seeds", "n_eval_seeds", "n_examples",
                 "wall_seconds", "train_seconds", "params", "rougeL_mean", "rougeL_std", "rougeL_ci95", "exact_match_mean",
                 "exact_match_std", "exact_match_ci95", "same_as_best", "diff_to_best", "diff_to_best_ci95", "p_vs_best",
-                "gap_recovered", "gap_recovered_ci95", "exact_match_by_length", "examples_by_length", "optimizer_steps",
+                "diff_to_sft_by_seed", "diff_to_sft_by_seed_ci95", "p_vs_sft_by_seed", "gap_recovered",
+                "gap_recovered_ci95", "exact_match_by_length", "examples_by_length", "optimizer_steps",
                 "optimizer_steps_total", "train_tokens", "train_tokens_total", "student_forwards", "teacher_forwards",
                 "peak_memory_mb"}
     for record in records:
@@ -315,7 +336,8 @@ def test_rich_table_styles_teacher_and_bolds_best_student(run_dir: Path) -> None
     rows = leaderboard(run_dir)
     table = rich_table(rows, title="tiny")
     headers = [str(column.header) for column in table.columns]
-    assert headers == ["family", "student", "method", "rank", "rougeL", "exact_match", "≈ best", "gap recovered",
+    assert headers == ["family", "student", "method", "rank", "rougeL", "exact_match", "Δ sft by seed", "≈ best",
+                       "gap recovered",
                        "seeds (train × eval)", "steps (own / total)", "tokens (own / total)",
                        "forwards (student / teacher)", "peak MB", "train s", "wall s", "selected step", "params"]
     assert table.rows[1].style == "dim italic"  # the gpt2 teacher

@@ -1,5 +1,5 @@
-"""The report's statistics on numbers worked out by hand: intervals over training seeds, ranks, the paired
-bootstrap over test examples, the gap recovered and length buckets."""
+"""The report's statistics on numbers worked out by hand: intervals over training seeds, differences paired by
+training seed, ranks, the paired bootstrap over test examples, the gap recovered and length buckets."""
 
 from __future__ import annotations
 
@@ -18,6 +18,32 @@ def test_std_and_t_interval_over_training_seeds() -> None:
     half = scipy_stats.t.ppf(0.975, df=2) * 2.0 / math.sqrt(3)  # 4.303 × 2 / √3
     assert stats.t_interval(values) == pytest.approx((43.0 - half, 43.0 + half))
     assert stats.sample_std([41.0]) is None and stats.t_interval([41.0]) is None  # one training seed: undefined
+
+
+def test_seed_paired_difference_is_a_paired_t_test_over_the_shared_seeds() -> None:
+    row = {0: 41.0, 1: 45.0, 2: 43.0}
+    baseline = {0: 40.0, 1: 43.0, 2: 42.0, 3: 50.0}  # seed 3 has no partner and is left out
+    paired = stats.seed_paired(row, baseline)
+    assert paired is not None and paired.seeds == 3
+    differences = [1.0, 2.0, 1.0]
+    assert paired.difference == pytest.approx(4 / 3)
+    half = scipy_stats.t.ppf(0.975, df=2) * np.std(differences, ddof=1) / math.sqrt(3)
+    assert paired.interval == pytest.approx((4 / 3 - half, 4 / 3 + half))
+    assert paired.p_value == pytest.approx(scipy_stats.ttest_rel([41.0, 45.0, 43.0], [40.0, 43.0, 42.0]).pvalue)
+    one = stats.seed_paired({0: 41.0}, baseline)
+    assert one is not None and (one.difference, one.interval, one.p_value, one.seeds) == (1.0, None, None, 1)
+    assert stats.seed_paired({5: 41.0}, baseline) is None
+
+
+def test_seed_paired_difference_leaves_out_the_spread_the_seeds_share() -> None:
+    """Seeds 10 points apart that move both rows alike: each row's own interval is wide, the paired one is not."""
+    shared = {0: 30.0, 1: 40.0, 2: 50.0}
+    row = {seed: value + 0.5 for seed, value in shared.items()}
+    own = stats.t_interval(list(row.values()))
+    assert own is not None and own[1] - own[0] > 40
+    paired = stats.seed_paired(row, shared)
+    assert paired is not None and paired.difference == pytest.approx(0.5)
+    assert paired.interval == pytest.approx((0.5, 0.5)) and paired.p_value is None  # no spread left to test against
 
 
 def test_competition_ranks_share_ties() -> None:

@@ -64,6 +64,13 @@ def best_text(row: LeaderboardRow) -> str:
     return f"{'yes' if row.vs_best.same_as_best else 'no'} ({shown})"
 
 
+def sft_by_seed_text(row: LeaderboardRow) -> str:
+    """``+0.73 [-0.25, 1.71]``: the row minus sft, seed by seed, and its interval (none from one shared seed)."""
+    if row.vs_sft is None:
+        return MISSING
+    return f"{row.vs_sft.difference:+.2f} {interval(row.vs_sft.interval)}".strip()
+
+
 def gap_text(row: LeaderboardRow) -> str:
     if row.gap_recovered is None:
         return MISSING
@@ -86,8 +93,8 @@ def status_text(row: LeaderboardRow) -> str:
 
 
 def columns(rows: Sequence[LeaderboardRow]) -> list[Column]:
-    """Identity, rank, each metric, the significance test, gap recovered, seeds, costs, selection and status (the
-    status column only when a row was not scored)."""
+    """Identity, rank, each metric, the difference to sft by seed, the significance test, gap recovered, seeds,
+    costs, selection and status (the status column only when a row was not scored)."""
     metric_columns = [Column(metric, lambda row, m=metric: metric_text(row, m), f"{metric}_mean", metric=metric)
                       for metric in all_metrics(rows)]
     chosen = [
@@ -96,6 +103,7 @@ def columns(rows: Sequence[LeaderboardRow]) -> list[Column]:
         Column("method", lambda row: row.method, "method", numeric=False),
         Column("rank", lambda row: MISSING if row.rank is None else str(row.rank), "rank"),
         *metric_columns,
+        Column("Δ sft by seed", sft_by_seed_text, "diff_to_sft_by_seed"),
         Column("≈ best", best_text, "same_as_best", numeric=False),
         Column("gap recovered", gap_text, "gap_recovered"),
         Column("seeds (train × eval)", lambda row: f"{row.n_train_seeds} × {row.n_eval_seeds}", "n_train_seeds"),

@@ -2,8 +2,9 @@
 
 Aggregation, per (family, student, method): each training seed's score on a metric is the mean over its
 evaluation seeds; the row reports the mean, sample standard deviation and Student-t 95% interval over the
-training seeds that were scored (``kdbench.report.statistics``). Seeds that failed or diverged are not
-averaged in: the row carries their status and reason instead. Rows rank by the experiment's primary metric
+training seeds that were scored (``kdbench.report.statistics``), and its difference to the sft row of its
+(family, student) seed by seed. Seeds that failed or diverged are not averaged in: the row carries their status
+and reason instead. Rows rank by the experiment's primary metric
 (``evaluation.primary_metric``, recorded in every result) within their (family, student); with per-example
 scores (``examples.json``) each row is also tested against the best of its (family, student) by a paired
 bootstrap over test examples, and gets the share of the teacher–SFT gap it recovers and its exact match by
@@ -70,6 +71,8 @@ class LeaderboardRow:
     teacher_forwards: float | None = None
     peak_memory_mb: float | None = None  # the largest over train seeds
     rank: int | None = None  # by the primary metric within the (family, student); ties share a rank
+    seed_scores: dict[int, float] = field(default_factory=dict)  # primary metric per scored train seed
+    vs_sft: stats.SeedPaired | None = None  # against the sft row of the (family, student), seed by seed
     vs_best: stats.Comparison | None = None  # paired bootstrap against the best row of the (family, student)
     gap_recovered: float | None = None
     gap_recovered_ci95: stats.Interval | None = None
@@ -103,6 +106,7 @@ def build_leaderboard(results: list[dict[str, Any]],
         groups.setdefault(cell_id(result)[:3], []).append(result)
     rows = sorted((_aggregate_group(key, group) for key, group in groups.items()), key=_row_sort_key)
     _rank(rows)
+    _compare_with_sft_by_seed(rows)
     if examples is not None:
         _add_example_statistics(rows, groups, examples)
     return rows
@@ -168,6 +172,8 @@ def _aggregate_group(key: RowKey, group: list[dict[str, Any]]) -> LeaderboardRow
         optimizer_steps=_mean_of(scored, lambda r: r["optimizer_steps"]),
         optimizer_steps_total=_mean_of(scored, lambda r: r["optimizer_steps_total"]),
         selected_steps=[int(r["selected_step"]) for r in scored],
+        seed_scores={int(r["train_seed"]): statistics.fmean(map(float, r["metrics"][primary].values()))
+                     for r in scored if r["metrics"].get(primary)},
         status=failures[0]["status"] if failures else "ok",
         failures=failures,
         train_tokens=_mean_of(scored, lambda r: r["cost"]["own"]["tokens"]),
@@ -216,6 +222,14 @@ def _rank(rows: Sequence[LeaderboardRow]) -> None:
     for group in student_groups(rows).values():
         for row, rank in zip(group, stats.competition_ranks([-_ranking_value(r) for r in group], True)):
             row.rank = rank
+
+
+def _compare_with_sft_by_seed(rows: Sequence[LeaderboardRow]) -> None:
+    for group in student_groups(rows).values():
+        baseline = next((row for row in group if row.method == BASELINE_METHOD), None)
+        for row in group:
+            if baseline is not None and row is not baseline:
+                row.vs_sft = stats.seed_paired(row.seed_scores, baseline.seed_scores)
 
 
 # -- over test examples ----------------------------------------------------------------------------------
@@ -347,6 +361,9 @@ def _record(row: LeaderboardRow, metrics: Sequence[str]) -> dict[str, Any]:
         "diff_to_best": None if comparison is None else comparison.difference,
         "diff_to_best_ci95": None if comparison is None else comparison.interval,
         "p_vs_best": None if comparison is None else comparison.p_value,
+        "diff_to_sft_by_seed": None if row.vs_sft is None else row.vs_sft.difference,
+        "diff_to_sft_by_seed_ci95": None if row.vs_sft is None else row.vs_sft.interval,
+        "p_vs_sft_by_seed": None if row.vs_sft is None else row.vs_sft.p_value,
         "gap_recovered": row.gap_recovered, "gap_recovered_ci95": row.gap_recovered_ci95,
         f"{LENGTH_METRIC}_by_length": row.length_scores or None, "examples_by_length": row.length_counts or None,
         "wall_seconds": row.wall_seconds, "train_seconds": row.train_seconds, "params": row.params,

@@ -1,10 +1,13 @@
-"""The numbers behind a leaderboard row's uncertainty: intervals over training seeds, a paired bootstrap over
-test examples, the share of the teacher–SFT gap a method recovers, and length buckets.
+"""The numbers behind a leaderboard row's uncertainty: intervals over training seeds, a row's difference to SFT
+paired by training seed, a paired bootstrap over test examples, the share of the teacher–SFT gap a method
+recovers, and length buckets.
 
 Two sources of spread, kept apart on purpose:
 
 * Training seeds: each seed's score is the mean over its evaluation seeds; a row's mean, sample standard
   deviation and Student-t 95% interval are taken over those per-seed scores (no interval from one seed).
+  Rows of one seed share what the seed draws (under `uniform` its SFT init and data order), so a row's own
+  interval carries spread every row shares; its difference to SFT seed by seed does not.
 * Test examples: each row's per-example score is averaged over its training and evaluation seeds, and rows
   scored on the same examples are compared on the same bootstrap resamples of them (paired). This measures
   how much a difference could come from which examples were drawn, not from training seeds.
@@ -16,11 +19,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import stdtrit  # Student-t quantiles, without loading all of scipy.stats
+from scipy.special import stdtr, stdtrit  # Student-t distribution and quantiles, without loading all of scipy.stats
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
@@ -48,6 +51,30 @@ def t_interval(values: Sequence[float]) -> Interval | None:
     mean, spread = statistics.fmean(values), statistics.stdev(values)
     half = float(stdtrit(len(values) - 1, 0.5 + CONFIDENCE / 2)) * spread / math.sqrt(len(values))
     return mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class SeedPaired:
+    """A row's difference to a baseline row on the training seeds both scored, seed by seed."""
+
+    difference: float  # mean over the shared seeds of (row − baseline), in the metric's units
+    interval: Interval | None  # Student-t interval of that mean; None from one seed
+    p_value: float | None  # two-sided paired t-test; None from one seed or when every seed differs alike
+    seeds: int
+
+
+def seed_paired(row: Mapping[int, float], baseline: Mapping[int, float]) -> SeedPaired | None:
+    """``row`` and ``baseline``: training seed → score. None when they share no seed."""
+    shared = sorted(set(row) & set(baseline))
+    if not shared:
+        return None
+    differences = [row[seed] - baseline[seed] for seed in shared]
+    mean = statistics.fmean(differences)
+    p_value = None
+    if len(differences) > 1 and (spread := statistics.stdev(differences)) > 0:
+        t = mean / (spread / math.sqrt(len(differences)))
+        p_value = min(1.0, 2 * float(stdtr(len(differences) - 1, -abs(t))))
+    return SeedPaired(mean, t_interval(differences), p_value, len(shared))
 
 
 def competition_ranks(values: Sequence[float], higher_is_better: bool) -> list[int]:
@@ -130,6 +157,10 @@ def method_text() -> str:
     return (
         f"Each training seed's score is the mean over its evaluation seeds; a row shows the mean ± sample standard "
         f"deviation over training seeds and a {percent} Student-t interval over them (none from one training seed). "
+        f"'Δ sft by seed': the row's mean difference to the sft row of its (family, student) over the training seeds "
+        f"both scored, seed by seed, with a {percent} Student-t interval over the per-seed differences (p: two-sided "
+        f"paired t-test). The rows of one seed share what the seed draws (under uniform, its SFT init and data "
+        f"order), so this leaves out the spread they share, which each row's own interval keeps. "
         f"Per test example, each row's score is averaged over its training and evaluation seeds; '≈ best' says a "
         f"paired bootstrap ({BOOTSTRAP_RESAMPLES:,} resamples of the test examples with replacement, seed "
         f"{BOOTSTRAP_SEED}, percentile interval) puts 0 inside the {percent} interval of the row's difference to the "
