@@ -41,10 +41,11 @@ METHODS = "kd,rkl,jsd,tvd,skl,srkl,akl,abkd"  # every built-in objective reading
 
 
 def experiment_file(folder: Path, top_k: int | None) -> Path:
-    """The tiny suite's experiment, its shipped teachers by absolute path, with the outputs shared when ``top_k`` is
-    given (0: shared exactly)."""
+    """The tiny suite's experiment, its shipped teachers and SFT inits by absolute path (the file is written
+    elsewhere), with the outputs shared when ``top_k`` is given (0: shared exactly)."""
     raw = yaml.safe_load((REPOSITORY / "experiments/tiny.yaml").read_text())
-    raw["models"]["teachers"] = {f: str(REPOSITORY / "experiments" / p) for f, p in raw["models"]["teachers"].items()}
+    for shipped in ("teachers", "sft_inits"):
+        raw["models"][shipped] = {f: str(REPOSITORY / "experiments" / p) for f, p in raw["models"][shipped].items()}
     if top_k is not None:
         raw["teacher_outputs"] = {"share": True, "top_k": top_k or None}
     path = folder / ("tiny.yaml" if top_k is None else "tiny-shared.yaml")

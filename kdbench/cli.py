@@ -81,7 +81,7 @@ def _print_report(built: Report) -> None:
 
     for card in built.cards:
         stdout.print(f"[bold]Protocol card[/]\n{render_card(card)}", highlight=False)
-    stdout.print(rich_table(built.rows, title=built.title))
+    stdout.print(rich_table(built.rows, title=built.title, width=stdout.width))
 
 
 def _write_report(path: Path, text: str) -> None:

@@ -337,8 +337,7 @@ def test_rich_table_styles_teacher_and_bolds_best_student(run_dir: Path) -> None
     table = rich_table(rows, title="tiny")
     headers = [str(column.header) for column in table.columns]
     assert headers == ["family", "student", "method", "rank", "rougeL", "exact_match", "Δ sft by seed", "≈ best",
-                       "gap recovered",
-                       "seeds (train × eval)", "steps (own / total)", "tokens (own / total)",
+                       "gap recovered", "seeds (train × eval)", "steps (own / total)", "tokens (own / total)",
                        "forwards (student / teacher)", "peak MB", "train s", "wall s", "selected step", "params"]
     assert table.rows[1].style == "dim italic"  # the gpt2 teacher
     assert table.rows[2].style is None
@@ -354,6 +353,34 @@ def test_rich_table_styles_teacher_and_bolds_best_student(run_dir: Path) -> None
     assert cell("rougeL", 1).style == ""
     assert cell("rougeL", 0).style == "bold"  # bloom/s1 has one method, so it is best
     Console(file=io.StringIO(), width=200).print(table)  # renders without error
+
+
+@pytest.mark.parametrize("width", [60, 80, 100, 140])
+def test_a_narrow_terminal_leaves_out_cost_details_first_and_says_so(run_dir: Path, width: int) -> None:
+    rows = leaderboard(run_dir)
+    table = rich_table(rows, title="tiny", width=width)
+    headers = [str(column.header) for column in table.columns]
+    # identity, the primary metric, both comparisons, seeds and steps are never left out
+    assert {"family", "student", "method", "rank", "rougeL", "Δ sft by seed", "≈ best", "seeds (train × eval)",
+            "steps (own / total)"} <= set(headers)
+    left_out = [header for header in ("params", "peak MB", "train s", "wall s", "forwards (student / teacher)",
+                                      "tokens (own / total)", "gap recovered", "selected step", "exact_match")
+                if header not in headers]
+    assert left_out, "every column fits nowhere near this width"
+    assert f"Left out at this terminal's width ({width} characters): {', '.join(left_out)}." in str(table.caption)
+    text = io.StringIO()
+    Console(file=text, width=width).print(table)
+    assert max(len(line) for line in text.getvalue().splitlines()) <= width
+    assert "…" not in text.getvalue()  # cells fold, never end in an ellipsis
+
+
+def test_a_wide_terminal_shows_every_column(run_dir: Path) -> None:
+    rows = leaderboard(run_dir)
+    table = rich_table(rows, title="tiny", width=400)
+    assert len(table.columns) == len(rich_table(rows, title="tiny").columns) and "Left out" not in str(table.caption)
+    text = io.StringIO()
+    Console(file=text, width=400).print(table)
+    assert "10 / 15" in text.getvalue()  # the steps column, on one line
 
 
 def test_load_results_missing_dir_names_it_and_suggests_run(tmp_path: Path) -> None:

@@ -8,13 +8,16 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from rich import box
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from kdbench.errors import KdbenchError
 from kdbench.report.build import Report
 from kdbench.report.card import render_card
-from kdbench.report.columns import MISSING, best_cells, columns, number, status_text
+from kdbench.report.columns import MISSING, Column, best_cells, columns, number, status_text
 from kdbench.report.leaderboard import LeaderboardRow, all_metrics, leaderboard_records
 from kdbench.report.published import METHODS, TEACHER_COLUMN
 from kdbench.report.statistics import method_text
@@ -123,12 +126,45 @@ def _csv(rows: Sequence[LeaderboardRow]) -> str:
 
 # -- the terminal ----------------------------------------------------------------------------------------
 
-def rich_table(rows: Sequence[LeaderboardRow], title: str) -> Table:
-    """A terminal table: teacher rows dim/italic, each student's best method bold per metric."""
+# What a terminal too narrow for every column leaves out first (the files --format writes keep them all). Identity,
+# the primary metric, the comparisons, seeds and steps stay: a row is not read without its protocol's cost.
+TERMINAL_LEFT_OUT_FIRST = ("params", "peak MB", "train s", "wall s", "forwards (student / teacher)",
+                           "tokens (own / total)", "gap recovered", "selected step")
+IDENTITY = ("family", "student", "method")
+
+
+def rich_table(rows: Sequence[LeaderboardRow], title: str, width: int | None = None) -> Table:
+    """A terminal table: teacher rows dim/italic, each student's best method bold per metric. Given the terminal's
+    ``width``, columns are left out (TERMINAL_LEFT_OUT_FIRST, then metrics other than the primary) until the rest fit
+    without wrapping a cell, and the caption names them."""
     chosen = columns(rows)
-    table = Table(title=title, caption=f"Statistics: {method_text()}", caption_justify="left")
+    left_out: list[str] = []
+    if width is not None:
+        primary = next((column.metric for column in chosen if column.metric), None)
+        optional = [*TERMINAL_LEFT_OUT_FIRST, *(c.header for c in chosen if c.metric and c.metric != primary)]
+        wide = Console(width=10_000)
+        for header in optional:
+            if Measurement.get(wide, wide.options, _table(rows, chosen, title, "")).maximum <= width:
+                break
+            if any(column.header == header for column in chosen):
+                chosen = [column for column in chosen if column.header != header]
+                left_out.append(header)
+    caption = f"Statistics: {method_text()}"
+    if left_out:
+        caption += (f"\nLeft out at this terminal's width ({width} characters): {', '.join(left_out)}. "
+                    "`kdbench report DIR --format md|csv|json|html` writes every column.")
+    return _table(rows, chosen, title, caption)
+
+
+def _table(rows: Sequence[LeaderboardRow], chosen: Sequence[Column], title: str, caption: str) -> Table:
+    # No vertical rules: a narrow terminal's width goes to the numbers.
+    table = Table(title=title, caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
     for column in chosen:
-        table.add_column(column.header, justify="right" if column.numeric else "left")
+        # Names stay whole; in a terminal too narrow even for the columns kept, a cell folds rather than losing
+        # digits to an ellipsis.
+        table.add_column(column.header, justify="right" if column.numeric else "left", no_wrap=column.field in IDENTITY,
+                         overflow="fold")
     best = best_cells(rows, all_metrics(rows))
     for index, row in enumerate(rows):
         cells = []
