@@ -5,8 +5,8 @@ The tiny suite's GPT-2 family (the shipped teacher, 933k parameters, distilling 
 teacher-forced methods × three training seeds. The unshared grid is the exact path: every stage runs the teacher on
 its own batches. The shared grid adds ``teacher_outputs: {share: true, top_k: K}``: one stage runs the teacher once
 over the 40,000 training sequences and keeps its top ``K`` tokens per response position with an even tail, and all
-24 stages read them. Both grids start from one cache that already holds what they have in common (tokenised data,
-the students' initialisations and SFT inits), built first and copied, so the timed runs differ by the teacher work
+24 stages read them. Both grids start from one cache that already holds what they have in common (tokenised data and
+the shipped SFT inits, read by an sft run), built first and copied, so the timed runs differ by the teacher work
 alone; each is one ``kdbench run`` process, timed whole (teacher row and evaluation included). Run from the
 repository root:
 
