@@ -1,11 +1,11 @@
 """Issue 9's test-set check: how much a training seed's score depends on which test prompts were drawn.
 
-Every student row of a results folder is scored again on k disjoint, equal parts of its test examples (in the
-split's order, the per-example ROUGE-L each cell recorded in examples.json, averaged over evaluation seeds). For
-each row it prints every training seed's score on each part and on all of them, and the 95% half-width over
-training seeds that each part alone would have given. Parts differ in difficulty, which moves every seed alike; what
-matters is a seed's lead over the other seeds, part by part. When that lead moves between parts by as much as the
-seeds differ, a test set of one part's size mixes which prompts were drawn into the interval over training seeds.
+Nothing is run again: from the per-example ROUGE-L each cell of a results folder recorded in examples.json (averaged
+over evaluation seeds), every student row is scored on k disjoint, equal parts of its test examples, in the split's
+order. For each row it prints every training seed's score on each part and on all of them, and the 95% half-width
+over training seeds that each part alone would have given. Parts differ in difficulty, which moves every seed alike;
+what matters is a seed's lead over the other seeds, part by part. When that lead moves between parts by as much as
+the seeds differ, a test set of one part's size mixes which prompts were drawn into the interval over training seeds.
 Run from the repository root:
 
     python experiments/calibration/test_set_noise.py results/reference/tiny-all-methods --parts 4
