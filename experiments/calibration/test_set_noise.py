@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kdbench.report.folder import load_folder
+from kdbench.report.folder import cell_id, load_folder
+from kdbench.report.leaderboard import example_vector
 from kdbench.report.statistics import t_interval
 
 
@@ -40,10 +41,11 @@ def main() -> None:
     for result in folder.results:
         if result["kind"] == "teacher" or result["status"] != "ok":
             continue
-        family, student, method, seed = result["family"], result["student"], result["method"], result["train_seed"]
-        scores = folder.examples[(family, student, method, seed)]["sets"][""]["scores"][args.metric]
-        rows.setdefault((family, student, method), {})[int(seed)] = np.mean([np.asarray(v) for v in scores.values()],
-                                                                             axis=0)
+        family, student, method, seed = cell_id(result)
+        vector = example_vector([folder.examples[cell_id(result)]], args.metric)  # one cell: its evaluation seeds' mean
+        if vector is None:
+            raise SystemExit(f"{family}/{student}/{method}/seed{seed} has no per-example {args.metric} in examples.json")
+        rows.setdefault((family, student, method), {})[int(seed)] = vector.values
     moves: list[float] = []
     for (family, student, method), by_seed in sorted(rows.items()):
         count = len(next(iter(by_seed.values())))

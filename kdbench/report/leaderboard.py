@@ -129,13 +129,14 @@ def settings_mismatches(results: list[dict[str, Any]]) -> list[str]:
 
 # -- over training seeds ---------------------------------------------------------------------------------
 
-def _seed_scores(scored: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
-    """Metric → one score per scored train seed: the mean over that seed's evaluation seeds."""
-    per_metric: dict[str, list[float]] = {}
+def _seed_scores(scored: Sequence[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Metric → train seed → its score: the mean over that seed's evaluation seeds (in seed order)."""
+    per_metric: dict[str, dict[int, float]] = {}
     for result in scored:
         for metric, per_eval_seed in result["metrics"].items():
             if per_eval_seed:
-                per_metric.setdefault(metric, []).append(statistics.fmean(map(float, per_eval_seed.values())))
+                per_metric.setdefault(metric, {})[int(result["train_seed"])] = statistics.fmean(
+                    map(float, per_eval_seed.values()))
     return dict(sorted(per_metric.items()))
 
 
@@ -157,9 +158,9 @@ def _aggregate_group(key: RowKey, group: list[dict[str, Any]]) -> LeaderboardRow
     kind = str(group[0]["kind"])
     return LeaderboardRow(
         family=family, student=student, method=method, kind=kind,
-        metrics_mean={metric: statistics.fmean(values) for metric, values in per_seed.items()},
-        metrics_std={metric: stats.sample_std(values) for metric, values in per_seed.items()},
-        metrics_ci95={metric: stats.t_interval(values) for metric, values in per_seed.items()},
+        metrics_mean={metric: statistics.fmean(by_seed.values()) for metric, by_seed in per_seed.items()},
+        metrics_std={metric: stats.sample_std(list(by_seed.values())) for metric, by_seed in per_seed.items()},
+        metrics_ci95={metric: stats.t_interval(list(by_seed.values())) for metric, by_seed in per_seed.items()},
         n_seeds=len(eval_seeds),
         n_train_seeds=len(scored),
         n_eval_seeds=len({seed for _, seed in eval_seeds}),
@@ -172,8 +173,7 @@ def _aggregate_group(key: RowKey, group: list[dict[str, Any]]) -> LeaderboardRow
         optimizer_steps=_mean_of(scored, lambda r: r["optimizer_steps"]),
         optimizer_steps_total=_mean_of(scored, lambda r: r["optimizer_steps_total"]),
         selected_steps=[int(r["selected_step"]) for r in scored],
-        seed_scores={int(r["train_seed"]): statistics.fmean(map(float, r["metrics"][primary].values()))
-                     for r in scored if r["metrics"].get(primary)},
+        seed_scores=per_seed.get(primary, {}),
         status=failures[0]["status"] if failures else "ok",
         failures=failures,
         train_tokens=_mean_of(scored, lambda r: r["cost"]["own"]["tokens"]),
