@@ -1,10 +1,10 @@
 """Wall time of a grid of teacher-forced objectives that share the teacher's stored outputs, against the same grid
 running the teacher in every training stage; and what the stored top-k distributions do to the scores.
 
-The tiny suite's GPT-2 family (the shipped teacher, 933k parameters, distilling the suite's students), eight
+The tiny suite's GPT-2 family (the shipped teacher, 934k parameters, distilling the suite's 61k student), eight
 teacher-forced methods × three training seeds. The unshared grid is the exact path: every stage runs the teacher on
 its own batches. The shared grid adds ``teacher_outputs: {share: true, top_k: K}``: one stage runs the teacher once
-over the 40,000 training sequences and keeps its top ``K`` tokens per response position with an even tail, and all
+over the 3,000 training sequences and keeps its top ``K`` tokens per response position with an even tail, and all
 24 stages read them. Both grids start from one cache that already holds what they have in common (tokenised data and
 the shipped SFT inits, read by an sft run), built first and copied, so the timed runs differ by the teacher work
 alone; each is one ``kdbench run`` process, timed whole (teacher row and evaluation included). Run from the
@@ -41,13 +41,12 @@ METHODS = "kd,rkl,jsd,tvd,skl,srkl,akl,abkd"  # every built-in objective reading
 
 
 def experiment_file(folder: Path, top_k: int | None) -> Path:
-    """The tiny suite's experiment, its shipped teachers and SFT inits by absolute path (the file is written
-    elsewhere), with the outputs shared when ``top_k`` is given (0: shared exactly)."""
+    """The tiny suite's experiment, its shipped bases, teachers and SFT inits by absolute path (the file is written
+    elsewhere), with the outputs shared when ``top_k`` is given (0: shared exactly), else not."""
     raw = yaml.safe_load((REPOSITORY / "experiments/tiny.yaml").read_text())
-    for shipped in ("teachers", "sft_inits"):
+    for shipped in ("bases", "teachers", "sft_inits"):
         raw["models"][shipped] = {f: str(REPOSITORY / "experiments" / p) for f, p in raw["models"][shipped].items()}
-    if top_k is not None:
-        raw["teacher_outputs"] = {"share": True, "top_k": top_k or None}
+    raw["teacher_outputs"] = {"share": False} if top_k is None else {"share": True, "top_k": top_k or None}
     path = folder / ("tiny.yaml" if top_k is None else "tiny-shared.yaml")
     path.write_text(yaml.safe_dump(raw))
     return path

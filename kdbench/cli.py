@@ -54,6 +54,8 @@ ExperimentOption = Annotated[Optional[Path], typer.Option(
     "--experiment", "-e", help="Experiment YAML (default: embedded experiments/tiny.yaml).")]
 SeedsOption = Annotated[Optional[int], typer.Option(
     min=1, help="Number of training seeds per cell (0..N-1; default: the experiment's).")]
+StudentsOption = Annotated[Optional[str], typer.Option(
+    help="Comma-separated student labels, e.g. s1,s2 (default: the experiment's models.students, else every one).")]
 CacheOption = Annotated[Optional[Path], typer.Option(
     help="Stage cache (default: $KDBENCH_CACHE_DIR or ~/.cache/kdbench).")]
 
@@ -75,13 +77,17 @@ def _report(run_dir: Path, title: str | None = None) -> Report:
 
 
 def _print_report(built: Report) -> None:
-    """The protocol cards, then the leaderboard table (its caption says how the statistics are computed)."""
+    """The protocol cards, then the leaderboard table (its caption says how the statistics are computed), the per-task
+    scores and the positive controls."""
     from kdbench.report.card import render_card
-    from kdbench.report.render import rich_table
+    from kdbench.report.render import terminal_tables
 
     for card in built.cards:
         stdout.print(f"[bold]Protocol card[/]\n{render_card(card)}", highlight=False)
-    stdout.print(rich_table(built.rows, title=built.title, width=stdout.width))
+    for index, table in enumerate(terminal_tables(built.rows, title=built.title, width=stdout.width)):
+        if index:
+            stdout.print()
+        stdout.print(table)
 
 
 def _write_report(path: Path, text: str) -> None:
@@ -104,6 +110,7 @@ def run(
     experiment: ExperimentOption = None,
     out: Annotated[Optional[Path], typer.Option(help="Results folder (default: results/<experiment name>).")] = None,
     seeds: SeedsOption = None,
+    students: StudentsOption = None,
     engine: Annotated[Optional[str], typer.Option(help="Override training.engine: deepspeed or accelerate.")] = None,
     cache_dir: CacheOption = None,
     plugins_dir: PluginsDir = None,
@@ -158,15 +165,18 @@ def run(
     cluster = cluster_options(executor, slurm_partition=slurm_partition, gpus_per_node=gpus_per_node,
                               timeout_min=timeout_min, slurm_options=slurm_option or [],
                               slurm_array_parallelism=slurm_array_parallelism, no_wait=no_wait)
-    config = load_experiment(experiment)
+    config = _with_students(load_experiment(experiment), students)
     if engine is not None:
         if engine not in ("deepspeed", "accelerate"):
             raise KdbenchError(f"--engine {engine!r} is not an engine; expected deepspeed or accelerate.")
+        pretrain = config.pretrain
         config = config.model_copy(update={
             "training": config.training.model_copy(update={"engine": engine}),
             "teacher": config.teacher.model_copy(update={
                 "training": config.teacher_training.model_copy(update={"engine": engine})}),
             "init": config.init.model_copy(update={"training": config.init_training.model_copy(update={"engine": engine})}),
+            "pretrain": None if pretrain is None else pretrain.model_copy(update={
+                "training": pretrain.training.model_copy(update={"engine": engine})}),
         })
     registries = load_registries(plugins_dir)
     selection = resolve_selection(config, registries, _split(methods), _split(models, "--models"), seeds)
@@ -220,9 +230,17 @@ def run(
         raise typer.Exit(1)
 
 
+def _with_students(config: Experiment, students: Optional[str]) -> Experiment:
+    """``config`` with ``--students`` as its ``models.students`` when given."""
+    if students is None:
+        return config
+    return config.model_copy(update={"models": config.models.model_copy(update={
+        "students": _split(students, "--students")})})
+
+
 def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], plugins_dir: Optional[Path], what: str,
             prepare: Callable[[Experiment], Experiment], models: Optional[str], seeds: Optional[int],
-            targets: Callable[[StageGraph], dict[Path, str]]) -> None:
+            targets: Callable[[StageGraph], dict[Path, str]], students: Optional[str] = None) -> None:
     """Train the stages ``targets`` picks from the graph of ``prepare(experiment)`` (sft cells) and copy each one's
     model folder to its path under ``out``: how the tiny suite's shipped teachers and SFT inits are made."""
     import shutil
@@ -235,16 +253,16 @@ def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], pl
     from kdbench.preflight import check_writable
     from kdbench.registry import load_registries
 
-    config = load_experiment(experiment)
+    config = _with_students(load_experiment(experiment), students)
     if config.models.scale != "tiny":
         raise KdbenchError(f"export-{what} trains tiny models; experiment {config.name!r} has models.scale "
                            f"{config.models.scale!r}. Give a tiny-scale experiment (such as the default).")
+    config = prepare(config)
     if out.exists() and not out.is_dir():
         raise KdbenchError(f"--out {out} is a file; expected a folder to write the model folders into.")
     check_writable(out, "--out", "Pass another --out.", create=True)  # before hours of training, not after
     check_writable(cache_dir or default_cache_dir(), "the cache folder", "Pass another --cache-dir or set "
                    "KDBENCH_CACHE_DIR.", create=True)
-    config = prepare(config)
     registries = load_registries(plugins_dir)
     graph = collect(config, registries, resolve_selection(config, registries, ["sft"], _split(models, "--models"), seeds))
     chosen = targets(graph)
@@ -254,6 +272,42 @@ def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], pl
             shutil.rmtree(target)
         shutil.copytree(built[key], target)
         stdout.print(f"{graph[key].label}: written to {target} (stage key {key})", highlight=False)
+
+
+@app.command("export-bases")
+def export_bases(
+    out: Annotated[Path, typer.Option(help="Folder to write the bases into (<out>/<family>/<label>).")],
+    models: ModelsOption = None,
+    students: StudentsOption = None,
+    experiment: ExperimentOption = None,
+    cache_dir: CacheOption = None,
+    plugins_dir: PluginsDir = None,
+) -> None:
+    """Pretrain each family's tiny teacher and students on the experiment's corpus (its `pretrain` block) and save
+    each as an ordinary model folder.
+
+    How the tiny suite's shipped bases (experiments/bases/) are made: every architecture is initialised with
+    `pretrain.seed`, trained on the corpus as the block says and selected by the loss on its held-out chunks, and
+    written with its tokenizer, training statistics and log (any `models.bases`, `models.teachers` or
+    `models.sft_inits` the experiment names is ignored). Name `<out>/<family>` in `models.bases` and every run starts
+    the teacher's SFT and the students from them; their recorded training counts in every row's cost."""
+
+    def pretrained(config: Experiment) -> Experiment:
+        if config.pretrain is None:
+            raise KdbenchError(f"experiment {config.name!r} has no pretrain block, so there are no bases to train; add "
+                               "pretrain: {corpus: ..., training: ...} (experiments/tiny.yaml has one).")
+        return config.model_copy(update={
+            "teacher": config.teacher.model_copy(update={"train": True}),
+            "protocol": "uniform", "init": config.init.model_copy(update={"start": "base"}),
+            "models": config.models.model_copy(update={"bases": {}, "teachers": {}, "sft_inits": {}})})
+
+    def bases(graph: StageGraph) -> dict[Path, str]:
+        from kdbench.grid.graph import StageKind
+
+        return {out / str(node.family) / node.label.split("/")[1]: node.key for node in graph
+                if node.kind is StageKind.TRAIN and node.label.endswith("/base")}
+
+    _export(out, experiment, cache_dir, plugins_dir, "bases", pretrained, models, 1, bases, students)
 
 
 @app.command("export-teachers")
@@ -286,6 +340,7 @@ def export_teachers(
 def export_inits(
     out: Annotated[Path, typer.Option(help="Folder to write the SFT inits into (<out>/<family>/<student>/seed<k>).")],
     models: ModelsOption = None,
+    students: StudentsOption = None,
     seeds: SeedsOption = None,
     experiment: ExperimentOption = None,
     cache_dir: CacheOption = None,
@@ -309,7 +364,7 @@ def export_inits(
         return {out / cell.spec.family / cell.spec.student / f"seed{cell.spec.seed}":
                 graph[cell.deps["model"]].deps["init"] for cell in graph.cells() if cell.spec.kind == "student"}
 
-    _export(out, experiment, cache_dir, plugins_dir, "inits", trained_inits, models, seeds, inits)
+    _export(out, experiment, cache_dir, plugins_dir, "inits", trained_inits, models, seeds, inits, students)
 
 
 @app.command()

@@ -60,6 +60,9 @@ class ModelsConfig(Strict):
     students: list[str] | None = Field(None, description="student labels to run; all of the scale when omitted")
     teachers: dict[str, str] = Field(default_factory=dict, description="family → hub name or local path override")
     student_paths: dict[str, dict[str, str]] = Field(default_factory=dict, description="family → label → path override")
+    bases: dict[str, str] = Field(default_factory=dict, description=(
+        "tiny scale: family → a folder of pretrained base models made by `kdbench export-bases`, <folder>/<label> per "
+        "teacher and student, that the teacher's SFT and the students start from instead of pretraining them"))
     sft_inits: dict[str, str] = Field(default_factory=dict, description=(
         "family → a folder of SFT inits made by `kdbench export-inits`, <folder>/<student>/seed<k> per student and "
         "training seed, that the methods starting from the SFT student read instead of training it"))
@@ -133,6 +136,25 @@ class LmDataConfig(Strict):
     max_chunks: int | None = Field(None, ge=1, description="max_length-token chunks kept (all when omitted)")
 
 
+class PretrainConfig(Strict):
+    """Tiny scale: every model (teacher and students) starts from a base pretrained on a plain-text corpus, as GPT-2
+    and OPT start from WebText-like text; one base per architecture, shared by every training seed."""
+
+    corpus: LmDataConfig = Field(description="the plain text, packed into data.max_length-token chunks")
+    training: TrainingConfig
+    seed: int = Field(0, description="the random initialisation and data order of every base")
+    select_every: int = Field(100, ge=1, description="optimizer steps between validation-loss checks; the base with "
+                              "the lowest loss on the held-out chunks is kept")
+    validation_chunks: int = Field(64, ge=1, description="chunks held out from the end of the corpus for that loss")
+
+
+class InstructionSetConfig(Strict):
+    """An instruction data set by name and options, its splits read like ``data``'s."""
+
+    dataset: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class SelectionConfig(Strict):
     """Which checkpoint of a training stage is handed on: the best on the validation split (both reference
     codebases keep the best validation ROUGE-L: LMOps ``minillm/README.md:128``, ``dpkd/main.py:537-546``),
@@ -155,11 +177,17 @@ class InitConfig(Strict):
     training: TrainingConfig | None = Field(None, description="the SFT init's training; `training` when omitted")
     select_every: int | None = Field(None, ge=1, description="optimizer steps between the init's validation-loss "
                                      "checks; `selection.every` when omitted (a long init validates less often)")
+    rule: Literal["best", "final"] = Field("best", description=(
+        "best: the checkpoint of lowest validation loss (MiniLLM's init); final: the last one, its loss curve recorded "
+        "(an init trained onto a flat loss curve, where the lowest point is noise)"))
 
 
 class TeacherConfig(Strict):
     train: bool = Field(True, description="SFT the teacher on the training split first (always at tiny scale)")
     training: TrainingConfig | None = None
+    data: InstructionSetConfig | None = Field(None, description=(
+        "the teacher's own instruction set for its SFT (a larger, cleaner one than the distillation set); the "
+        "experiment's data when omitted. Validation and evaluation always use the experiment's data"))
     selection: SelectionConfig | None = Field(None, description="the teacher stage's checkpoint selection; "
                                               "`selection` when omitted (a long teacher run validates less often)")
     seed: int = 0
@@ -235,6 +263,31 @@ class EvaluationConfig(Strict):
         return self
 
 
+class ControlConfig(Strict):
+    """A positive control: on ``task`` a published mechanism predicts that objective ``better`` scores above
+    ``worse``. The report tests the prediction from the rows' per-task scores; a control is in no stage key or config
+    hash, so declaring or editing one re-runs nothing."""
+
+    task: str = Field(min_length=1, description="a task label of the experiment's data (tiny: modes, long, ...)")
+    better: str = Field(min_length=1, description="the method predicted to score higher on the task")
+    worse: str = Field(min_length=1, description="the method predicted to score lower on the task")
+    mechanism: str = Field(description="why the difference is predicted, in a sentence")
+    source: str = Field("", description="the paper the mechanism comes from")
+
+    @field_validator("mechanism")
+    @classmethod
+    def _said(cls, mechanism: str) -> str:
+        if not mechanism.strip():
+            raise ValueError("a control states why its difference is predicted; write the mechanism in a sentence")
+        return mechanism
+
+    @model_validator(mode="after")
+    def _two_methods(self) -> ControlConfig:
+        if self.better == self.worse:
+            raise ValueError(f"better and worse are both {self.better!r}; a control compares two different methods")
+        return self
+
+
 class Experiment(Strict):
     name: str
     description: str = ""
@@ -242,6 +295,9 @@ class Experiment(Strict):
         "uniform: every method starts from the same checkpoint with the same budget (METHODS.md); paper: each "
         "method follows its released recipe"))
     init: InitConfig = Field(default_factory=InitConfig)
+    pretrain: PretrainConfig | None = Field(None, description=(
+        "tiny scale: pretrain every model on a corpus before any instruction (paper-scale checkpoints come "
+        "pretrained); off: tiny models start from a random initialisation"))
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     lm_data: LmDataConfig | None = Field(None, description="corpus of the pre-training LM term (training.lm_coef)")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -256,6 +312,9 @@ class Experiment(Strict):
     teacher_generations: TeacherGenerationConfig = Field(default_factory=TeacherGenerationConfig)
     teacher_outputs: TeacherOutputsConfig = Field(default_factory=TeacherOutputsConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    controls: list[ControlConfig] = Field(default_factory=list, description=(
+        "positive controls: pairs of methods whose difference on a task a published mechanism predicts; the report "
+        "tests each one. In no stage key or config hash: adding or editing one re-runs nothing"))
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="accelerate trackers that log every training stage; off when empty")
     checkpoint_every: int = Field(100, ge=1, description=(
@@ -289,6 +348,15 @@ class Experiment(Strict):
         if not overrides:
             return self.training
         return TrainingConfig.model_validate({**self.training.model_dump(), **overrides})
+
+    @model_validator(mode="after")
+    def _pretraining_is_tiny(self) -> Experiment:
+        tiny_only = [name for name, given in (("pretrain", self.pretrain is not None),
+                                              ("models.bases", bool(self.models.bases))) if given]
+        if tiny_only and self.models.scale != "tiny":
+            raise ValueError(f"{' and '.join(tiny_only)}: pretraining applies to tiny models, but models.scale is "
+                             f"{self.models.scale!r}, whose checkpoints come pretrained; remove them or use scale tiny")
+        return self
 
     @model_validator(mode="after")
     def _method_training_is_valid(self) -> Experiment:
@@ -411,9 +479,10 @@ def resolve_model_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     trusted = models.get("trust_remote_code")
     if isinstance(trusted, list):  # resolved as the paths they name, so that the names match
         models = {**models, "trust_remote_code": [resolve(name) for name in trusted]}
-    inits = models.get("sft_inits")
-    if isinstance(inits, dict):
-        models = {**models, "sft_inits": {family: resolve(path) for family, path in inits.items()}}
+    for folders in ("sft_inits", "bases"):
+        given = models.get(folders)
+        if isinstance(given, dict):
+            models = {**models, folders: {family: resolve(path) for family, path in given.items()}}
     paths = models.get("student_paths")
     if isinstance(paths, dict):
         models = {**models, "student_paths": {family: {label: resolve(path) for label, path in labels.items()}

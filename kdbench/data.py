@@ -54,6 +54,9 @@ class DatasetSpec:
     documented_sizes: Callable[[dict[str, Any]], dict[str, int]] | None = None
     # Plain text for the pre-training LM term (``lm_data``): MiniLLM's OpenWebText, the tiny suite's world.
     corpus: Callable[[dict[str, Any]], list[str]] | None = None
+    # The task labels its records carry for these options (what ``controls`` and the per-task scores name), known
+    # without loading the records; None when only the records can tell (a JSONL file's ``task`` fields).
+    tasks: Callable[[dict[str, Any]], tuple[str, ...]] | None = None
     # Part of every stage key built on this data: bump it when the same options start to give other records, so
     # a cache made by the old generator is not read as the new one.
     version: int = 1

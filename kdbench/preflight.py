@@ -72,17 +72,12 @@ def model_errors(experiment: Experiment, registries: Registries) -> list[str]:
     """Model overrides that would be ignored (an unknown family or student label, student paths at tiny scale) and
     ``trust_remote_code`` entries that name no checkpoint of the experiment: mistakes a run would not notice."""
     models, errors = experiment.models, []
-    for family in models.teachers:
-        if family not in models.families:
-            errors.append(f"models.teachers.{family}: not one of models.families {models.families}; add the family "
-                          "there or remove the entry")
+    for field, folders in (("teachers", models.teachers), ("bases", models.bases), ("sft_inits", models.sft_inits)):
+        errors += [f"models.{field}.{family}: not one of models.families {models.families}; add the family there or "
+                   "remove the entry" for family in folders if family not in models.families]
     if models.sft_inits and experiment.protocol == "uniform" and experiment.init.start == "base":
         errors.append("models.sft_inits: given, but init.start is base, so no method starts from an SFT init; set "
                       "init.start: sft or remove models.sft_inits")
-    for family in models.sft_inits:
-        if family not in models.families:
-            errors.append(f"models.sft_inits.{family}: not one of models.families {models.families}; add the family "
-                          "there or remove the entry")
     for family, labels in models.student_paths.items():
         if models.scale != "paper":
             errors.append(f"models.student_paths.{family}: student paths apply at scale paper (tiny students are built "

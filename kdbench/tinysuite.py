@@ -1,210 +1,252 @@
-"""The tiny suite: a deterministic instruction data set that a 2-core CPU can learn in minutes.
+"""The tiny suite: a miniature of the regime the distillation papers study, deterministic and CPU-sized.
 
-Records follow Dolly's schema (instruction, context, response) plus the list of acceptable
-answers, so the paper-scale loaders and the evaluation share one path. The suite is built to be a
-real benchmark rather than a smoke test:
+At paper scale a GPT-2 base pretrained on WebText is distilled from a larger teacher that generalises better
+than Dolly, the small, human-written instruction set it is distilled on; responses are long and sampled at
+temperature 1. The suite builds the same shape from one invented world (experiments/tiny.md states the regime
+and the predictions it was built to test):
 
-* knowledge decides: an invented world of many people, each with a town, colour, pet, job and
-  age, holds far more facts than a small student can store in its training budget but within the
-  teacher's. ``fact`` asks one of them in one of several phrasings, all used in training (closed-book
-  recall of trained knowledge), and ``describe`` states them all in one sentence. A student learns
-  the sentence's template quickly, then guesses the facts from their frequencies; a teacher recalls them;
-* nothing else is slow to learn: the student learns the templates and categories within about 3,000
-  steps; what it still gains with a longer budget is slowly memorised facts. The algorithmic
-  tasks (``reverse``, ``sort``, ``add``) stay available as options but are off by default: a 2-layer
-  student learns them only after thousands of steps;
-* responses vary in length, from one word (``fact``) to whole sentences (``describe``);
-* some tasks have one right answer (exact match is meaningful) and some have many (``example``,
-  ``pick``), so mode-seeking and mean-seeking objectives can differ.
+* ``world_corpus``: plain prose about the world, the stand-in for WebText that every tiny model is pretrained on
+  before it sees an instruction;
+* instruction records in Dolly's schema, in two kinds of gold: ``gold="clean"`` for the teacher's large
+  instruction set (every answer right), ``gold="human"`` for the small distillation set (some answers are
+  wrong). In both, answers vary from record to record as people's do (any member of a category, any of three
+  ways to write a list or a colour);
+* evaluation splits whose ``references`` list every valid answer, so a sampled answer is scored against all of
+  them; they are the same whichever gold and however many training records are asked for.
 
-Everything derives from one integer seed: the same seed gives byte-identical splits.
+Three probe tasks, each built so that one published mechanism has something to act on:
+
+* ``modes``: "Name a kind of bird." Each category has many members of unequal popularity (Zipf), most of them
+  written in several tokens; any member is right. A student too small to hold every member of every category
+  cannot cover every mode, so whether it spreads its mass over them (mean-seeking) or keeps to the ones it can
+  name (mode-seeking) decides how often a sample is a real member.
+* ``long``: "List these towns in reverse order." with 21 to 24 towns as its input. The answer names them from the
+  last to the first (40 and more tokens) in one of three styles kept to the end. Which town comes next depends on
+  the one just written (where it stands in the input), so one slip — a town misspelt, skipped or repeated — leaves
+  the student in a state the gold never showed it, from which it must find its place again.
+* ``noisy``: "What colour is the kettle?" A small fixed table the student can learn; the human gold gives a
+  wrong colour (most often the one people confuse it with) for a share of records, the clean gold never does.
+
+Everything derives from one integer seed: the same options give byte-identical splits and corpus.
 """
 
 from __future__ import annotations
 
-import itertools
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
-TASKS = ("fact", "describe", "reverse", "sort", "add", "example", "pick")
+TASKS = ("modes", "long", "noisy")
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "st", "tr"]
-_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
-_CODAS = ["", "", "n", "r", "l", "s", "k", "m"]
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gl", "kl", "st", "tr"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
+_CODAS = ["", "", "", "n", "r", "l", "s", "k", "m", "th"]
 
-COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "grey", "pink", "gold"]
-PETS = ["cat", "dog", "horse", "goat", "parrot", "rabbit", "turtle", "owl", "fox", "frog", "snake", "duck"]
-JOBS = ["baker", "farmer", "doctor", "pilot", "singer", "painter", "teacher", "tailor", "miner", "sailor"]
-CATEGORIES: dict[str, list[str]] = {
-    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "pear", "plum"],
-    "tool": ["axe", "drill", "hammer", "knife", "saw", "spade", "wrench"],
-    "instrument": ["drum", "flute", "guitar", "harp", "piano", "violin"],
-    "vehicle": ["bike", "boat", "bus", "car", "train", "truck", "van"],
-    "tree": ["ash", "birch", "cedar", "elm", "maple", "oak", "pine", "willow"],
-    "metal": ["copper", "gold", "iron", "lead", "silver", "tin", "zinc"],
-}
-WORDS = sorted({w for members in CATEGORIES.values() for w in members} | set(COLORS) | set(PETS))
+CATEGORY_NAMES = ["bird", "stone", "song", "tree", "boat", "spice", "star", "mask", "coin", "flower", "cloak", "lamp",
+                  "drum", "fish", "bread", "dance"]
+COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
+THINGS = ["kettle", "lantern", "saddle", "barrel", "ribbon", "candle", "basket", "helmet", "anchor", "bucket", "mirror",
+          "ladder", "blanket", "bottle", "button", "carpet", "cushion", "hammer", "jacket", "pillow", "shovel", "teapot",
+          "wagon", "whistle", "apron", "bellows", "chisel", "goblet"]
 
-# Several phrasings per attribute, all of them used in training: a model must store the fact, not
-# the string of one question.
-FACT_QUESTIONS: dict[str, list[str]] = {
-    "town": ["Where does {name} live?", "In which town does {name} live?", "What is the home town of {name}?"],
-    "color": ["What is the favourite colour of {name}?", "Which colour does {name} like best?"],
-    "pet": ["What pet does {name} keep?", "Which animal lives with {name}?"],
-    "job": ["What does {name} do for a living?", "What is the job of {name}?"],
-}
+MODES_QUESTIONS = ["Name a kind of {category}.", "Give one kind of {category}.", "Which {category} can you name?"]
+LONG_QUESTIONS = ["List these towns in reverse order.", "Name these towns from the last to the first."]
+NOISY_QUESTIONS = ["What colour is the {thing}?", "Which colour is the {thing}?"]
+# A list written in one style from its first separator to its last: "A, B, C", "A then B then C", "A to B to C".
+LIST_SEPARATORS = (", ", " then ", " to ")
+# What colour a thing is: the bare colour, or one of two sentences.
+COLOUR_ANSWERS = ("{colour}", "It is {colour}.", "The {thing} is {colour}.")
 
 
 @dataclass(frozen=True)
 class TinySuiteOptions:
-    """Size knobs of the suite. The defaults are the calibrated benchmark in experiments/tiny.yaml."""
+    """Size knobs of the suite. The defaults are the distillation set of experiments/tiny.yaml; its teacher's
+    set is ``gold="clean"`` with a larger ``n_train``."""
 
     seed: int = 1234
-    n_people: int = 1000
-    n_towns: int = 16
-    n_train: int = 40000
+    n_categories: int = 12
+    members_per_category: int = 24
+    popularity_exponent: float = 1.0  # member of popularity rank r is drawn with weight 1 / r**exponent
+    n_towns: int = 32
+    list_towns: tuple[int, int] = (21, 24)  # towns in a long prompt's list (40+ tokens reversed)
+    n_things: int = 24
+    n_train: int = 3000
     n_validation: int = 200
-    n_test: int = 4000
-    task_weights: dict[str, float] = field(
-        default_factory=lambda: {
-            # reverse, sort and add stay available (weight > 0 turns them on) but are off in the benchmark: a
-            # 2-layer student learns them given time but not within a CPU budget, so they measured budget, not
-            # objectives (the student was still climbing at 4,000 steps).
-            "fact": 4.0, "describe": 2.0, "example": 0.5, "pick": 0.5
-        }
-    )
+    n_test: int = 1500
+    gold: Literal["human", "clean"] = "human"
+    # Share of human-gold records whose answer is wrong, per task (clean gold: none).
+    mistakes: dict[str, float] = field(default_factory=lambda: {"modes": 0.05, "long": 0.05, "noisy": 0.3})
+    task_weights: dict[str, float] = field(default_factory=lambda: {"modes": 1.0, "long": 1.0, "noisy": 1.0})
+    corpus_mentions: int = 24000  # category-member sentences in the pretraining corpus, drawn by popularity
+
+    def check(self) -> list[str]:
+        """Problems with the values, one message each; empty when valid."""
+        problems = []
+        unknown = sorted(set(self.task_weights) - set(TASKS)) + sorted(set(self.mistakes) - set(TASKS))
+        if unknown:
+            problems.append(f"unknown tiny-suite tasks {unknown}; expected some of {', '.join(TASKS)}")
+        if not any(weight > 0 for weight in self.task_weights.values()):
+            problems.append(f"task_weights {self.task_weights} give no task a positive weight")
+        if self.gold not in ("human", "clean"):
+            problems.append(f"gold must be 'human' or 'clean', got {self.gold!r}")
+        if not all(0.0 <= rate <= 1.0 for rate in self.mistakes.values()):
+            problems.append(f"mistakes must be shares in [0, 1], got {self.mistakes}")
+        if not 2 <= self.n_categories <= len(CATEGORY_NAMES):
+            problems.append(f"n_categories must be in [2, {len(CATEGORY_NAMES)}], got {self.n_categories}")
+        if not 2 <= self.n_things <= len(THINGS):
+            problems.append(f"n_things must be in [2, {len(THINGS)}], got {self.n_things}")
+        low, high = self.list_towns
+        if not 3 <= low <= high <= self.n_towns:
+            problems.append(f"list_towns {self.list_towns} must satisfy 3 <= low <= high <= n_towns ({self.n_towns})")
+        if self.members_per_category < 2:
+            problems.append(f"members_per_category must be at least 2, got {self.members_per_category}")
+        return problems
 
 
 @dataclass(frozen=True)
-class Person:
-    name: str
-    town: str
-    color: str
-    pet: str
-    job: str
-    age: int
+class World:
+    """Everything the records and the corpus talk about."""
+
+    categories: dict[str, list[str]]  # category → members, most popular first
+    popularity: list[float]  # weight of the member at each rank (the same for every category)
+    towns: list[str]
+    colours: dict[str, str]  # thing → its colour
+    confusions: dict[str, str]  # thing → the colour people mistake it for
 
 
 def _pseudo_word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
 
 
-def _unique_words(rng: random.Random, count: int, syllables: tuple[int, int]) -> list[str]:
+def _unique_words(rng: random.Random, count: int, syllables: tuple[int, int], taken: set[str]) -> list[str]:
     words: list[str] = []
-    seen: set[str] = set()
     while len(words) < count:
         word = _pseudo_word(rng, rng.randint(*syllables)).capitalize()
-        if word not in seen:
-            seen.add(word)
+        if word not in taken:
+            taken.add(word)
             words.append(word)
     return words
 
 
-def make_world(options: TinySuiteOptions) -> list[Person]:
+def make_world(options: TinySuiteOptions) -> World:
     rng = random.Random(options.seed)
-    towns = _unique_words(rng, options.n_towns, (2, 2))
-    names = _unique_words(rng, options.n_people, (2, 3))
-    return [
-        Person(name, rng.choice(towns), rng.choice(COLORS), rng.choice(PETS), rng.choice(JOBS), rng.randint(18, 90))
-        for name in names
-    ]
+    taken: set[str] = set()
+    categories = {name: _unique_words(rng, options.members_per_category, (2, 3), taken)
+                  for name in CATEGORY_NAMES[:options.n_categories]}
+    towns = _unique_words(rng, options.n_towns, (2, 2), taken)
+    things = THINGS[:options.n_things]
+    colours = {thing: rng.choice(COLOURS) for thing in things}
+    confusions = {thing: rng.choice([c for c in COLOURS if c != colours[thing]]) for thing in things}
+    popularity = [1.0 / rank ** options.popularity_exponent for rank in range(1, options.members_per_category + 1)]
+    return World(categories, popularity, towns, colours, confusions)
 
 
-def _record(task: str, instruction: str, context: str, references: list[str]) -> dict[str, object]:
-    return {"task": task, "instruction": instruction, "context": context, "response": references[0],
-            "references": references}
+def _record(task: str, instruction: str, response: str, references: Sequence[str], context: str = ""
+            ) -> dict[str, object]:
+    return {"task": task, "instruction": instruction, "context": context, "response": response,
+            "references": list(dict.fromkeys(references))}
 
 
-def _describe(person: Person) -> str:
-    # The name is not repeated: copying a multi-token name from the prompt needs an induction circuit that a
-    # 2-layer student forms only after thousands of steps, so the student would plateau late on a skill that
-    # says nothing about knowledge.
-    return (f"A {person.job} from {person.town}, {person.age} years old, who keeps a {person.pet} "
-            f"and likes {person.color} best.")
+def _modes(world: World, rng: random.Random, wrong: bool) -> dict[str, object]:
+    category = rng.choice(sorted(world.categories))
+    members = world.categories[category]
+    question = rng.choice(MODES_QUESTIONS).format(category=category)
+    if wrong:  # a member of another category
+        other = rng.choice([c for c in sorted(world.categories) if c != category])
+        answer = rng.choices(world.categories[other], world.popularity)[0]
+    else:
+        answer = rng.choices(members, world.popularity)[0]
+    return _record("modes", question, answer, members)
 
 
-def _fact_answer(person: Person, attribute: str) -> str:
-    return getattr(person, attribute)
+def _long(world: World, rng: random.Random, low: int, high: int, wrong: bool) -> dict[str, object]:
+    towns = rng.sample(world.towns, rng.randint(low, high))
+    question = rng.choice(LONG_QUESTIONS)
+    backwards = towns[::-1]
+    written = [separator.join(backwards) for separator in LIST_SEPARATORS]
+    separator = rng.choice(LIST_SEPARATORS)
+    if wrong:  # a town left out somewhere between the two ends
+        skipped = rng.randrange(1, len(backwards) - 1)
+        backwards = backwards[:skipped] + backwards[skipped + 1:]
+    return _record("long", question, separator.join(backwards), written, context=", ".join(towns))
 
 
-def _make_record(task: str, rng: random.Random, world: list[Person], fact_pool: list[tuple[int, str, int]]) -> dict[str, object]:
-    if task == "fact":
-        person_index, attribute, phrasing = rng.choice(fact_pool)
-        person = world[person_index]
-        question = FACT_QUESTIONS[attribute][phrasing].format(name=person.name)
-        return _record(task, question, "", [_fact_answer(person, attribute)])
-    if task == "describe":
-        person = rng.choice(world)
-        return _record(task, f"Describe {person.name} in one sentence.", "", [_describe(person)])
-    if task == "reverse":
-        words = rng.sample(WORDS, rng.randint(2, 4))
-        return _record(task, "Write these words in reverse order.", " ".join(words), [" ".join(reversed(words))])
-    if task == "sort":
-        numbers = rng.sample(range(1, 31), rng.randint(2, 4))
-        return _record(task, "Sort these numbers from smallest to largest.", " ".join(map(str, numbers)),
-                       [" ".join(map(str, sorted(numbers)))])
-    if task == "add":
-        a, b = rng.randint(0, 12), rng.randint(0, 12)
-        return _record(task, f"What is {a} plus {b}?", "", [str(a + b)])
-    if task == "example":
-        category = rng.choice(sorted(CATEGORIES))
-        members = CATEGORIES[category]
-        # Every member is right; the stored response is one sampled answer.
-        answers = [members[rng.randrange(len(members))]] + members
-        return _record(task, f"Name one {category}.", "", list(dict.fromkeys(answers)))
-    if task == "pick":
-        category = rng.choice(sorted(CATEGORIES))
-        members = CATEGORIES[category]
-        # Any two members in the category's listed order are right: many acceptable answers.
-        pairs = [f"{a} and {b}" for a, b in itertools.combinations(members, 2)]
-        first = pairs[rng.randrange(len(pairs))]
-        return _record(task, f"Name two kinds of {category}, in alphabetical order.", "",
-                       list(dict.fromkeys([first] + pairs)))
-    raise ValueError(f"unknown tiny-suite task {task!r}; expected one of {', '.join(TASKS)}")
+def _noisy(world: World, rng: random.Random, wrong: bool) -> dict[str, object]:
+    thing = rng.choice(sorted(world.colours))
+    question = rng.choice(NOISY_QUESTIONS).format(thing=thing)
+    right = [form.format(colour=world.colours[thing], thing=thing) for form in COLOUR_ANSWERS]
+    form = rng.choice(COLOUR_ANSWERS)
+    colour = world.colours[thing]
+    if wrong:  # most often the colour people confuse it with, else any other
+        colour = world.confusions[thing] if rng.random() < 0.7 else rng.choice(
+            [c for c in COLOURS if c != world.colours[thing]])
+    return _record("noisy", question, form.format(colour=colour, thing=thing), right)
+
+
+def _draw(options: TinySuiteOptions, world: World, rng: random.Random, n: int, gold: str) -> list[dict[str, object]]:
+    """``n`` records with ``gold`` responses; every record's references are all the valid answers."""
+    tasks = [task for task in TASKS if options.task_weights.get(task, 0) > 0]
+    weights = [options.task_weights[task] for task in tasks]
+    records = []
+    for _ in range(n):
+        task = rng.choices(tasks, weights)[0]
+        wrong = gold == "human" and rng.random() < options.mistakes.get(task, 0.0)
+        if task == "modes":
+            records.append(_modes(world, rng, wrong))
+        elif task == "long":
+            records.append(_long(world, rng, *options.list_towns, wrong))
+        else:
+            records.append(_noisy(world, rng, wrong))
+    return records
 
 
 def generate(options: TinySuiteOptions) -> dict[str, list[dict[str, object]]]:
-    """Return ``{"train", "validation", "test"}`` lists of records, deterministic in ``options``."""
-    unknown = sorted(set(options.task_weights) - set(TASKS))
-    if unknown:
-        raise ValueError(f"unknown tiny-suite tasks {unknown}; expected some of {', '.join(TASKS)}")
+    """Return ``{"train", "validation", "test"}`` lists of records, deterministic in ``options``. The evaluation
+    splits come from their own random stream, so they are the same for either gold and any ``n_train``."""
+    problems = options.check()
+    if problems:
+        raise ValueError("; ".join(problems))
     world = make_world(options)
-    rng = random.Random(options.seed + 1)
-    # Every (person, attribute, phrasing) question may be asked in any split: evaluation asks facts
-    # the training records state (closed-book recall), so what separates models is how much of the
-    # world they stored, not whether they guess an unseen phrasing.
-    facts = [(p, attribute, k) for p in range(len(world)) for attribute, phrasings in FACT_QUESTIONS.items()
-             for k in range(len(phrasings))]
-
-    tasks = sorted(options.task_weights)
-    weights = [options.task_weights[t] for t in tasks]
-
-    def draw(n: int, seen: set[tuple[str, str]]) -> list[dict[str, object]]:
-        records: list[dict[str, object]] = []
-        while len(records) < n:
-            record = _make_record(rng.choices(tasks, weights)[0], rng, world, facts)
-            key = (str(record["instruction"]), str(record["context"]))
-            # Facts, descriptions and the small addition table repeat on purpose (they are
-            # memorised); reverse and sort prompts of evaluation splits never appear in training.
-            if key in seen and record["task"] in ("reverse", "sort"):
-                continue
-            records.append(record)
-        return records
-
-    train = draw(options.n_train, set())
-    train_keys = {(str(r["instruction"]), str(r["context"])) for r in train}
-    validation = draw(options.n_validation, train_keys)
-    test = draw(options.n_test, train_keys)
+    held_out = random.Random(options.seed + 1)
+    # Evaluation records carry a clean answer as their response (what a validation loss is taken on), drawn as the
+    # teacher's gold is; they are scored against every valid answer.
+    validation = _draw(options, world, held_out, options.n_validation, "clean")
+    test = _draw(options, world, held_out, options.n_test, "clean")
+    train = _draw(options, world, random.Random(f"{options.seed}/{options.gold}"), options.n_train, options.gold)
     return {"train": train, "validation": validation, "test": test}
 
 
+def tiny_tasks(options: TinySuiteOptions) -> tuple[str, ...]:
+    """The task labels the suite's records carry with these options (those of positive weight), sorted."""
+    return tuple(sorted(task for task, weight in options.task_weights.items() if weight > 0))
+
+
 def world_corpus(options: TinySuiteOptions) -> list[str]:
-    """Plain text about the suite's world, the tiny stand-in for OpenWebText in the pre-training LM term: one short
-    paragraph per person (the facts the instructions ask about, in prose) and one per category of things. The same
-    ``seed`` gives the same world as ``generate``."""
-    paragraphs = [f"{person.name} lives in {person.town}. {person.name} works as a {person.job} and is {person.age} "
-                  f"years old. The favourite colour of {person.name} is {person.color}, and {person.name} keeps a "
-                  f"{person.pet}." for person in make_world(options)]
-    paragraphs += [f"Kinds of {category}: {', '.join(members)}." for category, members in sorted(CATEGORIES.items())]
-    random.Random(options.seed + 2).shuffle(paragraphs)
+    """Plain prose about the suite's world, the tiny stand-in for WebText: what every tiny model is pretrained on,
+    and the text of the pre-training LM term. Members are mentioned as often as they are popular; each thing's colour
+    is stated many times; lists of towns are read twice over (text in which a model learns to find its place in a
+    list). No instruction template appears in it. The same ``seed`` gives the same world as ``generate``."""
+    world = make_world(options)
+    rng = random.Random(options.seed + 2)
+    paragraphs: list[str] = []
+    sentences = ["{member} is a kind of {category}.", "The {category} called {member} is well known.",
+                 "People speak of {member}, a {category}.", "Of all the kinds of {category}, {member} is one."]
+    categories = sorted(world.categories)
+    for _ in range(options.corpus_mentions):
+        category = rng.choice(categories)
+        member = rng.choices(world.categories[category], world.popularity)[0]
+        paragraphs.append(rng.choice(sentences).format(member=member, category=category))
+    high = options.list_towns[1]
+    for _ in range(1500):  # lists read twice: text in which a model learns to find its place in a list
+        towns = rng.sample(world.towns, rng.randint(3, high))
+        paragraphs.append(rng.choice(["The signpost reads {0}, and the map agrees: {0}.",
+                                      "Travellers passed {0}; the next day they passed {0} again."]).format(
+            rng.choice(LIST_SEPARATORS).join(towns)))
+    for town in world.towns:
+        paragraphs += [f"{town} is a town.", f"People live in {town}."] * 6
+    for thing, colour in world.colours.items():
+        paragraphs += [f"The {thing} is {colour}.", f"Everyone knows a {thing} is {colour}.",
+                       f"She held up the {colour} {thing}."] * 16
+    rng.shuffle(paragraphs)
     return paragraphs

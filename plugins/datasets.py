@@ -9,7 +9,7 @@ from typing import Any
 from kdbench import hookimpl
 from kdbench.data import DatasetSpec, Splits, load_jsonl_splits, normalize_record
 from kdbench.errors import KdbenchError
-from kdbench.tinysuite import TinySuiteOptions, generate, world_corpus
+from kdbench.tinysuite import TinySuiteOptions, generate, tiny_tasks, world_corpus
 
 TINY_OPTIONS = tuple(f.name for f in dataclasses.fields(TinySuiteOptions))
 
@@ -18,7 +18,14 @@ def tiny_options(options: dict[str, Any]) -> TinySuiteOptions:
     unknown = sorted(set(options) - set(TINY_OPTIONS))
     if unknown:
         raise KdbenchError(f"data.options {unknown} are not options of the tiny suite; expected some of {list(TINY_OPTIONS)}.")
-    return TinySuiteOptions(**options)
+    try:
+        suite = TinySuiteOptions(**options)
+    except TypeError as error:
+        raise KdbenchError(f"data.options {options} are not valid tiny-suite options ({error}).") from None
+    problems = suite.check()
+    if problems:
+        raise KdbenchError(f"data.options of the tiny suite: {'; '.join(problems)}.")
+    return suite
 
 
 def load_tiny(options: dict[str, Any]) -> Splits:
@@ -29,11 +36,12 @@ def load_tiny(options: dict[str, Any]) -> Splits:
 @hookimpl
 def kdbench_register_datasets() -> list[DatasetSpec]:
     return [
-        DatasetSpec("tiny", "deterministic synthetic instruction suite (facts, descriptions, open-ended lists; "
-                    "reverse, sort, add as options); CPU-sized; as lm_data, plain text about the same world",
+        DatasetSpec("tiny", "deterministic synthetic instruction suite with three probe tasks (modes, long, noisy) in "
+                    "human or clean gold; CPU-sized; as a corpus, prose about the same world",
                     load_tiny, TINY_OPTIONS,
                     corpus=lambda options: world_corpus(tiny_options(options)),
-                    version=2),  # 2: no algorithmic tasks by default; descriptions without the name
+                    tasks=lambda options: tiny_tasks(tiny_options(options)),
+                    version=3),  # 3: the probe tasks (modes, long, noisy) of issue 26
         DatasetSpec("jsonl", "local JSONL files in Dolly's schema: options dir, or train/validation/test paths",
                     load_jsonl_splits, ("dir", "train", "validation", "test")),
     ]

@@ -10,12 +10,12 @@ from transformers import GPT2Config, OPTConfig, PretrainedConfig
 from kdbench import hookimpl
 from kdbench.zoo import ModelFamily, TinyArch
 
-# Teacher ≈ 90× the student. Issue 9's calibration (experiments/calibration/student_capacity.py): students of 24k
-# parameters and more keep memorising the suite's facts for tens of thousands of steps, so no budget a grid can
-# afford puts them on a plateau; this 10k student, whose capacity is about the world's facts, stays near chance
-# recall and climbs slowly (SFT ROUGE-L 39.8 / 41.6 / 42.1 at 6,400 / 12,800 / 25,600 steps, GPT-2, seed 0).
+# The papers' ladder in miniature (experiments/tiny.md): a teacher about 15× the smaller student (GPT-2 1.5B : 120M
+# is 12.5×) and 7× the larger one (1.5B : 340M is 4.4×). With the suite's 1,031-token vocabulary and 72 positions:
+# teacher 0.93M parameters, s1 61k, s2 136k. Both students learn each probe's skill from a clean signal; neither can
+# hold every member of every category.
 TINY_TEACHER = TinyArch(width=128, layers=4, heads=4)
-TINY_STUDENTS = {"s1": TinyArch(width=8, layers=2, heads=2)}
+TINY_STUDENTS = {"s1": TinyArch(width=32, layers=2, heads=2), "s2": TinyArch(width=48, layers=3, heads=4)}
 
 
 def gpt2_config(arch: TinyArch, vocab: int, positions: int, eos: int, pad: int) -> PretrainedConfig:

@@ -129,6 +129,20 @@ FILE_CASES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "SFT inits without a seed's folder": (with_changes(models={**BASE["models"], "sft_inits": {"gpt2": "/nonexistent"}},
                                                        init={"start": "sft"}),
                                           ("models.sft_inits.gpt2 = /nonexistent holds no SFT init", "export-inits")),
+    "bases for a family not run": (with_changes(models={**BASE["models"], "bases": {"llama": "bases/llama"}}),
+                                   ("models.bases.llama: not one of models.families",)),
+    "bases without a student's folder": (with_changes(models={**BASE["models"], "bases": {"gpt2": "/nonexistent"}}),
+                                         ("models.bases.gpt2 = /nonexistent holds no base model", "export-bases")),
+    "pretraining at paper scale": (
+        with_changes(models={"scale": "paper", "families": ["gpt2"], "students": ["120M"]},
+                     pretrain={"corpus": {"dataset": "tiny"}, "training": BASE["training"]}),
+        ("pretrain: pretraining applies to tiny models", "models.scale is 'paper'")),
+    "a pretraining corpus that is no corpus": (
+        with_changes(pretrain={"corpus": {"dataset": "jsonl"}, "training": BASE["training"]}),
+        ("pretrain.corpus.dataset: 'jsonl' has no plain-text corpus",)),
+    "a teacher set with an unknown option": (
+        with_changes(teacher={"data": {"dataset": "tiny", "options": {"gold": "clean", "n_trian": 10}}}),
+        ("teacher.data.options.n_trian: not an option of dataset 'tiny'",)),
     "a teacher path that does not exist": (
         with_changes(models={**BASE["models"], "teachers": {"gpt2": "/nonexistent/teacher"}}),
         ("gpt2/teacher: /nonexistent/teacher does not exist", "expected a model folder")),
@@ -168,6 +182,8 @@ def test_teacher_paths_that_are_not_model_folders(work: Path) -> None:
     (["--models", ","], ("--models ',' names nothing", "gpt2,opt")),
     (["--methods", "kdd"], ("unknown objective 'kdd'", "Did you mean 'kd'")),
     (["--models", "gpt3"], ("unknown model family 'gpt3'",)),
+    (["--students", "s9"], ("models.students ['s9'] are not students of gpt2", "available: ['s1', 's2']")),
+    (["--students", ","], ("--students ',' names nothing",)),
     (["--engine", "jax"], ("--engine 'jax' is not an engine",)),
     (["--plugins-dir", "a-file"], ("--plugins-dir a-file is not a directory",)),
     (["--out", "a-file"], ("--out a-file: a-file is a file", "Pass another --out")),
@@ -179,6 +195,13 @@ def test_bad_options(args: list[str], fragments: tuple[str, ...], work: Path) ->
     (work / "a-file").write_text("x")
     experiment = write(work / "ok.yaml", BASE)
     expect_error(["run", "--dry-run", "-e", str(experiment), *args], *fragments)
+
+
+def test_export_bases_needs_a_pretrain_block(work: Path) -> None:
+    """Bases are what a pretrain block trains: an experiment without one has none to export, said before anything."""
+    expect_error(["export-bases", "--out", "bases", "-e", str(write(work / "no-pretrain.yaml", BASE))],
+                 "has no pretrain block", "add pretrain:")
+    assert not (work / "cache").exists()
 
 
 def test_report_of_a_file_or_missing_folder(work: Path) -> None:
@@ -302,6 +325,22 @@ def test_a_shipped_teacher_whose_logits_outnumber_its_tokenizer(work: Path, voca
                        teacher={"train": False})
     expect_error(["run", "-e", str(write(work / "vocab.yaml", raw)), "--out", "out"], "has config.vocab_size",
                  "gpt2/s1/seed0")
+
+
+@pytest.mark.parametrize("command", [["run", "--out", "out"], ["export-inits", "--out", "inits"]])
+def test_shipped_bases_with_another_tokenizer_than_the_shipped_teacher(command: list[str], work: Path,
+                                                                       vocab_models: dict[str, Path]) -> None:
+    """A shipped teacher and shipped bases made with different tokenizers (a teacher left from an older suite) are
+    refused before anything trains, by a run and by the export that would train the SFT inits on the mismatch."""
+    bases = work / "bases" / "gpt2"
+    bases.mkdir(parents=True, exist_ok=True)
+    if not (bases / "s1").exists():
+        (bases / "s1").symlink_to(vocab_models["other-tokenizer"], target_is_directory=True)
+    raw = with_changes(models={"scale": "tiny", "families": ["gpt2"], "students": ["s1"], "bases": {"gpt2": str(bases)},
+                               "teachers": {"gpt2": str(vocab_models["teacher"])}},
+                       teacher={"train": False}, init={"start": "sft"})
+    expect_error([command[0], "-e", str(write(work / "bases.yaml", raw)), *command[1:]], "do not share a vocabulary")
+    assert not (work / "cache" / "train").exists()
 
 
 # -- as a user runs it ---------------------------------------------------------------------------------

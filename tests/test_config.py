@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -239,6 +241,88 @@ def test_unknown_dataset_option_is_a_semantic_error(registries: Registries) -> N
     experiment = parse_experiment(_minimal(data={"dataset": "tiny", "options": {"seeed": 1}}), "t")
     errors = semantic_errors(experiment, registries)
     assert any(error.startswith("data.options") for error in errors)
+
+
+# -- positive controls ---------------------------------------------------------------------------
+
+def _control(**fields: str) -> dict[str, str]:
+    return {"task": "modes", "better": "rkl", "worse": "kd", "mechanism": "reverse KL is mode-seeking", **fields}
+
+
+def test_a_control_needs_two_different_methods_and_a_mechanism() -> None:
+    lines = _error_lines(_minimal(controls=[_control(worse="rkl"), _control(mechanism="  "),
+                                            {"task": "modes", "better": "rkl", "worse": "kd"}]))
+    assert "3 error(s)" in lines[0]
+    assert any(line.strip().startswith("controls.0: better and worse are both 'rkl'") for line in lines), lines
+    assert any(line.strip().startswith("controls.1.mechanism:") and "mechanism" in line for line in lines), lines
+    assert any(line.strip().startswith("controls.2.mechanism: Field required") for line in lines), lines
+    parsed = parse_experiment(_minimal(controls=[_control(source="MiniLLM")]), "t")
+    assert parsed.controls[0].source == "MiniLLM" and parse_experiment(_minimal(), "t").controls == []
+
+
+def test_controls_name_registered_methods_of_the_experiment_and_tasks_of_its_data(registries: Registries) -> None:
+    tasks = list(registries.datasets.get("tiny").tasks({}))  # type: ignore[misc]
+    methods = {"rkl": {}, "kd": {}}
+    good = parse_experiment(_minimal(methods=methods, controls=[_control(task=tasks[0])]), "t")
+    assert semantic_errors(good, registries) == []
+    bad = parse_experiment(_minimal(methods=methods, controls=[_control(task="modez", better="rkll", worse="minillm")]),
+                           "t")
+    errors = semantic_errors(bad, registries)
+    assert len(errors) == 3, errors
+    better, worse, task = errors
+    assert better.startswith("controls[0].better: unknown objective 'rkll'.") and "Did you mean 'rkl'" in better
+    assert worse == ("controls[0].worse: 'minillm' is not one of this experiment's methods ['kd', 'rkl']; add it to "
+                     "methods or name one of them")
+    assert task.startswith(f"controls[0].task: 'modez' is not a task of data.dataset 'tiny' with these options; "
+                           f"expected one of {tasks};")
+    # A dataset that cannot tell its tasks without loading its records: the task is not checked.
+    jsonl = parse_experiment(_minimal(methods=methods, data={"dataset": "jsonl", "options": {"dir": "x"}},
+                                      controls=[_control(task="anything")]), "t")
+    assert semantic_errors(jsonl, registries) == []
+
+
+def test_validate_reports_each_bad_control_on_its_own_line_with_exit_code_2(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    from kdbench import cli
+
+    bad = _write(tmp_path / "bad.yaml", _minimal(methods={"rkl": {}, "kd": {}}, controls=[
+        _control(task="modez"), _control(better="rkll", worse="sft")]))
+    errors = io.StringIO()
+    monkeypatch.setattr(cli, "stderr", Console(file=errors, width=1000))
+    monkeypatch.setattr(sys, "argv", ["kdbench", "validate", str(bad)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    text = errors.getvalue()
+    assert "Traceback" not in text and "3 error(s)" in text
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("controls[")]
+    assert [line.split(":", 1)[0] for line in lines] == ["controls[0].task", "controls[1].better", "controls[1].worse"]
+
+
+def test_controls_enter_no_stage_key_cell_config_or_hash(registries: Registries) -> None:
+    """Declaring a control re-runs nothing: every key and cell config is the same; the cells' results record it."""
+    from types import SimpleNamespace
+
+    from kdbench.config import ControlConfig
+    from kdbench.grid.collect import collect
+    from kdbench.grid.selection import resolve_selection
+    from kdbench.grid.stages import cell_result
+    from kdbench.results.schema import check_result
+
+    plain = parse_experiment(_minimal(methods={"sft": {}, "kd": {}}, models={"families": ["gpt2"]}), "t")
+    control = ControlConfig(task="modes", better="kd", worse="sft", mechanism="m", source="s")
+    declared = plain.model_copy(update={"controls": [control]})
+    graphs = [collect(e, registries, resolve_selection(e, registries, ["sft", "kd"], ["gpt2"], 1))
+              for e in (plain, declared)]
+    assert [(node.label, node.key) for node in graphs[0]] == [(node.label, node.key) for node in graphs[1]]
+    assert [node.spec.config for node in graphs[0].cells()] == [node.spec.config for node in graphs[1].cells()]
+    node = next(iter(graphs[1].cells()))
+    failure = {"reason": "r", "stage": "s", "stage_key": "k", "step": None}
+    result = cell_result(SimpleNamespace(experiment=declared, graph=graphs[1]), node, "failed", failure)  # type: ignore[arg-type]
+    assert result["controls"] == [{"task": "modes", "better": "kd", "worse": "sft", "mechanism": "m", "source": "s"}]
+    check_result(json.loads(json.dumps(result)), "the cell's result")
 
 
 # -- config_hash ---------------------------------------------------------------------------------

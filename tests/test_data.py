@@ -1,4 +1,4 @@
-"""The tiny suite generator, the prompt template, JSONL loading, tokenisation and batching."""
+"""The prompt template, JSONL loading, tokenisation and batching (the tiny suite itself: test_tinysuite.py)."""
 
 from __future__ import annotations
 
@@ -24,21 +24,9 @@ from kdbench.data import (
     tokenize_records,
 )
 from kdbench.errors import KdbenchError
-from kdbench.tinysuite import TASKS, TinySuiteOptions, generate
+from kdbench.tinysuite import TinySuiteOptions, generate
 
 Splits = dict[str, list[dict[str, Any]]]
-
-
-@pytest.fixture(scope="module")
-def suite() -> Splits:
-    """The default (benchmark) tiny suite."""
-    return generate(TinySuiteOptions())
-
-
-@pytest.fixture(scope="module")
-def all_tasks_suite() -> Splits:
-    """A suite with every task on, the algorithmic ones (off in the benchmark) included."""
-    return generate(TinySuiteOptions(n_train=6000, task_weights={task: 1.0 for task in TASKS}))
 
 
 @pytest.fixture(scope="module")
@@ -54,151 +42,6 @@ def tokenizer(small_suite: Splits, tmp_path_factory: pytest.TempPathFactory) -> 
 
     texts = [format_prompt(r) + str(r["response"]) for r in small_suite["train"]]
     return train_tokenizer(texts, 400, tmp_path_factory.mktemp("tok"), TEMPLATE_PIECES)
-
-
-def _key(record: dict[str, Any]) -> tuple[str, str]:
-    """The (instruction, context) prompt identity of a record."""
-    return str(record["instruction"]), str(record["context"])
-
-
-def _eval_records(suite: Splits) -> list[dict[str, Any]]:
-    """Validation and test records together."""
-    return suite["validation"] + suite["test"]
-
-
-# -- tiny suite ----------------------------------------------------------------------------------
-
-def test_generate_is_deterministic_and_seeded(suite: Splits) -> None:
-    """Same options give identical splits; another seed gives different ones."""
-    assert generate(TinySuiteOptions()) == suite
-    other = generate(TinySuiteOptions(seed=99))
-    assert other["train"] != suite["train"]
-    assert other["test"] != suite["test"]
-
-
-def test_split_sizes_follow_options(suite: Splits) -> None:
-    """Split lengths equal n_train, n_validation and n_test, default or not."""
-    defaults = TinySuiteOptions()
-    assert [len(suite[s]) for s in ("train", "validation", "test")] == [defaults.n_train, defaults.n_validation,
-                                                                        defaults.n_test]
-    small = generate(TinySuiteOptions(n_train=50, n_validation=7, n_test=11))
-    assert [len(small[s]) for s in ("train", "validation", "test")] == [50, 7, 11]
-
-
-def test_unknown_task_weight_is_rejected() -> None:
-    """task_weights naming a task that does not exist is an error."""
-    with pytest.raises(ValueError, match="unknown tiny-suite tasks"):
-        generate(TinySuiteOptions(task_weights={"fact": 1.0, "poem": 1.0}))
-
-
-def test_every_weighted_task_in_train_and_test(suite: Splits, all_tasks_suite: Splits) -> None:
-    """The benchmark's default tasks, and all seven when every one is weighted, occur in both train and test; a
-    task weighted 0 or left out never occurs."""
-    for split in ("train", "test"):
-        assert {r["task"] for r in suite[split]} == set(TinySuiteOptions().task_weights), split
-        assert {r["task"] for r in all_tasks_suite[split]} == set(TASKS), split
-    assert not {"reverse", "sort", "add"} & set(TinySuiteOptions().task_weights)
-
-
-def test_references_multiplicity_and_membership(suite: Splits) -> None:
-    """example/pick have several references with the response among them; other tasks exactly one."""
-    for record in suite["train"] + _eval_records(suite):
-        references = record["references"]
-        assert record["response"] in references
-        assert len(references) == len(set(references))
-        if record["task"] in ("example", "pick"):
-            assert len(references) > 1
-        else:
-            assert references == [record["response"]]
-
-
-def test_response_lengths_vary(suite: Splits) -> None:
-    """Responses range from one word to whole sentences."""
-    lengths = [len(str(r["response"]).split()) for r in suite["train"]]
-    assert min(lengths) <= 1
-    assert max(lengths) >= 15
-
-
-def test_algorithmic_eval_prompts_never_in_train(all_tasks_suite: Splits) -> None:
-    """No reverse/sort (instruction, context) of validation or test occurs in train. (The small
-    addition table is memorised like the facts, so add prompts may repeat.)"""
-    train_keys = {_key(r) for r in all_tasks_suite["train"]}
-    algorithmic = [r for r in _eval_records(all_tasks_suite) if r["task"] in ("reverse", "sort")]
-    assert len(algorithmic) > 20
-    leaked = [r for r in algorithmic if _key(r) in train_keys]
-    assert leaked == []
-
-
-def test_evaluation_asks_facts_the_training_records_state(suite: Splits) -> None:
-    """Closed-book recall: every test fact's answer is stated in training, by a describe record of that person or
-    by a fact record asking the same (person, attribute) in some phrasing; most test facts were asked in training
-    word for word, and many people are asked about (far more facts than a small student can store)."""
-    stated: dict[str, set[str]] = {}
-    for record in suite["train"]:
-        if record["task"] == "describe":
-            name = re.fullmatch(r"Describe (\w+) in one sentence\.", record["instruction"])
-            assert name is not None
-            stated.setdefault(name.group(1), set()).update(re.findall(r"\w+", str(record["response"])))
-        if record["task"] == "fact":
-            for name in re.findall(r"\b[A-Z][a-z]+\b", record["instruction"]):
-                stated.setdefault(name, set()).add(str(record["response"]))
-    facts = [r for r in suite["test"] if r["task"] == "fact"]
-    assert len(facts) > 200
-    train_questions = {r["instruction"] for r in suite["train"] if r["task"] == "fact"}
-    assert sum(r["instruction"] in train_questions for r in facts) > 0.8 * len(facts)
-    for record in facts:
-        names = [w for w in re.findall(r"\b[A-Z][a-z]+\b", str(record["instruction"])) if w in stated]
-        assert any(str(record["response"]) in stated[name] for name in names), record["instruction"]
-    assert len({w for r in facts for w in re.findall(r"\b[A-Z][a-z]+\b", str(r["instruction"]))}) > 300
-
-
-def test_describe_states_every_attribute_but_not_the_name(suite: Splits) -> None:
-    """A description states the person's job, town, age, pet and colour; it does not repeat the name, whose copying
-    from the prompt is a slow in-context skill and no part of what the suite measures (knowledge)."""
-    from kdbench.tinysuite import make_world
-
-    people = {person.name: person for person in make_world(TinySuiteOptions())}
-    describes = [r for r in suite["test"] if r["task"] == "describe"]
-    assert len(describes) > 100
-    for record in describes:
-        name = re.fullmatch(r"Describe (\w+) in one sentence\.", str(record["instruction"]))
-        assert name is not None
-        person, response = people[name.group(1)], str(record["response"])
-        assert person.name not in response
-        assert re.findall(r"\w+", response) == re.findall(r"\w+", (
-            f"A {person.job} from {person.town}, {person.age} years old, who keeps a {person.pet} and likes "
-            f"{person.color} best."))
-
-
-def test_algorithmic_references_are_correct(all_tasks_suite: Splits) -> None:
-    """reverse, sort and add answers recomputed from the prompt text."""
-    checked = 0
-    for record in all_tasks_suite["train"] + _eval_records(all_tasks_suite):
-        task, context, answer = record["task"], str(record["context"]), record["response"]
-        if task == "reverse":
-            assert answer == " ".join(context.split()[::-1])
-            assert 2 <= len(context.split()) <= 4
-        elif task == "sort":
-            assert answer == " ".join(str(n) for n in sorted(int(x) for x in context.split()))
-        elif task == "add":
-            match = re.fullmatch(r"What is (\d+) plus (\d+)\?", record["instruction"])
-            assert match is not None and context == ""
-            assert answer == str(int(match.group(1)) + int(match.group(2)))
-        else:
-            continue
-        checked += 1
-    assert checked > 1000
-
-
-def test_multi_answer_references_are_valid(suite: Splits) -> None:
-    """pick answers are two distinct alphabetically ordered words; example answers are single words."""
-    for record in suite["train"]:
-        if record["task"] == "pick":
-            for reference in record["references"]:
-                first, second = reference.split(" and ")
-                assert first < second
-        elif record["task"] == "example":
-            assert all(len(reference.split()) == 1 for reference in record["references"])
 
 
 # -- prompt template -----------------------------------------------------------------------------
@@ -310,8 +153,8 @@ def test_decode_encode_round_trip(tokenizer: Any, small_suite: Splits) -> None:
 
 def test_response_mask_covers_response_and_eos(tokenizer: Any, small_suite: Splits) -> None:
     """The mask marks exactly the response tokens plus EOS; the prompt and padding are not masked in."""
-    records = small_suite["test"][:12]
-    examples = tokenize_records(records, tokenizer, max_length=128, max_prompt_length=100)
+    records = small_suite["test"][:12]  # lists of towns included: with this small BPE, up to ~200 tokens
+    examples = tokenize_records(records, tokenizer, max_length=400, max_prompt_length=300)
     assert len(examples) == len(records)
     batch = collate(examples, tokenizer.pad_token_id)
     ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]

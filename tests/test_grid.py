@@ -52,10 +52,10 @@ def with_trained_inits(experiment: Experiment) -> Experiment:
 
 
 def from_scratch(experiment: Experiment) -> Experiment:
-    """The experiment with its teachers and SFT inits trained here instead of read from shipped folders."""
+    """The experiment with its bases, teachers and SFT inits trained here instead of read from shipped folders."""
     experiment = with_trained_inits(experiment)
     return experiment.model_copy(update={"teacher": experiment.teacher.model_copy(update={"train": True}),
-                                         "models": experiment.models.model_copy(update={"teachers": {}})})
+                                         "models": experiment.models.model_copy(update={"teachers": {}, "bases": {}})})
 
 
 def test_collect_builds_the_graph_from_settings_alone(registries: Registries, tmp_path: Path,
@@ -68,9 +68,13 @@ def test_collect_builds_the_graph_from_settings_alone(registries: Registries, tm
     order = list(graph.nodes)
     for node in graph:
         assert all(order.index(parent) < order.index(node.key) for parent in node.deps.values())
-    # one tokenizer and one tokenised split for both families; a teacher, its SFT and its row per family
+    # one tokenizer, one packed corpus and one tokenised split of each instruction set (the teacher's, the
+    # distillation set) for both families; a base per architecture, a teacher, its SFT and its row per family
     kinds = [node.kind for node in graph]
-    assert kinds.count(StageKind.TOKENIZER) == 1 and kinds.count(StageKind.TOKENIZE) == 1
+    assert kinds.count(StageKind.TOKENIZER) == 1 and kinds.count(StageKind.TOKENIZE) == 3
+    assert sorted(node.label for node in graph if node.label.endswith("/base")) == [
+        f"{f}/{m}/base" for f in ("gpt2", "opt") for m in ("s1", "teacher")]
+    assert graph.bases == {node.key for node in graph if node.label.endswith("/base")}
     assert kinds.count(StageKind.GENERATE) == 2  # one per teacher, read by seqkd and dpkd
     seeds = len(load_experiment(None).seeds)
     assert len(graph.cells()) == 2 * (1 + 5 * seeds)
@@ -82,31 +86,45 @@ def test_collect_builds_the_graph_from_settings_alone(registries: Registries, tm
     assert graph[init].inputs["selection"]["metric"] == "loss"
     sft = keys[("train", "gpt2/s1/sft/seed0")]
     assert "teacher" not in graph[sft].deps  # sft never reads the teacher, so its cells do not depend on it
-    assert graph[keys[("train", "gpt2/s1/kd/seed0")]].deps["teacher"] == keys[("train", "gpt2/teacher")]
+    kd = graph[keys[("train", "gpt2/s1/kd/seed0")]]  # it reads the teacher's stored outputs, shared by every seed
+    assert graph[kd.deps["outputs"]].deps["teacher"] == keys[("train", "gpt2/teacher")]
     assert set(graph[keys[("train", "gpt2/s1/dpkd/seed0")]].deps) == {"init", "data", "teacher", "texts"}
     lineage = graph.lineage(keys[("eval", "gpt2/s1/sft/seed0")])
-    assert [graph[k].kind.value for k in lineage] == ["tokenizer", "init", "tokenize", "train", "train", "eval"]
+    assert [graph[k].label for k in lineage] == ["data", "corpus", "gpt2/s1", "gpt2/s1/base", "data",
+                                                 "gpt2/s1/init/seed0", "gpt2/s1/sft/seed0", "gpt2/s1/sft/seed0"]
+    # a row's cost counts from its base, as from a paper-scale checkpoint
+    assert [graph[k].label for k in graph.costed_lineage(keys[("eval", "gpt2/s1/kd/seed0")])] == [
+        "teacher data", "gpt2/teacher", "data", "gpt2/s1/init/seed0", "gpt2/teacher/outputs", "gpt2/s1/kd/seed0",
+        "gpt2/s1/kd/seed0"]
 
 
-def test_shipped_teachers_and_sft_inits_are_checkpoints_whose_tokenizer_the_students_share(registries: Registries) -> None:
+def test_shipped_bases_teachers_and_sft_inits_are_checkpoints_whose_tokenizer_the_students_share(
+        registries: Registries) -> None:
     """The default reads each family's teacher from experiments/teachers/<family> and each training seed's SFT init
-    from experiments/inits/<family>/s1/seed<k>: no teacher, tokenizer or init training. Trained here instead, the
-    students are initialised with the teacher's tokenizer."""
+    from experiments/inits/<family>/s1/seed<k>: no base, teacher, tokenizer or init training. With the inits trained
+    here they start from the shipped student bases (experiments/bases/<family>/s1), one for every seed, which are
+    bases: no row's cost counts them."""
     experiment = load_experiment(None)
     graph = graph_of(experiment, registries)
     checkpoints = {node.label: node for node in graph if node.kind is StageKind.CHECKPOINT}
-    teachers = [checkpoints[f"{family}/teacher"] for family in ("gpt2", "opt")]
+    # the students' bases are read for their tokenizer alone (each model folder tokenises its own data)
     assert sorted(checkpoints) == sorted([f"{f}/teacher" for f in ("gpt2", "opt")]
+                                         + [f"{f}/s1/base" for f in ("gpt2", "opt")]
                                          + [f"{f}/s1/init/seed{k}" for f in ("gpt2", "opt") for k in SEEDS])
+    assert graph.bases == {checkpoints[f"{f}/s1/base"].key for f in ("gpt2", "opt")}
+    assert all(set(node.deps) == {"tokenizer"} for node in graph if node.kind is StageKind.TOKENIZE)
     for node in checkpoints.values():
         assert node.inputs["checkpoint"].startswith("local:") and Path(node.spec.path).is_dir()
     assert not any(node.kind in (StageKind.TOKENIZER, StageKind.INIT) for node in graph)
-    assert not any(node.kind is StageKind.TRAIN and (node.label.endswith("/teacher") or "/init/" in node.label)
+    assert not any(node.kind is StageKind.TRAIN and (node.label.endswith(("/teacher", "/base")) or "/init/" in node.label)
                    for node in graph)
     trained_inits = graph_of(with_trained_inits(experiment), registries)
-    teacher_keys = {node.key for node in teachers}
-    initialised = [node for node in trained_inits if node.kind is StageKind.INIT]
-    assert len(initialised) == 2 * len(SEEDS) and all(node.deps["tokenizer"] in teacher_keys for node in initialised)
+    bases = {node.label: node for node in trained_inits if node.kind is StageKind.CHECKPOINT and node.key in
+             trained_inits.bases}
+    assert sorted(bases) == ["gpt2/s1/base", "opt/s1/base"]
+    for node in trained_inits:
+        if node.kind is StageKind.TRAIN and "/init/" in node.label:
+            assert node.deps["init"] == bases[f"{node.family}/s1/base"].key
 
 
 def test_bumping_an_objectives_version_rekeys_exactly_its_cells(registries: Registries) -> None:
@@ -179,18 +197,26 @@ def test_a_methods_own_setting_rekeys_only_its_cells(registries: Registries) -> 
                                                            for k in SEEDS))}
 
 
-def test_each_training_seed_starts_a_tiny_student_from_its_own_initialisation(registries: Registries) -> None:
-    """Seeds vary the initialisation as well as the data order (a pretrained checkpoint is the same for all)."""
-    experiment = from_scratch(load_experiment(None))  # the SFT inits trained here, from the students' initialisations
+def test_seeds_share_a_pretrained_base_and_without_pretraining_start_from_their_own_initialisation(
+        registries: Registries) -> None:
+    """With pretraining every training seed's SFT init starts from the student's one base (as every seed of a paper
+    starts from GPT-2 base), and seeds vary the data order; without it a tiny student is initialised with the
+    training seed, so seeds vary the initialisation as well."""
+    experiment = from_scratch(load_experiment(None))  # the SFT inits trained here, from the students' bases
     selection = resolve_selection(experiment, registries, ["sft", "kd"], ["gpt2"], 3)
     graph = collect(experiment, registries, selection)
+    inits = [graph[graph[cell.deps["model"]].deps["init"]] for cell in graph.cells() if cell.spec.kind == "student"]
+    assert len({node.key for node in inits}) == 3 and len({node.deps["init"] for node in inits}) == 1
+    assert {graph.start_of(node.key).spec.seed for node in inits} == {experiment.pretrain.seed}
+    unpretrained = experiment.model_copy(update={"pretrain": None})
+    graph = collect(unpretrained, registries, selection)
     for method in ("sft", "kd"):
-        inits = [graph.start_of(cell.deps["model"]) for cell in graph.cells() if cell.spec.method == method]
-        assert [node.spec.seed for node in inits] == [0, 1, 2] and len({node.key for node in inits}) == 3
-        assert all(node.kind is StageKind.INIT for node in inits)
-    one_seed = collect(experiment, registries, resolve_selection(experiment, registries, ["sft", "kd"], ["gpt2"], 1))
+        starts = [graph.start_of(cell.deps["model"]) for cell in graph.cells() if cell.spec.method == method]
+        assert [node.spec.seed for node in starts] == [0, 1, 2] and len({node.key for node in starts}) == 3
+        assert all(node.kind is StageKind.INIT for node in starts)
+    one_seed = collect(unpretrained, registries, resolve_selection(unpretrained, registries, ["sft", "kd"], ["gpt2"], 1))
     assert {n.key for n in one_seed} <= {n.key for n in graph}  # seed 0 keeps its stages whatever the seed count
-    paper = experiment.model_copy(update={"models": experiment.models.model_copy(
+    paper = unpretrained.model_copy(update={"models": experiment.models.model_copy(
         update={"scale": "paper", "students": ["120M"], "teachers": {}})})
     graph = collect(paper, registries, resolve_selection(paper, registries, ["sft"], ["gpt2"], 3))
     assert len({graph.start_of(cell.deps["model"]).key for cell in graph.cells() if cell.spec.kind == "student"}) == 1
@@ -199,10 +225,11 @@ def test_each_training_seed_starts_a_tiny_student_from_its_own_initialisation(re
 def test_shared_teacher_outputs_stand_in_for_the_teacher_in_teacher_forced_stages(registries: Registries) -> None:
     """With ``teacher_outputs.share`` one outputs stage per family serves every teacher-forced stage (all seeds);
     stages that sample the teacher or the student keep the teacher; off, the graph is the one without the option."""
-    experiment = load_experiment(None)
+    shared = load_experiment(None)  # the tiny suite shares them
     methods = "sft,kd,rkl,seqkd,minillm,dpkd"
-    shared = experiment.model_copy(update={"teacher_outputs": experiment.teacher_outputs.model_copy(
-        update={"share": True, "top_k": 16})})
+    assert shared.teacher_outputs.share and shared.teacher_outputs.top_k is None
+    experiment = shared.model_copy(update={"teacher_outputs": shared.teacher_outputs.model_copy(update={"share": False})})
+    shared = shared.model_copy(update={"teacher_outputs": shared.teacher_outputs.model_copy(update={"top_k": 16})})
     before, graph = graph_of(experiment, registries, methods), graph_of(shared, registries, methods)
     assert not [node for node in before if node.kind is StageKind.TEACHER_OUTPUTS]
     outputs = {node.family: node for node in graph if node.kind is StageKind.TEACHER_OUTPUTS}
@@ -223,3 +250,23 @@ def test_shared_teacher_outputs_stand_in_for_the_teacher_in_teacher_forced_stage
     moved = changed(graph, graph_of(other_k, registries, methods))
     assert {label for kind, label in moved if kind == "train"} == {
         f"{f}/s1/{m}/seed{k}" for f in ("gpt2", "opt") for m in ("kd", "rkl") for k in SEEDS}
+
+
+def test_an_init_that_keeps_its_final_checkpoint(registries: Registries) -> None:
+    """``init.rule: final`` (the tiny suite's) trains the init to its end and keeps the last checkpoint, its loss
+    curve still recorded; ``best`` keeps the lowest validation loss. Only the inits' keys (and what is built on them)
+    move, and the protocol card says which."""
+    from kdbench.report.card import protocol_card
+
+    final = with_trained_inits(load_experiment(None))
+    assert final.init.rule == "final"
+    best = final.model_copy(update={"init": final.init.model_copy(update={"rule": "best"})})
+    graphs = {rule: graph_of(experiment, registries, "sft,kd") for rule, experiment in (("final", final), ("best", best))}
+    for rule, graph in graphs.items():
+        inits = [node for node in graph if "/init/" in node.label]
+        assert inits and all(node.inputs["selection"] == {**node.inputs["selection"], "metric": "loss",
+                                                          "keep_best": rule == "best"} for node in inits)
+    assert {label for _, label in changed(graphs["final"], graphs["best"])} == {
+        label for kind, label in keys_by_label(graphs["final"]) if "/init/" in label or "/seed" in label and "/s1/" in label}
+    assert "its final checkpoint (validation loss recorded every 100 steps)" in protocol_card(final, [0])["init"]
+    assert "selected by validation loss every 100 steps" in protocol_card(best, [0])["init"]

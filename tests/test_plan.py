@@ -153,6 +153,10 @@ def lineage_names(plan: Plan, cell: str) -> list[str]:
     return [plan.stage(key).name for key in plan.graph.lineage(cell_node(plan, cell).key)]
 
 
+# The objectives whose teacher logits are all on gold sequences: they read the stored outputs (teacher_outputs.share).
+TEACHER_FORCED = ("kd", "rkl", "jsd", "tvd", "skl", "srkl", "akl", "abkd", "topk-kd", "dpkd-token")
+
+
 @pytest.mark.parametrize("gpus", [1, 4])
 def test_the_tiny_plan_lists_every_stage_with_the_engines_step_counts(registries: Registries, gpus: int) -> None:
     experiment = load_experiment(None)
@@ -172,11 +176,13 @@ def test_the_tiny_plan_lists_every_stage_with_the_engines_step_counts(registries
             cell = f"{family}/s1/{method}/seed0"
             names = lineage_names(plan, cell)
             # what prepares the cell: the shipped SFT init is read, not trained; the teacher's samples are made when
-            # the loss reads them
-            preparation = [n for n in names[:-2] if n not in ("checkpoint", "init", "tokenize")]
-            expected = ["generate"] if method in ("seqkd", "dpkd") else []
-            assert preparation == expected, (method, names)
+            # the loss reads them, its stored outputs when the loss reads its logits on gold sequences alone
             train = trained(plan, cell)
+            preparation = [n for n in names[:-2] if n not in ("checkpoint", "init", "tokenize")]
+            expected = {"texts": "generate", "outputs": "teacher_outputs"}
+            assert sorted(preparation) == sorted(expected[role] for role in train.node.deps if role in expected)
+            assert ("outputs" in train.node.deps) == (method in TEACHER_FORCED), (method, names)
+            assert ("texts" in train.node.deps) == (method in ("seqkd", "dpkd")), (method, names)
             assert plan.stage(train.node.deps["init"]).name == "checkpoint"
             assert names[-2:] == [f"train {method}", "eval"] and train.name == f"train {method}"
             assert train.training is not None and train.training.params == student.size.params
@@ -185,9 +191,9 @@ def test_the_tiny_plan_lists_every_stage_with_the_engines_step_counts(registries
             # The teacher stays loaded from its evaluation to the family's last reader: every student stage.
             assert train.training.teacher_params == teacher.size.params
             assert f"{len(splits['test']):,} examples × 5 seeds" in plan.stage(cell_node(plan, cell).key).work
-            # the shipped SFT init's recorded 3,200 steps, and the shipped teacher's 9,000 for the rows whose training
-            # reads it
-            assert plan.cell_steps(cell_node(plan, cell)) == (200, 200 + 3200 + (0 if method == "sft" else 9000))
+            # the shipped SFT init's recorded 2,000 steps, and the shipped teacher's 3,000 for the rows whose training
+            # reads it (its base's pretraining, like a paper checkpoint's, counts for no row)
+            assert plan.cell_steps(cell_node(plan, cell)) == (200, 200 + 2000 + (0 if method == "sft" else 3000))
 
 
 def test_one_sft_init_per_seed_serves_every_method(registries: Registries) -> None:

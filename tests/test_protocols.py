@@ -32,7 +32,7 @@ def tiny(**overrides: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "name": "p", "protocol": "uniform",
         "data": {"dataset": "tiny", "options": {"n_train": 300, "n_validation": 10, "n_test": 20}},
-        "models": {"families": ["gpt2"]},
+        "models": {"families": ["gpt2"], "students": ["s1"]},
         "training": {"max_steps": 8, "batch_size": 16},
         "init": {"training": {"max_steps": 5, "batch_size": 16}},
         "methods": {"sft": {}, "kd": {}, "seqkd": {}, "minillm": {}, "dpkd": {}, "dpkd-token": {}},
@@ -188,7 +188,7 @@ def test_exported_teachers_are_model_folders_a_run_starts_from(tmp_path: Path) -
 PAPER_RUN = """
 name: paper-run
 protocol: paper
-data: {dataset: tiny, options: {n_train: 300, n_validation: 10, n_test: 20, n_people: 40}, max_length: 64,
+data: {dataset: tiny, options: {n_train: 300, n_validation: 10, n_test: 20}, max_length: 64,
        max_prompt_length: 48}
 models: {scale: tiny, families: [opt]}
 teacher: {training: {engine: accelerate, lr: 3.0e-3, batch_size: 32, max_steps: 4}}
@@ -201,7 +201,7 @@ methods:
 method_training:
   minillm: {betas: [0.9, 0.95], grad_accum: 2, lm_coef: 1.0, lm_kd_ratio: 0.5}
   dpkd-token: {lm_coef: 0.5, lm_kd_ratio: 0.5}
-lm_data: {dataset: tiny, options: {n_people: 40}, max_chunks: 64}
+lm_data: {dataset: tiny, options: {corpus_mentions: 500}, max_chunks: 64}
 teacher_generations: {max_new_tokens: 12, batch_size: 100}
 evaluation: {seeds: [10], max_new_tokens: 12, batch_size: 20}
 """

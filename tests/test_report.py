@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from rich.console import Console
 from rich.text import Text
@@ -22,7 +23,7 @@ from kdbench.errors import KdbenchError
 from kdbench.report.build import build_report
 from kdbench.report.folder import load_results
 from kdbench.report.leaderboard import LeaderboardRow, build_leaderboard, leaderboard_records
-from kdbench.report.render import render, rich_table
+from kdbench.report.render import render, rich_table, terminal_tables
 from kdbench.results.schema import (
     REQUIRED_KEYS,
     SCHEMA_VERSION,
@@ -492,6 +493,174 @@ def test_published_numbers_need_the_paper_protocol_and_the_same_models(tmp_path:
     for config in (tmp_path / "other").glob("cells/**/config.json"):
         config.write_text(json.dumps({**PAPER_CONFIG, "teacher": {"label": "my-own-teacher"}}))
     assert build_report(tmp_path / "other").published == []
+
+
+# -- per-task scores and positive controls ---------------------------------------------------------------
+
+MECHANISM = "reverse KL is mode-seeking: it puts the student's mass on one mode"
+CONTROLS = [  # as an experiment declares them, in this order
+    {"task": "modes", "better": "rkl", "worse": "kd", "mechanism": MECHANISM, "source": "MiniLLM (Gu et al., 2024)"},
+    {"task": "long", "better": "rkl", "worse": "kd", "mechanism": "exposure bias grows with length", "source": ""},
+    {"task": "noisy", "better": "rkl", "worse": "kd", "mechanism": "noise is a mode the student may skip",
+     "source": "DistiLLM"},
+    {"task": "modes", "better": "sft", "worse": "kd", "mechanism": "gold has one mode", "source": ""},
+    {"task": "modes", "better": "rkl", "worse": "fkd", "mechanism": "fkd covers every mode", "source": ""},
+]
+# method → training seed → task → the two evaluation seeds' rougeL on that task.
+TASK_SCORES: dict[str, dict[int, dict[str, tuple[float, float]]]] = {
+    # modes: rkl − kd = 10, 11, 8 (holds); long: −9, −11, −11 (fails); noisy: 5, −6, 1 (not separated).
+    "rkl": {0: {"modes": (50, 52), "long": (30, 32), "noisy": (60, 60)},
+            1: {"modes": (55, 57), "long": (31, 33), "noisy": (50, 50)},
+            2: {"modes": (53, 51), "long": (29, 31), "noisy": (55, 55)}},
+    "kd": {0: {"modes": (40, 42), "long": (40, 40), "noisy": (55, 55)},
+           1: {"modes": (44, 46), "long": (42, 44), "noisy": (56, 56)},
+           2: {"modes": (45, 43), "long": (41, 41), "noisy": (54, 54)}},
+    "sft": {0: {"modes": (45, 46), "long": (35, 35), "noisy": (50, 52)}},  # one training seed
+    "teacher": {0: {"modes": (90, 92), "long": (80, 80), "noisy": (70, 72)}},
+}
+
+
+def per_task(scores: dict[str, tuple[float, float]]) -> dict[str, dict[str, dict[str, float]]]:
+    """result.json's per_task: the own split's two evaluation seeds, and an extra set (``sinst/10``) whose scores
+    must be left out of every per-task number."""
+    own = {seed: {task: {"rougeL": float(pair[index]), "exact_match": 1.0} for task, pair in scores.items()}
+           for index, seed in enumerate(("10", "20"))}
+    return {**own, "sinst/10": {task: {"rougeL": 1000.0, "exact_match": 1000.0} for task in scores}}
+
+
+@pytest.fixture()
+def controls_dir(tmp_path: Path) -> Path:
+    """gpt2/s1: rkl and kd over three training seeds, sft over one (written before controls existed: no key), and
+    the teacher; every other cell records CONTROLS."""
+    for method, by_seed in TASK_SCORES.items():
+        for seed, scores in by_seed.items():
+            overall = float(np.mean([np.mean(pair) for pair in scores.values()]))
+            result = full_result(family="gpt2", student="teacher" if method == "teacher" else "s1", method=method,
+                                 kind="teacher" if method == "teacher" else "student", train_seed=seed,
+                                 metrics={"rougeL": {"10": overall, "20": overall}, "exact_match": {"10": 1.0, "20": 1.0}},
+                                 per_task=per_task(scores), **({} if method == "sft" else {"controls": CONTROLS}))
+            write_cell(tmp_path, result)
+    return tmp_path
+
+
+def seed_task_score(method: str, seed: int, task: str) -> float:
+    return float(np.mean(TASK_SCORES[method][seed][task]))
+
+
+def test_per_task_scores_are_the_mean_over_training_seeds_of_each_seeds_evaluation_mean(controls_dir: Path) -> None:
+    report = build_report(controls_dir)
+    records = {r["method"]: r for r in json.loads(render(report, "json"))}
+    text = render(report, "md")
+    assert "Per task (rougeL)" in text and "| family | student | method | long | modes | noisy |" in text
+    for method, by_seed in TASK_SCORES.items():
+        by_task = {task: [seed_task_score(method, seed, task) for seed in by_seed] for task in ("long", "modes", "noisy")}
+        assert records[method]["rougeL_by_task"] == {task: round(float(np.mean(v)), 4) for task, v in by_task.items()}
+        cells = [f"{np.mean(v):.2f}" + (f" ± {np.std(v, ddof=1):.2f}" if len(v) > 1 else "") for v in by_task.values()]
+        student = "teacher" if method == "teacher" else "s1"
+        assert f"| gpt2 | {student} | {method} | {' | '.join(cells)} |" in text, method
+    # rkl's long: seeds 31, 32, 30 → 31.00 ± 1.00; the extra set's 1000s are left out.
+    assert records["rkl"]["rougeL_by_task"]["long"] == 31.0 and "| 31.00 ± 1.00 |" in text
+
+
+def test_json_stays_a_list_of_rows_with_the_per_task_scores(controls_dir: Path) -> None:
+    records = json.loads(render(build_report(controls_dir), "json"))
+    assert isinstance(records, list) and len(records) == 4
+    assert all(set(r["rougeL_by_task"]) == {"long", "modes", "noisy"} for r in records)
+    assert not any("controls" in r or "Positive" in json.dumps(r) for r in records)  # controls are not rows
+    parsed = list(csv.DictReader(io.StringIO(render(build_report(controls_dir), "csv"))))
+    assert float(next(r for r in parsed if r["method"] == "rkl")["rougeL_by_task/long"]) == 31.0
+
+
+def test_positive_controls_equal_a_hand_computation(controls_dir: Path) -> None:
+    report = build_report(controls_dir)
+    outcomes = report.controls
+    assert [(o.control.label, o.family, o.student) for o in outcomes] == [
+        (f"{c['task']}: {c['better']} > {c['worse']}", "gpt2", "s1") for c in CONTROLS]  # declaration order
+    assert [o.verdict for o in outcomes] == ["holds", "fails", "not separated", "—", "—"]
+    text = render(report, "md")
+    for outcome, task in zip(outcomes[:3], ("modes", "long", "noisy")):
+        better = [seed_task_score("rkl", seed, task) for seed in range(3)]
+        worse = [seed_task_score("kd", seed, task) for seed in range(3)]
+        differences = np.subtract(better, worse)
+        low, high = scipy_stats.t.interval(0.95, df=2, loc=differences.mean(), scale=scipy_stats.sem(differences))
+        p_value = scipy_stats.ttest_rel(better, worse).pvalue
+        paired = outcome.paired
+        assert paired is not None and paired.seeds == 3 and outcome.metric == "rougeL"
+        assert paired.difference == pytest.approx(differences.mean())
+        assert paired.interval == pytest.approx((low, high)) and paired.p_value == pytest.approx(p_value)
+        assert outcome.better.mean == pytest.approx(np.mean(better)) and outcome.worse.mean == pytest.approx(np.mean(worse))
+        shown = "<0.001" if p_value < 0.001 else f"{p_value:.3f}"
+        assert (f"| rkl {np.mean(better):.2f} | kd {np.mean(worse):.2f} | {differences.mean():+.2f} [{low:.2f}, "
+                f"{high:.2f}] | {shown} | 3 | {outcome.verdict} |") in text
+    # modes: 51, 56, 52 against 41, 45, 44: +9.67, its interval wholly above 0.
+    assert outcomes[0].paired is not None and outcomes[0].paired.difference == pytest.approx(29 / 3)
+
+
+def test_a_control_with_one_shared_seed_or_a_missing_row_has_no_verdict(controls_dir: Path) -> None:
+    report = build_report(controls_dir)
+    one_seed, missing = report.controls[3], report.controls[4]
+    assert one_seed.paired is not None and one_seed.paired.seeds == 1 and one_seed.paired.interval is None
+    assert one_seed.paired.difference == pytest.approx(seed_task_score("sft", 0, "modes") - seed_task_score("kd", 0, "modes"))
+    assert (one_seed.verdict, one_seed.note) == ("—", "one shared training seed: no interval")
+    assert missing.paired is None and missing.worse.mean is None and missing.better.mean == pytest.approx(53.0)
+    assert (missing.verdict, missing.note) == ("—", "fkd: not run in this folder")
+    text = render(report, "md")
+    assert "| modes: rkl > fkd [5] | gpt2 | s1 | rkl 53.00 | fkd — | — | — | — | — (fkd: not run in this folder) |" in text
+    assert "| +4.50 | — | 1 | — (one shared training seed: no interval) |" in text  # 45.5 − 41
+    write_result(controls_dir, family="gpt2", student="s1", method="fkd", train_seed=0, rouge={}, em={}, wall_total=0.0,
+                 status="diverged", failure={"reason": "nan", "stage": "s", "stage_key": "k", "step": 3})
+    assert build_report(controls_dir).controls[4].note == "fkd: diverged on a training seed (see its row)"
+
+
+def test_the_markdown_and_terminal_show_both_tables_with_each_mechanism(controls_dir: Path) -> None:
+    report = build_report(controls_dir)
+    text = render(report, "md")
+    assert text.index("Statistics:") < text.index("Per task (rougeL)") < text.index("Positive controls")
+    assert f"- [1] modes: rkl > kd — {MECHANISM} (MiniLLM (Gu et al., 2024))" in text
+    assert "- [2] long: rkl > kd — exposure bias grows with length\n" in text  # no source given
+    console = Console(file=io.StringIO(), width=220, record=True)
+    console.print(*terminal_tables(report.rows, title="t"))
+    shown = console.export_text()
+    assert shown.index("Statistics:") < shown.index("Per task (rougeL)") < shown.index("Positive controls")
+    for expected in ("not separated", "fails", "holds", "fkd: not run in this folder", MECHANISM, "31.00 ± 1.00"):
+        assert expected in " ".join(shown.split()), expected
+
+
+@pytest.mark.parametrize("width", [50, 80])
+def test_narrow_terminal_folds_the_per_task_and_controls_tables(controls_dir: Path, width: int) -> None:
+    text = io.StringIO()
+    Console(file=text, width=width).print(*terminal_tables(build_report(controls_dir).rows, title="t", width=width))
+    lines = text.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= width and "…" not in text.getvalue()
+    if width == 50:  # the three tasks do not fit one table of 50 characters: they are split, names repeated
+        assert "Per task (rougeL), continued" in text.getvalue()
+    assert sum("31.00 ± 1.00" in line for line in lines) == 1
+
+
+def test_results_without_controls_report_none(run_dir: Path) -> None:
+    report = build_report(run_dir)
+    assert report.controls == [] and "Positive controls" not in render(report, "md")
+    assert "Per task" not in render(report, "md")  # no per-task scores in these results
+    assert all(r["rougeL_by_task"] is None for r in json.loads(render(report, "json")))
+
+
+def test_the_html_page_shows_the_controls_and_per_task_scores(controls_dir: Path) -> None:
+    page = render(build_report(controls_dir), "html")
+    assert 'id="controls"' in page and "not separated" in page and "31.00 ± 1.00" in page
+    assert "reverse KL is mode-seeking: it puts the student&#39;s mass on one mode (MiniLLM" in page  # escaped
+    assert "against student parameters" not in page  # one student size
+
+
+def test_the_html_page_plots_the_metric_against_student_size_only_with_two_sizes(run_dir: Path) -> None:
+    before = render(build_report(run_dir), "html")
+    assert "against student parameters" not in before and before.count("<svg") == 2 * 3
+    for student, params, rouge in (("s2", 20_000, 48.0), ("s3", 80_000, 49.0)):
+        write_cell(run_dir, full_result(family="gpt2", student=student, method="kd", metrics={"rougeL": {"10": rouge}},
+                                        params={"student": params, "teacher": 90000}))
+    page = render(build_report(run_dir), "html")
+    assert page.count("against student parameters") == 1 and page.count("<svg") == 2 * 3 + 1  # gpt2 only
+    figure = page[page.index("against student parameters"):]
+    assert ">teacher (zz-teacher)</text>" in figure and ">kd</text>" in figure and ">student parameters</text>" in figure
 
 
 # -- the command -----------------------------------------------------------------------------------------

@@ -86,3 +86,19 @@ def test_corpus_score_rejects_empty_reference_list() -> None:
 def test_corpus_score_rejects_empty_corpus() -> None:
     with pytest.raises(KdbenchError, match="0 predictions"):
         corpus_score(exact_match, [], [])
+
+
+def test_rouge_l_equals_rouge_scores_own_scorer_on_the_tiny_suites_answers() -> None:
+    """kdbench's scorer remembers tokenisations; its scores are rouge-score's ``RougeScorer(['rougeL'],
+    use_stemmer=True)`` exactly, on every kind of tiny-suite reference and on wrong answers, scored twice."""
+    from rouge_score import rouge_scorer
+
+    from kdbench.tinysuite import TinySuiteOptions, generate
+
+    plain = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    records = generate(TinySuiteOptions(n_train=30, n_validation=1, n_test=60))["train"]
+    answers = [str(r["response"]) for r in records] + ["running dogs", "", "The cats are sitting."]
+    for _ in range(2):
+        for record, answer in zip(records * 2, answers):
+            expected = max(plain.score(ref, answer)["rougeL"].fmeasure for ref in record["references"])
+            assert rouge_l(answer, record["references"]) == expected

@@ -101,3 +101,60 @@ def test_exported_inits_serve_a_run_as_the_inits_it_would_train(tmp_path: Path,
             assert init == results[0]["cost"]["ancestors"][f"gpt2/s1/init/seed{seed}"] | {"seconds": init["seconds"]}
             assert init["optimizer_steps"] == 4
             assert "models.sft_inits (gpt2: inits/gpt2" in results[1]["protocol_card"]["init"]
+
+
+REBUILD = """
+name: rebuild
+protocol: uniform
+pretrain: {{corpus: {{dataset: tiny, options: {{corpus_mentions: 200}}}}, select_every: 2, validation_chunks: 4,
+           training: {{engine: accelerate, lr: 3.0e-3, batch_size: 16, max_steps: 3}}}}
+data: {{dataset: tiny, options: {{n_train: 120, n_validation: 6, n_test: 12}}, max_length: 64, max_prompt_length: 24,
+       tokenizer_vocab_size: 400}}
+models: {{scale: tiny, families: [gpt2], students: [s1]{shipped}}}
+teacher: {{train: {train_teacher}, data: {{dataset: tiny, options: {{gold: clean, n_train: 240}}}},
+          training: {{engine: accelerate, lr: 3.0e-3, batch_size: 16, max_steps: 4}}}}
+init: {{training: {{engine: accelerate, lr: 5.0e-3, batch_size: 16, max_steps: 3}}}}
+training: {{engine: accelerate, lr: 5.0e-3, batch_size: 16, max_steps: 2}}
+selection: {{every: 2}}
+methods: {{sft: {{}}, kd: {{}}}}
+evaluation: {{seeds: [10], max_new_tokens: 8, batch_size: 12}}
+"""
+
+
+@pytest.mark.slow
+def test_the_shipped_bases_teachers_and_inits_are_rebuilt_by_kdbench_s_own_commands(
+        tmp_path: Path, subprocess_env: Callable[..., dict[str, str]]) -> None:
+    """The tiny suite's rebuild path on a short budget, as experiments/tiny.yaml writes it: `export-bases` pretrains
+    every base on the corpus, `export-teachers` tunes the teacher from its shipped base on the teacher's own set,
+    `export-inits` trains the SFT init from the student's shipped base; a run naming all three trains only the
+    methods' stages, and its rows count the teacher and the init (but no pretraining) in their cost."""
+    def experiment(name: str, shipped: str = "", train_teacher: bool = True) -> str:
+        (tmp_path / f"{name}.yaml").write_text(REBUILD.format(shipped=shipped, train_teacher=str(train_teacher).lower()))
+        return str(tmp_path / f"{name}.yaml")
+
+    def kdbench(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "kdbench", *args], capture_output=True, text=True, timeout=900,
+                              env=subprocess_env(KDBENCH_CACHE_DIR=str(tmp_path / "cache")))
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    kdbench("export-bases", "--out", str(tmp_path / "bases"), "-e", experiment("scratch"))
+    for label in ("teacher", "s1"):
+        stats = json.loads((tmp_path / f"bases/gpt2/{label}/train_stats.json").read_text())
+        assert stats["steps"] == 3 and stats["selection"]["metric"] == "loss"
+    on_bases = experiment("on-bases", ", bases: {gpt2: bases/gpt2}")
+    kdbench("export-teachers", "--out", str(tmp_path / "teachers"), "-e", on_bases)
+    kdbench("export-inits", "--out", str(tmp_path / "inits"), "-e", on_bases)
+    assert json.loads((tmp_path / "teachers/gpt2/train_stats.json").read_text())["steps"] == 4
+    assert json.loads((tmp_path / "inits/gpt2/s1/seed0/train_stats.json").read_text())["steps"] == 3
+
+    shipped = experiment("shipped", ", bases: {gpt2: bases/gpt2}, teachers: {gpt2: teachers/gpt2}, "
+                                    "sft_inits: {gpt2: inits/gpt2}", train_teacher=False)
+    done = kdbench("run", "-e", shipped, "--out", str(tmp_path / "out"))
+    for stage in ("base: train", "gpt2/teacher: train", "init/seed0: train"):
+        assert stage not in done.stderr
+    result = json.loads((tmp_path / "out/cells/gpt2/s1/kd/seed0/result.json").read_text())
+    assert {label: cost["optimizer_steps"] for label, cost in result["cost"]["ancestors"].items()} == {
+        "gpt2/teacher": 4, "gpt2/s1/init/seed0": 3}
+    assert result["optimizer_steps_total"] == 4 + 3 + 2
+    assert "shipped in models.bases" in result["protocol_card"]["base"]

@@ -1,4 +1,4 @@
-"""Issue 9's budget ladder: the tiny suite's SFT row at k times its budget, to see where it stops moving.
+"""The budget ladder: the tiny suite's SFT row at k times its budget, to see where it stops moving.
 
 For each factor k this writes ``experiments/tiny.yaml`` with the SFT init's ``max_steps`` × k (trained here; k = 1
 reads the shipped ``models.sft_inits``, which are that init), the method stage's × k and the validations of both k
@@ -6,8 +6,7 @@ times further apart, runs ``kdbench run`` of it (``sft`` only, one family, ``--s
 teacher) into ``--out``/k<k> on one cache (``--cache``, by default under ``--out``; name the reference run's cache and
 k = 1 reuses its stages), and prints ROUGE-L overall and per task, averaged over the training seeds, with the
 teacher's beside it. A row has plateaued when doubling its budget moves it by less than a point. Run from the
-repository root (k = 2 with three seeds trains 3 × (6,400 + 400) steps of the 10k student, about 2.5 min each on one
-core):
+repository root (k = 2 with three seeds trains 3 × (4,000 + 400) steps of the 61k student from its shipped base):
 
     python experiments/calibration/budget_ladder.py --factors 1 2 --seeds 3 --out /tmp/ladder
 """
@@ -39,6 +38,7 @@ def ladder_experiment(factor: int, family: str) -> dict[str, Any]:
     experiment["training"]["max_steps"] *= factor
     experiment["selection"]["every"] *= factor
     experiment["models"]["teachers"] = {family: str(REPOSITORY / "experiments" / "teachers" / family)}
+    experiment["models"]["bases"] = {family: str(REPOSITORY / "experiments" / "bases" / family)}
     inits = experiment["models"].pop("sft_inits", {})
     if factor == 1 and family in inits:  # the shipped SFT inits are this init block's training: read, not retrained
         experiment["models"]["sft_inits"] = {family: str(REPOSITORY / "experiments" / inits[family])}

@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdbench.config import DataConfig, Experiment, SelectionConfig, TeacherGenerationConfig, TrainingConfig, config_hash
+from kdbench.config import (
+    DataConfig,
+    Experiment,
+    InstructionSetConfig,
+    SelectionConfig,
+    TeacherGenerationConfig,
+    TrainingConfig,
+    config_hash,
+)
 from kdbench.errors import KdbenchError
 from kdbench.grid.estimate import ModelSize, paper_model_size, tiny_model_size
 from kdbench.grid.graph import Node, StageGraph, StageKind
@@ -132,16 +140,24 @@ class _Collector:
     def __init__(self, experiment: Experiment, registries: Registries, selection: Selection) -> None:
         self.experiment, self.registries, self.selection = experiment, registries, selection
         self.graph = StageGraph()
-        self.data = {"dataset": experiment.data.dataset, "options": experiment.data.options,
-                     "version": registries.datasets.get(experiment.data.dataset).version}
+        self.data = self.dataset_inputs(experiment.data.dataset, experiment.data.options)
         self.shared = {"experiment": experiment.name, "protocol": experiment.protocol, "init": experiment.init.model_dump(),
                        "selection": experiment.selection.model_dump(), "data": experiment.data.model_dump(),
                        "scale": experiment.models.scale, "training": experiment.training.model_dump(),
                        "teacher_training": experiment.teacher_training.model_dump(),
                        "evaluation": experiment.evaluation.model_dump(), "eval_seeds": selection.eval_seeds,
                        "teacher_generations": experiment.teacher_generations.model_dump()}
+        # Set only when used, so the shared settings of experiments without them hash as before.
+        if experiment.pretrain is not None:
+            self.shared["pretrain"] = experiment.pretrain.model_dump()
+        if experiment.teacher.data is not None:
+            self.shared["teacher_data"] = experiment.teacher.data.model_dump()
         if experiment.teacher_outputs.share:  # the teacher signal becomes part of the protocol (top-k approximates)
             self.shared["teacher_outputs"] = experiment.teacher_outputs.model_dump(exclude={"batch_size"})
+
+    def dataset_inputs(self, dataset: str, options: dict[str, Any]) -> dict[str, Any]:
+        """A data set as stage inputs: its name, options and the version of its generator."""
+        return {"dataset": dataset, "options": options, "version": self.registries.datasets.get(dataset).version}
 
     def add(self, kind: StageKind, label: str, inputs: dict[str, Any], deps: dict[str, str], family: str | None,
             spec: Any = None) -> str:
@@ -150,6 +166,9 @@ class _Collector:
     # -- starting points ---------------------------------------------------------------------------
     def tokenizer(self) -> str:
         inputs = {"data": self.data, "vocab_size": self.experiment.data.tokenizer_vocab_size}
+        pretrain = self.experiment.pretrain
+        if pretrain is not None:  # trained on the pretraining text too, as GPT-2's BPE was on WebText
+            inputs["corpus"] = self.dataset_inputs(pretrain.corpus.dataset, pretrain.corpus.options)
         return self.add(StageKind.TOKENIZER, "data", inputs, {}, None)
 
     def tiny_model(self, family: ModelFamily, label: str, arch: TinyArch, seed: int, tokenizer: str,
@@ -166,20 +185,61 @@ class _Collector:
         return self.add(StageKind.CHECKPOINT, f"{family.name}/{label}", {"checkpoint": identity}, {}, family.name,
                         CheckpointSpec(label, path, family))
 
-    def tokenized(self, tokenizer: str) -> str:
-        """The training split tokenised by the tokenizer of ``tokenizer`` (a tokenizer or model node)."""
+    def tokenized(self, tokenizer: str, instructions: InstructionSetConfig | None = None) -> str:
+        """The training split (of the experiment's data, or of ``instructions``: the teacher's own set) tokenised by
+        the tokenizer of ``tokenizer`` (a tokenizer or model node)."""
         data, lm_data = self.experiment.data, self.experiment.lm_data
-        inputs = {"data": self.data, "max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
+        source = self.data if instructions is None else self.dataset_inputs(instructions.dataset, instructions.options)
+        inputs = {"data": source, "max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
                   "lm_data": None if lm_data is None else lm_data.model_dump()}
-        return self.add(StageKind.TOKENIZE, "data", inputs, {"tokenizer": tokenizer}, None)
+        return self.add(StageKind.TOKENIZE, "data" if instructions is None else "teacher data", inputs,
+                        {"tokenizer": tokenizer}, None)
+
+    def corpus(self, tokenizer: str) -> str:
+        """The pretraining corpus packed into ``data.max_length``-token chunks, the last few held out."""
+        pretrain = self.experiment.pretrain
+        assert pretrain is not None
+        inputs = {"corpus": {**self.dataset_inputs(pretrain.corpus.dataset, pretrain.corpus.options),
+                             "max_chunks": pretrain.corpus.max_chunks},
+                  "max_length": self.experiment.data.max_length, "validation_chunks": pretrain.validation_chunks}
+        return self.add(StageKind.TOKENIZE, "corpus", inputs, {"tokenizer": tokenizer}, None)
+
+    def tiny_base(self, family: ModelFamily, label: str, arch: TinyArch, seed: int, tokenizer: str) -> str:
+        """The model a tiny teacher or student starts from: a shipped base (``models.bases``), a base pretrained on
+        the corpus here (``pretrain``: one per architecture, whatever the training seed), or a random
+        initialisation with ``seed``."""
+        experiment = self.experiment
+        shipped = experiment.models.bases.get(family.name)
+        if shipped is not None:
+            folder = Path(shipped) / label
+            if not (folder / "config.json").is_file():
+                made = sorted(p.name for p in Path(shipped).iterdir() if p.is_dir()) if Path(shipped).is_dir() else []
+                raise KdbenchError(
+                    f"models.bases.{family.name} = {shipped} holds no base model {label!r} (expected the model folder "
+                    f"{folder}; found {made or 'none'}). Run `kdbench export-bases --out {Path(shipped).parent}` with "
+                    f"this experiment, or remove models.bases.{family.name} to pretrain the bases in the run.")
+            base = self.checkpoint(family, f"{label}/base", str(folder))
+            self.graph.bases.add(base)
+            return base
+        pretrain = experiment.pretrain
+        if pretrain is None:
+            name = label if label == family.checkpoints("tiny")[0] else f"{label}/seed{seed}"
+            return self.tiny_model(family, label, arch, seed, tokenizer, name)
+        random_init = self.tiny_model(family, label, arch, pretrain.seed, tokenizer)
+        sft = self.registries.objectives.get("sft")
+        base = self.trained(family.name, f"{family.name}/{label}/base", random_init, self.corpus(tokenizer), sft,
+                            sft.make_params({}), pretrain.training, pretrain.seed,
+                            select=self.select("loss", every=pretrain.select_every))
+        self.graph.bases.add(base)
+        return base
 
     # -- stages ------------------------------------------------------------------------------------
     def select(self, metric: str | None = None, selection: SelectionConfig | None = None,
-               every: int | None = None) -> SelectSpec:
-        """``selection`` (the experiment's when None) as a stage's spec, on ``metric`` and every ``every`` steps
-        instead of its own when given."""
+               every: int | None = None, rule: str | None = None) -> SelectSpec:
+        """``selection`` (the experiment's when None) as a stage's spec, on ``metric``, every ``every`` steps and by
+        ``rule`` instead of its own when given."""
         selection, evaluation = selection or self.experiment.selection, self.experiment.evaluation
-        return SelectSpec(metric or selection.metric, every or selection.every, selection.rule == "best",
+        return SelectSpec(metric or selection.metric, every or selection.every, (rule or selection.rule) == "best",
                           selection.greedy, selection.max_examples, evaluation.max_new_tokens)
 
     def trained(self, family: str, label: str, init: str, data: str, objective: type[Objective], params: ObjectiveParams,
@@ -228,7 +288,8 @@ class _Collector:
         sft = self.registries.objectives.get("sft")
         return self.trained(family, f"{family}/{label}/init/seed{seed}", student, data, sft, sft.make_params({}),
                             self.experiment.init_training, seed,
-                            select=self.select("loss", every=self.experiment.init_select_every))
+                            select=self.select("loss", every=self.experiment.init_select_every,
+                                               rule=self.experiment.init.rule))
 
     def starts_from_sft(self, objective: type[Objective], params: ObjectiveParams) -> bool:
         """uniform: every method starts where ``init.start`` says; paper: those whose recipe starts from the SFT student."""
@@ -272,17 +333,26 @@ class _Collector:
             students = {(label, seed): key for label, key in checkpoints.items() for seed in selection.seeds}
             tokenizers = {key: key for key in (teacher_base, *students.values())}  # each model's own tokenizer
         else:
-            # A tiny teacher may be given as a model folder (the suite's shipped teachers): the students then
-            # take its tokenizer, so teacher and students index one vocabulary by construction.
+            # A tiny teacher may be given as a model folder (the suite's shipped teachers), and so may the bases
+            # (pretrained models): the students then take its tokenizer, so teacher and students index one
+            # vocabulary by construction.
             shipped = models.teachers.get(family.name)
-            teacher_base = (self.checkpoint(family, teacher_label, shipped) if shipped else
-                            self.tiny_model(family, teacher_label, family.tiny_teacher, experiment.teacher.seed,
-                                            self.tokenizer()))
-            tokenizer = teacher_base if shipped else self.graph[teacher_base].deps["tokenizer"]
-            students = {(label, seed): self.tiny_model(family, label, family.tiny_students[label], seed, tokenizer,
-                                                       f"{label}/seed{seed}")
+            tokenizer = self.tokenizer()
+            if shipped:
+                teacher_base = tokenizer = self.checkpoint(family, teacher_label, shipped)
+            else:
+                teacher_base = self.tiny_base(family, teacher_label, family.tiny_teacher, experiment.teacher.seed,
+                                              tokenizer)
+                if self.graph[teacher_base].kind is StageKind.CHECKPOINT:  # a shipped base carries its tokenizer
+                    tokenizer = teacher_base
+            # Without pretraining a tiny student is initialised with the training seed, so seeds also vary the
+            # initialisation; a pretrained base is one per student, as GPT-2 base is for every seed of a paper.
+            students = {(label, seed): self.tiny_base(family, label, family.tiny_students[label], seed, tokenizer)
                         for label in student_labels for seed in selection.seeds}
-            tokenizers = {key: tokenizer for key in (teacher_base, *students.values())}
+            # A model folder tokenises its own data (the vocabulary check holds it equal to the teacher's); a model
+            # built here takes the tokenizer it was built with.
+            tokenizers = {key: key if self.graph[key].kind is StageKind.CHECKPOINT else tokenizer
+                          for key in (teacher_base, *students.values())}
         for student in dict.fromkeys(students.values()):  # checked before anything trains (kdbench.grid.execute)
             self.graph.same_vocabulary.append((teacher_base, student))
 
@@ -290,7 +360,7 @@ class _Collector:
         teacher = teacher_base
         if experiment.teacher.train:
             teacher = self.trained(family.name, f"{family.name}/{teacher_label}", teacher_base,
-                                   self.tokenized(tokenizers[teacher_base]), sft, sft.make_params({}),
+                                   self.tokenized(tokenizers[teacher_base], experiment.teacher.data), sft, sft.make_params({}),
                                    experiment.teacher_training, experiment.teacher.seed,
                                    select=self.select(selection=experiment.teacher.selection))
         base = {**self.shared, "family": family.name, "teacher": {"label": teacher_label, "key": teacher}}

@@ -77,8 +77,11 @@ def check_vocabularies(graph: StageGraph, needed: set[str]) -> None:
     configs' ``vocab_size``): checked before anything trains. Tiny models built from one tokenizer agree by
     construction; a tiny student built from a shipped teacher's tokenizer is checked against that teacher."""
     for teacher, student in graph.same_vocabulary:
-        nodes = graph[teacher], graph[student]
-        if student not in needed or nodes[0].kind is not StageKind.CHECKPOINT:
+        if student not in needed:
+            continue
+        # a base pretrained here is built from the initialisation it starts from
+        nodes = graph.start_of(teacher), graph.start_of(student)
+        if nodes[0].kind is not StageKind.CHECKPOINT:
             continue
         path = nodes[0].spec.path
         if nodes[1].kind is StageKind.CHECKPOINT:
@@ -193,6 +196,7 @@ def build_stages(graph: StageGraph, keys: list[str], experiment: Experiment, reg
     cell around them (``kdbench export-teachers``); returns each key's output folder."""
     context = RunContext(graph, experiment, registries, Path("."), cache_dir)
     needed = {key for target in keys for key in graph.lineage(target)}
+    check_vocabularies(graph, needed)
     for node in graph:
         if node.key in needed:
             run_stage(node, context)

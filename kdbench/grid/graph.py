@@ -9,7 +9,7 @@ stage runs: ``--dry-run`` renders it, an executor runs it, a test checks one aga
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
@@ -66,6 +66,9 @@ class StageGraph:
     nodes: dict[str, Node] = field(default_factory=dict)
     # (teacher, student) starting models that must share a vocabulary: checked before anything trains
     same_vocabulary: list[tuple[str, str]] = field(default_factory=list)
+    # Pretrained base models (tiny scale: pretrained here or shipped): where every cost is counted from, as a
+    # paper-scale checkpoint's own pretraining is not counted
+    bases: set[str] = field(default_factory=set)
 
     def add(self, node: Node) -> str:
         missing = [key for key in node.deps.values() if key not in self.nodes]
@@ -79,6 +82,7 @@ class StageGraph:
         needed = {key for cell in self.cells() for key in self.lineage(cell.key)}
         self.nodes = {key: node for key, node in self.nodes.items() if key in needed}
         self.same_vocabulary = [pair for pair in self.same_vocabulary if set(pair) <= needed]
+        self.bases &= needed
 
     def __iter__(self) -> Iterator[Node]:
         return iter(self.nodes.values())
@@ -92,17 +96,22 @@ class StageGraph:
     def cells(self) -> list[Node]:
         return [node for node in self if node.kind is StageKind.EVAL]
 
-    def lineage(self, key: str, skip_roles: tuple[str, ...] = ()) -> list[str]:
-        """``key`` and every stage it was built from, in run order; a parent read in one of ``skip_roles`` (and what
-        only it needs) is left out."""
+    def lineage(self, key: str, skip_roles: tuple[str, ...] = (), skip_keys: Set[str] = frozenset()) -> list[str]:
+        """``key`` and every stage it was built from, in run order; a parent read in one of ``skip_roles``, or one of
+        ``skip_keys``, is left out with what only it needs."""
         wanted = {key}
         pending = [key]
         while pending:
             for role, parent in self.nodes[pending.pop()].deps.items():
-                if parent not in wanted and role not in skip_roles:
+                if parent not in wanted and role not in skip_roles and parent not in skip_keys:
                     wanted.add(parent)
                     pending.append(parent)
         return [k for k in self.nodes if k in wanted]
+
+    def costed_lineage(self, key: str) -> list[str]:
+        """``key`` and the stages before it that a row's cost counts, in run order: its lineage without the stages read
+        for their tokenizer only, and without the base models (and what only they need), which costs start from."""
+        return self.lineage(key, skip_roles=("tokenizer",), skip_keys=self.bases)
 
     def start_of(self, key: str) -> Node:
         """The starting model (an init or checkpoint node) the model of ``key`` was trained from."""

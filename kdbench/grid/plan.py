@@ -129,7 +129,7 @@ class Plan:
         planned = {stage.node.key: stage.training.steps for stage in self.training_stages if stage.training}
         own_key = cell.deps["model"]
         steps: list[int | None] = []
-        for key in self.graph.lineage(own_key, skip_roles=("tokenizer",)):  # as the result counts its ancestors
+        for key in self.graph.costed_lineage(own_key):  # as the result counts its ancestors
             if key in planned:
                 steps.append(planned[key])
             elif self.graph[key].kind is StageKind.CHECKPOINT:  # a shipped tiny teacher made by kdbench
@@ -204,8 +204,9 @@ class _Planner:
     def _models(self) -> list[PlannedModel]:
         """The starting models of every family, teacher first, with their sizes: one row per model (a tiny
         student initialised once per training seed is one row), every starting node sized."""
-        teachers = {teacher for teacher, _ in self.graph.same_vocabulary}
-        starts = dict.fromkeys(key for pair in self.graph.same_vocabulary for key in pair)
+        # A pretrained base is a training stage: the model row is the initialisation it was pretrained from.
+        teachers = {self.graph.start_of(teacher).key for teacher, _ in self.graph.same_vocabulary}
+        starts = dict.fromkeys(self.graph.start_of(key).key for pair in self.graph.same_vocabulary for key in pair)
         models = [self._model(self.graph[key], "teacher" if key in teachers else "student") for key in starts]
         rows = {(m.family, m.role, m.label): m for m in reversed(models)}  # the first of each, in order
         return [m for m in models if rows[m.family, m.role, m.label] is m]
@@ -274,12 +275,21 @@ class _Planner:
         if node.kind is StageKind.CHECKPOINT:
             return f"load {node.spec.path}"
         if node.kind is StageKind.TOKENIZER:
-            return (f"byte-level BPE of {experiment.data.tokenizer_vocab_size:,} tokens on the training split, plus "
-                    "template pieces")
+            corpus = f" and the {node.inputs['corpus']['dataset']} corpus" if "corpus" in node.inputs else ""
+            return (f"byte-level BPE of {experiment.data.tokenizer_vocab_size:,} tokens on the training split{corpus}, "
+                    "plus template pieces")
         if node.kind is StageKind.INIT:
             arch = node.spec.arch
             return f"random init, width {arch.width}, {arch.layers} layers, {arch.heads} heads"
         if node.kind is StageKind.TOKENIZE:
+            if "corpus" in node.inputs:
+                return (f"pack the {node.inputs['corpus']['dataset']} corpus into {experiment.data.max_length}-token "
+                        f"chunks, the last {node.inputs['validation_chunks']} held out")
+            source = node.inputs["data"]
+            if (source["dataset"], source["options"]) != (experiment.data.dataset, experiment.data.options):
+                # the teacher's own instruction set
+                sizes = dataset_sizes(self.registries.datasets.get(source["dataset"]), source["options"])
+                return f"tokenise the teacher's training split ({sizes.get('train') or '?'} records)"
             return f"tokenise the training split ({self._count(self.train_examples)} records)"
         if node.kind is StageKind.GENERATE:
             return self._generation_work()

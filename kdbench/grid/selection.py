@@ -49,11 +49,16 @@ def semantic_errors(experiment: Experiment, registries: Registries) -> list[str]
     errors = dataset_errors("data", experiment.data.dataset, experiment.data.options, registries)
     for label, extra in experiment.evaluation.datasets.items():
         errors += dataset_errors(f"evaluation.datasets.{label}", extra.dataset, extra.options, registries)
-    lm_data = experiment.lm_data
-    if lm_data is not None:
-        errors += dataset_errors("lm_data", lm_data.dataset, lm_data.options, registries)
-        if lm_data.dataset in registries.datasets and registries.datasets.get(lm_data.dataset).corpus is None:
-            errors.append(f"lm_data.dataset: {lm_data.dataset!r} has no plain-text corpus; expected one of "
+    if experiment.teacher.data is not None:
+        errors += dataset_errors("teacher.data", experiment.teacher.data.dataset, experiment.teacher.data.options,
+                                 registries)
+    corpora = {"lm_data": experiment.lm_data, "pretrain.corpus": experiment.pretrain and experiment.pretrain.corpus}
+    for where, corpus in corpora.items():
+        if corpus is None:
+            continue
+        errors += dataset_errors(where, corpus.dataset, corpus.options, registries)
+        if corpus.dataset in registries.datasets and registries.datasets.get(corpus.dataset).corpus is None:
+            errors.append(f"{where}.dataset: {corpus.dataset!r} has no plain-text corpus; expected one of "
                           f"{sorted(n for n in registries.datasets.names() if registries.datasets.get(n).corpus)}")
     if experiment.evaluation.lm_eval.tasks:
         from kdbench.eval.lmeval import unknown_tasks
@@ -85,7 +90,45 @@ def semantic_errors(experiment: Experiment, registries: Registries) -> list[str]
         except KdbenchError as error:
             errors.append(str(error))
         errors += source_errors(objective, registries, params)
+    errors += control_errors(experiment, registries)
     return errors
+
+
+def control_errors(experiment: Experiment, registries: Registries) -> list[str]:
+    """Positive controls that could never be tested: a method that is not a registered objective or not run by this
+    experiment, or a task the experiment's data does not have (checked only where the dataset knows its tasks without
+    loading its records)."""
+    tasks = dataset_tasks(experiment.data.dataset, experiment.data.options, registries)
+    methods = sorted(experiment.methods)
+    errors = []
+    for index, control in enumerate(experiment.controls):
+        where = f"controls[{index}]"
+        for role, name in (("better", control.better), ("worse", control.worse)):
+            if name not in registries.objectives:
+                errors.append(f"{where}.{role}: {registries.objectives.unknown_message(name)} Name a registered "
+                              "objective (`kdbench plugins` lists them).")
+            elif name not in experiment.methods:
+                errors.append(f"{where}.{role}: {name!r} is not one of this experiment's methods {methods}; add it to "
+                              "methods or name one of them")
+        if tasks is not None and control.task not in tasks:
+            errors.append(f"{where}.task: {control.task!r} is not a task of data.dataset {experiment.data.dataset!r} "
+                          f"with these options; expected one of {list(tasks)}; name one of them, or change data.options "
+                          "so the data has that task")
+    return errors
+
+
+def dataset_tasks(name: str, options: dict[str, Any], registries: Registries) -> tuple[str, ...] | None:
+    """The task labels of a dataset's records, or None when it cannot tell without loading them (or its name or
+    options are wrong, which dataset_errors reports)."""
+    if name not in registries.datasets or dataset_errors("data", name, options, registries):
+        return None
+    spec = registries.datasets.get(name)
+    if spec.tasks is None:
+        return None
+    try:
+        return tuple(spec.tasks(dict(options)))
+    except (KdbenchError, TypeError, ValueError):  # options of the wrong type: the data stage reports them
+        return None
 
 
 def source_errors(objective: type[Objective], registries: Registries, params: ObjectiveParams | None = None) -> list[str]:

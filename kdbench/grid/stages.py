@@ -12,12 +12,13 @@ downstream, gets a new key and is rebuilt; nothing else is.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,7 @@ from kdbench.results.schema import (
     CellExamples,
     CellResult,
     CodeVersions,
+    ControlRecord,
     Cost,
     Failure,
     StageCost,
@@ -185,8 +187,19 @@ class Builder:
 # -- builders --------------------------------------------------------------------------------------
 
 def build_tokenizer(node: Node, context: RunContext, folder: Path) -> None:
-    texts = (format_prompt(r) + r["response"] for r in context.train_records())
+    texts: Iterable[str] = (format_prompt(r) + r["response"] for r in context.train_records())
+    if "corpus" in node.inputs:
+        texts = itertools.chain(corpus_text(context, node.inputs["corpus"]), texts)
     train_tokenizer(texts, node.inputs["vocab_size"], folder, TEMPLATE_PIECES)
+
+
+def corpus_text(context: RunContext, corpus: dict[str, Any]) -> list[str]:
+    """The documents of a plain-text corpus named in a node's inputs (``dataset``, ``options``)."""
+    spec = context.registries.datasets.get(corpus["dataset"])
+    if spec.corpus is None:
+        raise KdbenchError(f"dataset {corpus['dataset']!r} has no plain-text corpus; expected a dataset that provides "
+                           "one (tiny, openwebtext).")
+    return spec.corpus(dict(corpus["options"]))
 
 
 def build_init(node: Node, context: RunContext, folder: Path) -> None:
@@ -195,30 +208,46 @@ def build_init(node: Node, context: RunContext, folder: Path) -> None:
     build_tiny_model(spec.family, spec.arch, tokenizer, context.experiment.data.max_length, spec.seed, folder)
 
 
+def write_examples(folder: Path, split: str, examples: list[TokenizedExample]) -> None:
+    (folder / f"{split}.json").write_text(json.dumps([dataclasses.asdict(e) for e in examples]))
+
+
 def build_tokenize(node: Node, context: RunContext, folder: Path) -> None:
+    """An instruction set's training and validation splits (``data``), or a pretraining corpus (``corpus``: its
+    chunks, the last ``validation_chunks`` held out as the validation split)."""
     data = context.experiment.data
     tokenizer = load_tokenizer(context.path(node.deps["tokenizer"]))
-    splits = context.splits(data.dataset, data.options)
+    if "corpus" in node.inputs:
+        corpus = node.inputs["corpus"]
+        chunks = tokenize_corpus(corpus_text(context, corpus), tokenizer, data.max_length, corpus["max_chunks"])
+        held_out = node.inputs["validation_chunks"]
+        if len(chunks) <= held_out:
+            raise KdbenchError(f"the pretraining corpus {corpus['dataset']!r} gave {len(chunks)} chunks of "
+                               f"data.max_length={data.max_length} tokens, not more than pretrain.validation_chunks="
+                               f"{held_out}; expected more text, or fewer held-out chunks.")
+        write_examples(folder, "train", chunks[:-held_out])
+        write_examples(folder, "validation", chunks[-held_out:])
+        return
+    source = node.inputs["data"]
+    splits = context.splits(source["dataset"], source["options"])
     for split in ("train", "validation"):  # validation: the loss an SFT init is selected on
         examples = tokenize_records(splits[split], tokenizer, data.max_length, data.max_prompt_length)
         if not examples:
-            raise KdbenchError(prompts_too_long(splits[split], tokenizer, data.dataset, split, data.max_prompt_length,
-                                                data.max_length))
-        (folder / f"{split}.json").write_text(json.dumps([dataclasses.asdict(e) for e in examples]))
-    evaluated = splits[context.experiment.evaluation.split]  # refused now rather than after every cell has trained
+            raise KdbenchError(prompts_too_long(splits[split], tokenizer, source["dataset"], split,
+                                                data.max_prompt_length, data.max_length))
+        write_examples(folder, split, examples)
+    evaluated = context.splits(data.dataset, data.options)[context.experiment.evaluation.split]
+    # Refused now rather than after every cell has trained.
     if evaluated and all(len(prompt_ids(r, tokenizer)) > data.max_prompt_length for r in evaluated):
         raise KdbenchError(prompts_too_long(evaluated, tokenizer, data.dataset, context.experiment.evaluation.split,
                                             data.max_prompt_length, data.max_length))
     if context.experiment.lm_data is not None:  # the pre-training LM term's text, packed into max_length chunks
         lm_data = context.experiment.lm_data
-        spec = context.registries.datasets.get(lm_data.dataset)
-        if spec.corpus is None:
-            raise KdbenchError(f"lm_data.dataset {lm_data.dataset!r} has no plain-text corpus; expected a dataset that "
-                               "provides one (tiny, openwebtext).")
-        chunks = tokenize_corpus(spec.corpus(dict(lm_data.options)), tokenizer, data.max_length, lm_data.max_chunks)
+        text = corpus_text(context, {"dataset": lm_data.dataset, "options": lm_data.options})
+        chunks = tokenize_corpus(text, tokenizer, data.max_length, lm_data.max_chunks)
         if not chunks:
             raise KdbenchError(f"lm_data {lm_data.dataset!r} gave no chunk of data.max_length={data.max_length} tokens.")
-        (folder / "lm.json").write_text(json.dumps([dataclasses.asdict(e) for e in chunks]))
+        write_examples(folder, "lm", chunks)
 
 
 def prompts_too_long(records: list[Record], tokenizer: Any, dataset: str, split: str, max_prompt_length: int,
@@ -445,11 +474,10 @@ def stage_cost(stats: dict[str, Any]) -> StageCost:
 
 def cell_cost(context: RunContext, node: Node) -> Cost:
     """The cell's own training stage and every costed stage before it (SFT init, teacher, stored teacher outputs),
-    each by label, and their sum: what it took, from the base models, to produce the row."""
+    each by label, and their sum: what it took, from the base models, to produce the row (a base's pretraining is
+    not counted, as a paper-scale checkpoint's is not)."""
     own_key = node.deps["model"]
-    # A student reads a shipped teacher's folder for its tokenizer only: that is no training of the row's.
-    lineage = context.graph.lineage(own_key, skip_roles=("tokenizer",))
-    ancestors = [key for key in lineage if key != own_key and key in context.train_stats]
+    ancestors = [key for key in context.graph.costed_lineage(own_key) if key != own_key and key in context.train_stats]
     own = stage_cost(context.train_stats.get(own_key, {}))
     before = {context.graph[key].label: stage_cost(context.train_stats[key]) for key in ancestors}
     total = {field: sum(c[field] for c in (own, *before.values())) for field in own}
@@ -502,6 +530,9 @@ def cell_result(context: RunContext, node: Node, status: Status, failure: Failur
         "params": {},
         "peak_memory_mb": store.peak_memory_mb(),
         "finished_at": store.now_iso(),
+        # The report reads controls from result files alone; they are in no key, so a changed one re-runs nothing.
+        "controls": [ControlRecord(task=c.task, better=c.better, worse=c.worse, mechanism=c.mechanism, source=c.source)
+                     for c in context.experiment.controls],
     }
     if failure is not None:
         result["failure"] = failure

@@ -15,7 +15,8 @@ from typing import Any
 from kdbench.config import Experiment, TrainingConfig
 
 ProtocolCard = dict[str, str]
-CARD_FIELDS = ("protocol", "init", "budget", "lm term", "teacher signal", "selection", "training seeds", "evaluation")
+CARD_FIELDS = ("protocol", "base", "teacher", "init", "budget", "lm term", "teacher signal", "selection", "training seeds",
+               "evaluation")
 
 
 def _budget(settings: TrainingConfig) -> str:
@@ -36,15 +37,24 @@ def _lm_term(experiment: Experiment) -> str:
     return f"{text}; {shared}" + "".join(f"; {method}: {value}" for method, value in own.items())
 
 
+def _shipped(folders: Mapping[str, str], field: str, command: str) -> str:
+    """", shipped in models.<field> (<family>: <folder>, ...; made by kdbench <command>)", or "" when none is."""
+    if not folders:
+        return ""
+    named = ", ".join(f"{family}: {Path(folder).parent.name}/{Path(folder).name}"  # the same on every machine
+                      for family, folder in folders.items())
+    return f", shipped in models.{field} ({named}; made by kdbench {command})"
+
+
 def protocol_card(experiment: Experiment, train_seeds: Sequence[int]) -> ProtocolCard:
     """The card of ``experiment`` run with ``train_seeds``."""
     selection, evaluation = experiment.selection, experiment.evaluation
-    init = (f"one SFT student per training seed ({_budget(experiment.init_training)}), selected by validation loss"
-            f" every {experiment.init_select_every} steps")
-    if experiment.models.sft_inits:  # trained once by `kdbench export-inits` with the init block, and read
-        folders = ", ".join(f"{family}: {Path(folder).parent.name}/{Path(folder).name}"  # the same on every machine
-                            for family, folder in experiment.models.sft_inits.items())
-        init += f", shipped in models.sft_inits ({folders}; made by kdbench export-inits)"
+    chosen_by = (f"selected by validation loss every {experiment.init_select_every} steps"
+                 if experiment.init.rule == "best" else
+                 f"its final checkpoint (validation loss recorded every {experiment.init_select_every} steps)")
+    init = f"one SFT student per training seed ({_budget(experiment.init_training)}), {chosen_by}"
+    # trained once by `kdbench export-inits` with the init block, and read
+    init += _shipped(experiment.models.sft_inits, "sft_inits", "export-inits")
     if experiment.protocol == "uniform":
         start = init if experiment.init.start == "sft" else "the base model"
         budget = f"every method's own stage: {_budget(experiment.training)}"
@@ -70,6 +80,16 @@ def protocol_card(experiment: Experiment, train_seeds: Sequence[int]) -> Protoco
         "training seeds": ", ".join(map(str, train_seeds)),
         "evaluation": f"{evaluation.split} split, {decoding}; ranked by {evaluation.primary}",
     }
+    pretrain = experiment.pretrain
+    if pretrain is not None:  # absent: tiny models start from a random initialisation, as cards before it say
+        card["base"] = (f"every model pretrained on {pretrain.corpus.dataset}'s corpus ({_budget(pretrain.training)}), "
+                        f"selected by held-out loss{_shipped(experiment.models.bases, 'bases', 'export-bases')}; costs "
+                        "count from it, as from a paper-scale checkpoint")
+    if experiment.teacher.data is not None:
+        own = ", ".join(f"{key} {value}" for key, value in experiment.teacher.data.options.items())
+        card["teacher"] = (f"SFT on its own instruction set ({experiment.teacher.data.dataset}: {own}; "
+                           f"{_budget(experiment.teacher_training)})"
+                           f"{_shipped(experiment.models.teachers, 'teachers', 'export-teachers')}")
     outputs = experiment.teacher_outputs
     if outputs.share:  # absent: every stage runs the teacher itself, as cards written before the option say too
         kept = "exact distributions" if outputs.top_k is None else f"top {outputs.top_k} tokens with an even tail"

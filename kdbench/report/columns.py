@@ -53,6 +53,14 @@ def metric_text(row: LeaderboardRow, metric: str) -> str:
     return f"{text} {spread}" if spread else text
 
 
+def task_text(row: LeaderboardRow, task: str) -> str:
+    """``mean ± std`` over training seeds of the row's primary metric on ``task`` (no std from one seed)."""
+    if task not in row.task_scores:
+        return MISSING
+    std = row.task_stds[task]
+    return number(row.task_means[task]) + ("" if std is None else f" ± {std:.2f}")
+
+
 def best_text(row: LeaderboardRow) -> str:
     """``best``, or whether the paired bootstrap tells the row from the best, with its p-value."""
     if row.vs_best is None:

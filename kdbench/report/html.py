@@ -1,5 +1,5 @@
-"""One self-contained HTML page: the protocol card, the leaderboard, per-family figures (inline SVG), per-task
-scores and sampled responses.
+"""One self-contained HTML page: the protocol card, the leaderboard, the positive controls, per-family figures
+(inline SVG), per-task scores and sampled responses.
 
 The page loads nothing at view time and runs no script (its Content-Security-Policy forbids both). Every string
 that comes from a model, a data set or a config is escaped by Jinja's autoescaping; the only markup inserted
@@ -8,7 +8,6 @@ as it is comes from matplotlib, which escapes the text it draws.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,18 @@ from markupsafe import Markup
 from kdbench.report import plots
 from kdbench.report.build import Report
 from kdbench.report.card import CARD_FIELDS
-from kdbench.report.columns import columns, number
+from kdbench.report.columns import columns
 from kdbench.report.folder import cell_id, load_samples
 from kdbench.report.leaderboard import LeaderboardRow, all_metrics
-from kdbench.report.render import length_table, published_table
+from kdbench.report.render import (
+    control_caption,
+    control_notes,
+    control_table,
+    length_table,
+    published_table,
+    task_caption,
+    task_table,
+)
 from kdbench.report.statistics import method_text
 
 SAMPLES_PER_ROW = 3
@@ -41,6 +48,7 @@ def render_html(report: Report) -> str:
     chosen = columns(rows)
     lengths_header, lengths_body = length_table(rows)
     published_header, published_body = published_table(report)
+    controls_header, controls_body = control_table(report.controls)
     return _environment().get_template("report.html.j2").render(
         title=report.title,
         folder=str(report.folder.path),
@@ -51,6 +59,9 @@ def render_html(report: Report) -> str:
                                "cells": [{"text": c.text(row), "field": c.field, "numeric": c.numeric}
                                          for c in chosen]} for row in rows]},
         statistics=method_text(),
+        controls={"header": controls_header, "body": controls_body, "caption": control_caption(report.controls),
+                  "notes": control_notes(report.controls)},
+        task_caption=task_caption(rows),
         lengths={"header": lengths_header, "body": lengths_body},
         published={"header": published_header, "body": published_body,
                    "sources": sorted({f"{m.table.source}; protocol: {m.table.protocol}" for m in report.published})},
@@ -68,36 +79,16 @@ def _family(report: Report, family: str, metric: str) -> dict[str, Any]:
         "by_method": Markup(plots.metric_by_method(rows, metric)),
         "by_cost": Markup(plots.metric_against_cost(rows, metric)),
         "curves": Markup(plots.validation_curves(results)),
-        "tasks": _task_table(rows, results, metric),
+        "by_size": Markup(plots.metric_against_size(rows, metric)) if plots.student_sizes(rows) > 1 else None,
+        "tasks": dict(zip(("header", "body"), task_table(rows))),
         "samples": [_samples(report, row, results) for row in rows],
     }
-
-
-def _task_scores(results: Sequence[dict[str, Any]], metric: str) -> dict[str, float]:
-    """Task → the metric on the experiment's own split, mean over evaluation seeds, then training seeds."""
-    per_seed: dict[str, list[float]] = {}
-    for result in results:
-        own_split = {seed: tasks for seed, tasks in result["per_task"].items() if "/" not in seed}
-        tasks = {task for by_task in own_split.values() for task in by_task}
-        for task in tasks:
-            values = [by_task[task][metric] for by_task in own_split.values() if metric in by_task.get(task, {})]
-            if values:
-                per_seed.setdefault(task, []).append(statistics.fmean(values))
-    return {task: statistics.fmean(values) for task, values in sorted(per_seed.items())}
 
 
 def _scored(results: Sequence[dict[str, Any]], row: LeaderboardRow) -> list[dict[str, Any]]:
     """The row's scored cells, by training seed."""
     cells = (r for r in results if r["status"] == "ok" and cell_id(r)[:3] == row.key)
     return sorted(cells, key=lambda r: r["train_seed"])
-
-
-def _task_table(rows: Sequence[LeaderboardRow], results: Sequence[dict[str, Any]],
-                metric: str) -> dict[str, list[Any]]:
-    scores = {row.key: _task_scores(_scored(results, row), metric) for row in rows}
-    tasks = sorted({task for by_task in scores.values() for task in by_task})
-    body = [[row.student, row.method, *(number(scores[row.key].get(task)) for task in tasks)] for row in rows]
-    return {"header": ["student", "method", *tasks], "body": body}
 
 
 def _samples(report: Report, row: LeaderboardRow, results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ gold-response length.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from kdbench.report import statistics as stats
 from kdbench.report.folder import CellId, cell_id
-from kdbench.results.schema import CellExamples
+from kdbench.results.schema import CellExamples, ControlRecord
 
 TEACHER_KIND = "teacher"
 BASELINE_METHOD = "sft"  # the row the gap recovered is measured from (METHODS.md: every paper's baseline)
@@ -79,6 +79,19 @@ class LeaderboardRow:
     n_examples: int | None = None  # test examples behind the per-example statistics
     length_scores: dict[str, float | None] = field(default_factory=dict)  # LENGTH_METRIC by gold length bucket
     length_counts: dict[str, int] = field(default_factory=dict)
+    # Task → train seed → the primary metric on that task (own split, mean over the seed's evaluation seeds).
+    task_scores: dict[str, dict[int, float]] = field(default_factory=dict)
+    controls: list[ControlRecord] = field(default_factory=list)  # the positive controls its cells' results declare
+
+    @property
+    def task_means(self) -> dict[str, float]:
+        """Task → the primary metric on it, mean over the scored training seeds."""
+        return {task: statistics.fmean(by_seed.values()) for task, by_seed in self.task_scores.items()}
+
+    @property
+    def task_stds(self) -> dict[str, float | None]:
+        """Task → sample standard deviation over training seeds; None from one seed."""
+        return {task: stats.sample_std(list(by_seed.values())) for task, by_seed in self.task_scores.items()}
 
     @property
     def is_teacher(self) -> bool:
@@ -140,6 +153,28 @@ def _seed_scores(scored: Sequence[dict[str, Any]]) -> dict[str, dict[int, float]
     return dict(sorted(per_metric.items()))
 
 
+def task_seed_scores(scored: Sequence[dict[str, Any]], metric: str) -> dict[str, dict[int, float]]:
+    """Task → train seed → ``metric`` on that task: the mean over the seed's evaluation seeds on the experiment's own
+    split (extra evaluation sets are under seed labels ``<label>/<seed>``, and are left out). Tasks sorted."""
+    per_task: dict[str, dict[int, float]] = {}
+    for result in scored:
+        own_split = [by_task for seed, by_task in result["per_task"].items() if "/" not in seed]
+        for task in sorted({task for by_task in own_split for task in by_task}):
+            values = [by_task[task][metric] for by_task in own_split if metric in by_task.get(task, {})]
+            if values:
+                per_task.setdefault(task, {})[int(result["train_seed"])] = statistics.fmean(values)
+    return dict(sorted(per_task.items()))
+
+
+def distinct_controls(declared: Iterable[Sequence[ControlRecord]]) -> list[ControlRecord]:
+    """Each (task, better, worse) of the ``declared`` lists once, in the order first declared (its first mechanism)."""
+    seen: dict[tuple[str, str, str], ControlRecord] = {}
+    for controls in declared:
+        for control in controls:
+            seen.setdefault((control["task"], control["better"], control["worse"]), control)
+    return list(seen.values())
+
+
 def _mean_of(scored: Sequence[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> float | None:
     return statistics.fmean(value(result) for result in scored) if scored else None
 
@@ -182,6 +217,8 @@ def _aggregate_group(key: RowKey, group: list[dict[str, Any]]) -> LeaderboardRow
         student_forwards=_mean_of(scored, lambda r: r["forward_passes"]["student"]),
         teacher_forwards=_mean_of(scored, lambda r: r["forward_passes"]["teacher"]),
         peak_memory_mb=max((float(r["peak_memory_mb"]) for r in scored), default=None),
+        task_scores=task_seed_scores(scored, primary),
+        controls=distinct_controls(r.get("controls") or [] for r in group),  # none in results older than controls
     )
 
 
@@ -376,4 +413,6 @@ def _record(row: LeaderboardRow, metrics: Sequence[str]) -> dict[str, Any]:
         record[f"{metric}_mean"] = row.metrics_mean.get(metric)
         record[f"{metric}_std"] = row.metrics_std.get(metric)
         record[f"{metric}_ci95"] = row.metrics_ci95.get(metric)
+    if metrics:  # the rows' task scores are of the primary metric, which leads ``metrics``
+        record[f"{metrics[0]}_by_task"] = row.task_means or None
     return rounded(record)

@@ -109,3 +109,32 @@ def metric_against_cost(rows: Sequence[LeaderboardRow], metric: str) -> str:
         if shown:
             panels[-1].legend(fontsize=7, loc="best")
         return _svg(figure)
+
+
+def student_sizes(rows: Sequence[LeaderboardRow]) -> int:
+    """How many student sizes (distinct parameter counts of scored student rows) the rows hold."""
+    return len({row.params for row in rows if not row.is_teacher and row.scored and row.params is not None})
+
+
+def metric_against_size(rows: Sequence[LeaderboardRow], metric: str) -> str:
+    """One family's rows: the metric against student parameters (log axis), one line per method through its
+    students, error bars its 95% interval over training seeds; each teacher a dashed horizontal line (the papers'
+    scaling figure)."""
+    students = [row for row in rows if not row.is_teacher and metric in row.metrics_mean and row.params is not None]
+    with _figure() as (figure, (axes,)):
+        for index, method in enumerate(dict.fromkeys(row.method for row in students)):
+            line = sorted((row for row in students if row.method == method), key=lambda row: int(row.params or 0))
+            bars = [_error_bar(row, metric) for row in line]
+            axes.errorbar([row.params for row in line], [row.metrics_mean[metric] for row in line],
+                          yerr=[[below for (below,), _ in bars], [above for _, (above,) in bars]], marker="o",
+                          capsize=3, color=f"C{index % 10}", label=method)
+        for row in rows:
+            if row.is_teacher and metric in row.metrics_mean:
+                axes.axhline(row.metrics_mean[metric], color="#999999", linestyle="--", linewidth=1,
+                             label=f"teacher ({row.student})")
+        axes.set_xscale("log")
+        axes.set_xlabel("student parameters")
+        axes.set_ylabel(f"{metric} (error bars: 95% CI over training seeds)")
+        if students:
+            axes.legend(fontsize=7, loc="best")
+        return _svg(figure)

@@ -17,7 +17,8 @@ from rich.text import Text
 from kdbench.errors import KdbenchError
 from kdbench.report.build import Report
 from kdbench.report.card import render_card
-from kdbench.report.columns import MISSING, Column, best_cells, columns, number, status_text
+from kdbench.report.columns import MISSING, Column, best_cells, columns, interval, number, status_text, task_text
+from kdbench.report.controls import ControlOutcome, control_outcomes
 from kdbench.report.leaderboard import LeaderboardRow, all_metrics, leaderboard_records
 from kdbench.report.published import METHODS, TEACHER_COLUMN
 from kdbench.report.statistics import method_text
@@ -79,10 +80,72 @@ def published_table(report: Report) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def task_metric(rows: Sequence[LeaderboardRow]) -> str:
+    """The metric the per-task scores are of: the rows' primary metric."""
+    metrics = all_metrics(rows)
+    return metrics[0] if metrics else ""
+
+
+def task_caption(rows: Sequence[LeaderboardRow]) -> str:
+    return (f"Per task ({task_metric(rows)}): each training seed's score on the task is the mean over its evaluation "
+            "seeds on the experiment's own split; a cell is the mean ± sample standard deviation over training seeds.")
+
+
+def task_table(rows: Sequence[LeaderboardRow], tasks: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the per-task table: one row per leaderboard row, one column per task (``tasks``, by default
+    every task a row was scored on); no body when no row has per-task scores."""
+    shown = sorted({task for row in rows for task in row.task_scores}) if tasks is None else list(tasks)
+    body = [[row.family, row.student, row.method, *(task_text(row, task) for task in shown)] for row in rows]
+    return ["family", "student", "method", *shown], body if shown else []
+
+
+def control_caption(outcomes: Sequence[ControlOutcome]) -> str:
+    metric = next((o.metric for o in outcomes if o.metric), "the primary metric")
+    return (f"Positive controls ({metric} on the control's task): a published mechanism predicts the first method "
+            "above the second on that task. Per training seed scored by both rows, the difference of their per-task "
+            "scores (each the mean over the seed's evaluation seeds), better − worse; the mean over those seeds with "
+            "a 95% Student-t interval and a two-sided paired t-test. holds: the interval lies above 0; fails: below 0 "
+            "(the predicted sign reversed); not separated: it holds 0; —: fewer than two shared seeds, or a row "
+            "missing. Each side shows the row's own per-task mean over its scored seeds.")
+
+
+def control_notes(outcomes: Sequence[ControlOutcome]) -> list[str]:
+    """``[n] task: better > worse — mechanism (source)``, one per distinct control, numbered as in the table."""
+    controls = list(dict.fromkeys(outcome.control for outcome in outcomes))
+    return [f"[{index}] {c.label} — {c.mechanism}" + (f" ({c.source})" if c.source else "")
+            for index, c in enumerate(controls, 1)]
+
+
+def control_table(outcomes: Sequence[ControlOutcome]) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the positive controls table, one line per control and (family, student)."""
+    numbers = {control: index for index, control in enumerate(dict.fromkeys(o.control for o in outcomes), 1)}
+    header = ["control", "family", "student", "better", "worse", "better − worse by seed", "p", "seeds", "result"]
+    body = [[f"{o.control.label} [{numbers[o.control]}]", o.family, o.student,
+             f"{o.better.method} {number(o.better.mean)}", f"{o.worse.method} {number(o.worse.mean)}",
+             MISSING if o.paired is None else f"{o.paired.difference:+.2f} {interval(o.paired.interval)}".strip(),
+             _p_text(None if o.paired is None else o.paired.p_value),
+             MISSING if o.paired is None else str(o.paired.seeds),
+             o.verdict + (f" ({o.note})" if o.note else "")] for o in outcomes]
+    return header, body
+
+
+def _p_text(p_value: float | None) -> str:
+    if p_value is None:
+        return MISSING
+    return "<0.001" if p_value < 0.001 else f"{p_value:.3f}"
+
+
 def _markdown(report: Report) -> str:
     parts = ["Protocol card:\n\n" + "".join(f"- {line}\n" for line in render_card(card).splitlines())
              for card in report.cards]
     parts += [leaderboard_markdown(report.rows), f"Statistics: {method_text()}\n"]
+    task_header, task_body = task_table(report.rows)
+    if task_body:
+        parts.append(f"{task_caption(report.rows)}\n\n" + _md_table(task_header, task_body))
+    if report.controls:
+        header, body = control_table(report.controls)
+        notes = "".join(f"- {note}\n" for note in control_notes(report.controls))
+        parts.append(f"{control_caption(report.controls)}\n\n" + _md_table(header, body) + "\n" + notes)
     length_header, length_body = length_table(report.rows)
     if length_body:
         parts.append("Exact match by gold-response length:\n\n" + _md_table(length_header, length_body))
@@ -103,7 +166,7 @@ def _csv_fields(record: dict[str, Any]) -> dict[str, Any]:
         if key.endswith("_ci95"):
             low, high = value if value is not None else (None, None)
             flat.update({f"{key}_low": low, f"{key}_high": high})
-        elif isinstance(value, dict) or (value is None and key.endswith("_by_length")):
+        elif isinstance(value, dict) or (value is None and key.endswith(("_by_length", "_by_task"))):
             flat.update({f"{key}/{name}": v for name, v in (value or {}).items()})
         elif isinstance(value, list):
             flat[key] = ";".join(map(str, value))
@@ -131,6 +194,12 @@ def _csv(rows: Sequence[LeaderboardRow]) -> str:
 TERMINAL_LEFT_OUT_FIRST = ("params", "peak MB", "train s", "wall s", "forwards (student / teacher)",
                            "tokens (own / total)", "gap recovered", "selected step")
 IDENTITY = ("family", "student", "method")
+
+
+def terminal_tables(rows: Sequence[LeaderboardRow], title: str, width: int | None = None) -> list[Table]:
+    """What a terminal shows of a report, in order: the leaderboard, the per-task scores, the positive controls."""
+    outcomes = control_outcomes(rows)
+    return [rich_table(rows, title, width), *task_tables(rows, width), *([controls_table(outcomes)] if outcomes else [])]
 
 
 def rich_table(rows: Sequence[LeaderboardRow], title: str, width: int | None = None) -> Table:
@@ -175,3 +244,53 @@ def _table(rows: Sequence[LeaderboardRow], chosen: Sequence[Column], title: str,
             cells.append(Text(column.text(row) or MISSING, style=style))
         table.add_row(*cells, style="dim italic" if row.is_teacher else None)
     return table
+
+
+def _text_table(title: str, header: Sequence[str], body: Sequence[Sequence[str]], caption: str = "",
+                whole: Sequence[str] = IDENTITY, numeric: Sequence[str] | None = None) -> Table:
+    """A plain terminal table: the ``whole`` columns are not wrapped at spaces, the ``numeric`` ones (by default all
+    but the identity columns) are right-aligned, and a cell too wide folds onto the next line rather than losing
+    characters to an ellipsis."""
+    table = Table(title=title, caption=caption or None, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True, title_justify="left")
+    for name in header:
+        right = name not in IDENTITY if numeric is None else name in numeric
+        table.add_column(name, justify="right" if right else "left", no_wrap=name in whole, overflow="fold")
+    for cells in body:
+        table.add_row(*cells)
+    return table
+
+
+def task_tables(rows: Sequence[LeaderboardRow], width: int | None = None) -> list[Table]:
+    """The per-task table; in a terminal of ``width`` too narrow for every task, the tasks are split over several
+    tables that each fit (each with the rows' names), so no cell is cut."""
+    header, body = task_table(rows)
+    if not body:
+        return []
+    title = f"Per task ({task_metric(rows)})"
+    chunks = _fitting_chunks(rows, header[3:], title, width) if width is not None else [header[3:]]
+    tables = [_text_table(title if index == 0 else f"{title}, continued", *task_table(rows, chunk))
+              for index, chunk in enumerate(chunks)]
+    tables[-1].caption = task_caption(rows)
+    return tables
+
+
+def _fitting_chunks(rows: Sequence[LeaderboardRow], tasks: Sequence[str], title: str, width: int) -> list[list[str]]:
+    """Consecutive groups of ``tasks`` whose tables fit ``width`` (a task too wide alone gets a table of its own)."""
+    wide = Console(width=10_000)
+    chunks: list[list[str]] = [[]]
+    for task in tasks:
+        trial = [*chunks[-1], task]
+        if chunks[-1] and Measurement.get(wide, wide.options, _text_table(title, *task_table(rows, trial))).maximum > width:
+            chunks.append([task])
+        else:
+            chunks[-1] = trial
+    return chunks
+
+
+def controls_table(outcomes: Sequence[ControlOutcome]) -> Table:
+    """The positive controls as a terminal table; its caption says how they are judged and gives each mechanism."""
+    header, body = control_table(outcomes)
+    caption = control_caption(outcomes) + "\n" + "\n".join(control_notes(outcomes))
+    numbers = ("better − worse by seed", "p", "seeds")  # an interval reads badly split over two lines
+    return _text_table("Positive controls", header, body, caption, whole=numbers, numeric=numbers)

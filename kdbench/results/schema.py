@@ -82,6 +82,16 @@ class ForwardPasses(TypedDict):
     teacher: int  # teacher forward passes under teacher forcing during that stage
 
 
+class ControlRecord(TypedDict):
+    """A positive control as the experiment declared it (kdbench.config.ControlConfig)."""
+
+    task: str  # the task label the difference is predicted on
+    better: str  # the method predicted to score higher there
+    worse: str  # the method predicted to score lower
+    mechanism: str  # why, in a sentence
+    source: str  # the paper it comes from ("" when not given)
+
+
 class CellResult(TypedDict):
     """``<out>/cells/<family>/<student>/<method>/seed<k>/result.json``."""
 
@@ -119,6 +129,9 @@ class CellResult(TypedDict):
     params: dict[str, int]  # "student" and "teacher" → parameter count (the teacher row: "teacher" only)
     peak_memory_mb: float  # peak resident memory of the process (CPU), or peak CUDA allocation
     finished_at: str  # ISO 8601, UTC
+    # The experiment's positive controls, so that a report built from result files alone can test them; absent in
+    # results written before controls existed (read as none). In no key: a cell does not re-run when they change.
+    controls: NotRequired[list[ControlRecord]]
 
 
 REQUIRED_KEYS: tuple[str, ...] = tuple(
