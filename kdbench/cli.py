@@ -55,7 +55,8 @@ ExperimentOption = Annotated[Optional[Path], typer.Option(
 SeedsOption = Annotated[Optional[int], typer.Option(
     min=1, help="Number of training seeds per cell (0..N-1; default: the experiment's).")]
 StudentsOption = Annotated[Optional[str], typer.Option(
-    help="Comma-separated student labels, e.g. s1,s2 (default: the experiment's models.students, else every one).")]
+    help="Comma-separated student labels, e.g. s1,s2 (default: the experiment's models.students, else every "
+    "paper-scale student or the first tiny one).")]
 CacheOption = Annotated[Optional[Path], typer.Option(
     help="Stage cache (default: $KDBENCH_CACHE_DIR or ~/.cache/kdbench).")]
 
@@ -350,10 +351,10 @@ def export_inits(
     as an ordinary model folder.
 
     How shipped SFT inits are made: each student is initialised with its training seed, trained with SFT as the
-    `init` block says, selected by validation loss, and written with its tokenizer, training statistics and log (any
-    `models.sft_inits` the experiment names is ignored). Name `<out>/<family>` in `models.sft_inits` and every method
-    that starts from the SFT student reads them instead of training them; their recorded training counts in every
-    row's cost."""
+    `init` block says, kept by its `rule` (the best validation loss, or the final step), and written with its
+    tokenizer, training statistics and log (any `models.sft_inits` the experiment names is ignored). Name
+    `<out>/<family>` in `models.sft_inits` and every method that starts from the SFT student reads them instead of
+    training them; their recorded training counts in every row's cost."""
 
     def trained_inits(config: Experiment) -> Experiment:
         return config.model_copy(update={

@@ -57,7 +57,8 @@ class DataConfig(Strict):
 class ModelsConfig(Strict):
     scale: Literal["tiny", "paper"] = "tiny"
     families: list[str] = Field(default_factory=lambda: ["gpt2", "opt"], min_length=1)
-    students: list[str] | None = Field(None, description="student labels to run; all of the scale when omitted")
+    students: list[str] | None = Field(None, description="student labels to run; when omitted, every "
+                                      "paper-scale student, or the first (smallest) tiny one")
     teachers: dict[str, str] = Field(default_factory=dict, description="family → hub name or local path override")
     student_paths: dict[str, dict[str, str]] = Field(default_factory=dict, description="family → label → path override")
     bases: dict[str, str] = Field(default_factory=dict, description=(
@@ -170,7 +171,8 @@ class SelectionConfig(Strict):
 
 class InitConfig(Strict):
     """The SFT student other stages start from: one per (student, training seed), trained on gold with its own
-    budget and selected by validation loss (MiniLLM's init, ``minillm/README.md:188``)."""
+    budget and selected by validation loss (MiniLLM's init, ``minillm/README.md:188``) or, with ``rule: final``, kept at
+    its last step."""
 
     start: Literal["sft", "base"] = Field("sft", description="uniform protocol: every method starts from the shared "
                                           "SFT student (sft) or from the base model (base)")

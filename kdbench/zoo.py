@@ -94,11 +94,13 @@ class ModelFamily:
 
     def checkpoints(self, scale: str, students: list[str] | None = None) -> tuple[str, dict[str, str]]:
         """Teacher label and student labels (→ hub names at paper scale; tiny labels name architectures)
-        for ``scale``; ``students`` keeps only those labels."""
+        for ``scale``; ``students`` keeps only those labels. Without it: every paper student, and the first tiny
+        one (the smallest: the rest of the tiny ladder is a size sweep, asked for by name, so adding a size to a
+        family does not multiply every experiment's grid)."""
         teacher, available = ((self.paper_teacher, dict(self.paper_students)) if scale == "paper"
                               else ("teacher", {label: label for label in self.tiny_students}))
         if students is None:
-            return teacher, available
+            return teacher, available if scale == "paper" else dict(list(available.items())[:1])
         unknown = [s for s in students if s not in available]
         if unknown:
             raise KdbenchError(f"models.students {unknown} are not students of {self.name} at scale {scale}; "

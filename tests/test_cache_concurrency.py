@@ -331,3 +331,43 @@ def test_two_runs_on_one_cache_build_every_node_once(tmp_path: Path, children: l
     _, err = single.communicate(timeout=900)
     assert single.returncode == 0, err[-4000:]
     assert leaderboard(tmp_path / "out-shared") == leaderboard(tmp_path / "out-single")
+
+
+@pytest.mark.slow
+def test_a_worker_passes_over_what_another_is_making_and_waits_for_it_last(
+        tmp_path: Path, children: list[subprocess.Popen[str]], subprocess_env: Callable[..., dict[str, str]]) -> None:
+    """Another worker holds the first cell (as if scoring it): this run scores every other cell meanwhile, instead of
+    queueing behind it, and takes the held cell up once its holder is gone."""
+    from kdbench.config import load_experiment
+    from kdbench.grid.collect import collect
+    from kdbench.grid.execute import cell_folder
+    from kdbench.grid.selection import resolve_selection
+    from kdbench.registry import load_registries
+
+    (tmp_path / "shared.yaml").write_text(EXPERIMENT)
+    experiment, registries = load_experiment(tmp_path / "shared.yaml"), load_registries()
+    graph = collect(experiment, registries, resolve_selection(experiment, registries, ["sft", "kd"], ["gpt2"], 2))
+    out = tmp_path / "out"
+    folders = [cell_folder(out, node) for node in graph.cells()]
+    held, others = folders[0], folders[1:]
+    assert len(others) >= 3  # the teacher and both methods over two training seeds
+    holder = start(HOLD_LOCK, str(store.cell_lock(held)))
+    children.append(holder)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+
+    run = subprocess.Popen(
+        [sys.executable, "-m", "kdbench", "run", "-e", str(tmp_path / "shared.yaml"), "--methods", "sft,kd",
+         "--seeds", "2", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(KDBENCH_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1"))
+    children.append(run)
+    deadline = time.monotonic() + 600
+    while not all((folder / "result.json").is_file() for folder in others):
+        assert run.poll() is None and time.monotonic() < deadline, "the run queued behind the held cell"
+        time.sleep(0.5)
+    assert not (held / "result.json").exists() and run.poll() is None  # it waits for the held cell, last
+    holder.kill()
+    holder.wait(30)
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-4000:]
+    assert json.loads((held / "result.json").read_text())["status"] == "ok"
+    assert f"pid {holder.pid} on " in " ".join(err.split())  # it said whom it waited for

@@ -31,7 +31,7 @@ EXPERIMENT = """
 name: cluster
 protocol: uniform
 data: {dataset: tiny, options: {n_train: 300, n_validation: 10, n_test: 24}, max_length: 64, max_prompt_length: 48}
-models: {scale: tiny, families: [gpt2]}
+models: {scale: tiny, families: [gpt2], students: [s1]}
 teacher: {training: {engine: deepspeed, zero_stage: 1, lr: 3.0e-3, batch_size: 16, max_steps: 10}}
 init: {training: {engine: deepspeed, zero_stage: 1, lr: 5.0e-3, batch_size: 16, max_steps: 4}}
 training: {engine: deepspeed, zero_stage: 1, lr: 5.0e-3, batch_size: 16, max_steps: 4}

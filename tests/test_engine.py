@@ -336,7 +336,7 @@ def test_a_stage_leaves_the_process_as_it_found_it(tiny_setup: dict) -> None:
     student = load_model(str(tiny_setup["root"] / "student"))
     model, _ = train(student, SFT, SFT.make_params({}), data(tiny_setup),
                      settings(engine="deepspeed", zero_stage=3, threads=1, max_steps=2), 0)
-    records = generate(TinySuiteOptions(n_train=10, n_validation=2, n_test=4))["test"]
+    records = generate(TinySuiteOptions(n_train=10, n_validation=2, n_test=4, list_towns=(3, 5)))["test"]
     first = generate_responses(model, tokenizer, records, "10", 8, 4)
     assert dict(os.environ) == environment  # no launcher variables, no DS_ACCELERATOR, no ACCELERATE_* left behind
     assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads

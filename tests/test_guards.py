@@ -54,9 +54,9 @@ def probe_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tokenizer = load_tokenizer(str(SHIPPED / "gpt2"))
     splits = load_registries().datasets.get("tiny").load({"n_train": 40, "n_validation": 16, "n_test": 4})
     family = load_registries().families.get("gpt2")
-    build_tiny_model(family, family.tiny_teacher, tokenizer, 64, 0, root / "random")
+    build_tiny_model(family, family.tiny_teacher, tokenizer, 120, 0, root / "random")
     return {"tokenizer": tokenizer, "zeroed": zeroed_copy(SHIPPED / "gpt2", root / "zeroed"), "random": root / "random",
-            "probe": probe_batch(tokenize_records(splits["validation"], tokenizer, 64, 48), [])}
+            "probe": probe_batch(tokenize_records(splits["validation"], tokenizer, 120, 72), [])}  # every prompt fits
 
 
 def probe(setup: dict, folder: Path) -> object:
@@ -100,7 +100,7 @@ def test_a_run_fails_the_cells_of_a_uniform_teacher_and_trains_the_healthy_one(t
     monkeypatch.setenv("KDBENCH_CACHE_DIR", str(tmp_path / "cache"))
     experiment = {
         "name": "guards", "protocol": "uniform",
-        "data": {"dataset": "tiny", "options": {"n_train": 64, "n_validation": 8, "n_test": 4},
+        "data": {"dataset": "tiny", "options": {"n_train": 64, "n_validation": 8, "n_test": 4, "list_towns": [3, 5]},
                  "max_length": 64, "max_prompt_length": 48},
         "models": {"scale": "tiny", "families": ["gpt2", "opt"],
                    "teachers": {"gpt2": str(zeroed_copy(SHIPPED / "gpt2", tmp_path / "zeroed")),

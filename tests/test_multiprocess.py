@@ -20,7 +20,8 @@ import pytest
 EXPERIMENT = """
 name: mp
 protocol: uniform
-data: {dataset: tiny, options: {n_train: 300, n_validation: 10, n_test: 24}, max_length: 64, max_prompt_length: 48}
+data: {dataset: tiny, options: {n_train: 300, n_validation: 10, n_test: 24, list_towns: [3, 5]}, max_length: 64,
+       max_prompt_length: 48}
 models: {scale: tiny, families: [gpt2]}
 teacher: {training: {engine: deepspeed, zero_stage: 1, lr: 3.0e-3, batch_size: 16, max_steps: 10}}
 training: {engine: deepspeed, zero_stage: 1, lr: 5.0e-3, batch_size: 16, max_steps: 4}

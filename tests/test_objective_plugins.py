@@ -99,10 +99,11 @@ def _train(kit: TinyKit, objective: type[Objective], values: dict[str, object]) 
 
 
 def test_gkd_with_no_on_policy_fraction_is_jsd_on_gold(kdbench_kit: TinyKit) -> None:
-    """λ = 0: every micro-batch is gold, so gkd follows jsd's loss trajectory exactly and samples nothing."""
+    """λ = 0: every micro-batch is gold, so gkd follows jsd's loss trajectory and samples nothing (to float32
+    rounding: the two stages' sums were seen to differ in the seventh digit)."""
     gkd, jsd = _train(kdbench_kit, GKD, {"on_policy_fraction": 0.0}), _train(kdbench_kit, JSD, {})
     assert gkd.student_samples == 0
-    assert [r["loss"] for r in gkd.log] == [r["loss"] for r in jsd.log]
+    assert [r["loss"] for r in gkd.log] == pytest.approx([r["loss"] for r in jsd.log], rel=1e-6)
 
 
 @pytest.mark.parametrize("fraction,sampled", [(1.0, 6), (0.5, None)])

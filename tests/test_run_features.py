@@ -19,7 +19,8 @@ from kdbench.zoo import load_tokenizer
 EXPERIMENT = """
 name: features
 protocol: paper
-data: {{dataset: tiny, options: {{n_train: 300, n_validation: 10, n_test: 24}}, max_length: 64, max_prompt_length: 48}}
+data: {{dataset: tiny, options: {{n_train: 300, n_validation: 10, n_test: 24, list_towns: [3, 5]}},
+       max_length: 64, max_prompt_length: 48}}
 models: {{scale: tiny, families: [gpt2]}}
 teacher: {{training: {{engine: accelerate, lr: 3.0e-3, batch_size: 32, max_steps: 30}}}}
 training: {{engine: accelerate, lr: 5.0e-3, batch_size: 32, max_steps: 8}}
@@ -39,7 +40,7 @@ MIN_TOKENS = 3
 
 def _release_file(folder: Path) -> list[dict]:
     """Tiny-suite test records written as the MiniLLM release writes an evaluation set."""
-    records = generate(TinySuiteOptions(n_train=300, n_validation=10, n_test=40))["test"]
+    records = generate(TinySuiteOptions(n_train=300, n_validation=10, n_test=40, list_towns=(3, 5)))["test"]
     rows = [{"instruction": r["instruction"], "input": r.get("context", ""), "output": r["references"],
              "prompt": format_prompt(r).replace("\n", "<n>")} for r in records]
     folder.mkdir(parents=True)

@@ -272,7 +272,7 @@ class _Collector:
         return self.add(StageKind.TRAIN, label, inputs, deps, family, TrainSpec(objective, params, settings, seed, select))
 
     def sft_init(self, family: str, label: str, student: str, data: str, seed: int) -> str:
-        """The SFT student other stages start from (one per student and training seed), selected by validation loss;
+        """The SFT student other stages start from (one per student and training seed), kept by ``init.rule``;
         read from ``models.sft_inits`` when the experiment ships them (made by ``kdbench export-inits``)."""
         shipped = self.experiment.models.sft_inits.get(family)
         if shipped is not None:

@@ -3,7 +3,10 @@
 The in-process executor walks the graph in order on every process of a launch (one process, or all of
 those ``accelerate launch`` / the deepspeed launcher started): cells whose result holds their key and
 status ``ok`` are finished and skipped with everything only they needed; a stage whose entry is in the
-cache is reused; the rest is built. A stage that raises, or whose loss becomes non-finite, marks the
+cache is reused; the rest is built. Workers sharing a grid (two ``kdbench run``s on one results folder and
+cache) do not queue behind each other: a stage or cell another worker is making now is passed over, with
+what depends on it, and taken up on a later pass, when it is most likely published; a worker waits for
+another only when nothing else is left to do. A stage that raises, or whose loss becomes non-finite, marks the
 cells downstream of it ``failed`` or ``diverged`` (with the stage, the step and the reason) and every
 other cell still runs. A mistake the user can fix (``KdbenchError``) or Ctrl-C stops the run instead.
 """
@@ -94,6 +97,16 @@ def check_vocabularies(graph: StageGraph, needed: set[str]) -> None:
             check_same_vocab_size(config_vocab_size(path), int(built.vocab_size), path, nodes[1].label)
 
 
+def made_elsewhere_now(node: Node, context: RunContext) -> bool:
+    """Whether another worker holds the lock of ``node`` now: it is building that stage or scoring that cell.
+    Every process of a launch gets the main process's answer, so they all pass over the same nodes."""
+    if node.kind is StageKind.CHECKPOINT:
+        return False
+    lock = (store.cell_lock(cell_folder(context.out_dir, node)) if node.kind is StageKind.EVAL
+            else context.cache.lock_path(node.kind.value, node.key))
+    return distributed.gather_objects(distributed.is_main() and store.lock_is_held(lock))[0]
+
+
 def run_stage(node: Node, context: RunContext) -> None:
     """Build (or reuse) one stage and record its output in ``context``."""
     builder = BUILDERS[node.kind]
@@ -157,9 +170,8 @@ def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries,
     readers = Counter(parent for node in graph if node.key in needed
                       for role, parent in node.deps.items() if role in FROZEN_ROLES)
     failures: dict[str, tuple[Status, Failure]] = {}
-    for node in graph:
-        if node.key not in needed:
-            continue
+
+    def run_node(node: Node) -> None:
         upstream = next((failures[parent] for parent in node.deps.values() if parent in failures), None)
         if upstream is not None:  # skipped: an ancestor failed, and the cell reports that ancestor
             failures[node.key] = upstream
@@ -186,6 +198,21 @@ def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries,
                 readers[parent] -= 1
                 if readers[parent] == 0:
                     context.release(parent)
+
+    # In graph order, passing over what another worker is making now (and what depends on it) until a later pass;
+    # when every node left is passed over, wait for the first, as run_stage does.
+    pending = [node for node in graph if node.key in needed]
+    while pending:
+        passed_over: set[str] = set()
+        for node in pending:
+            if any(parent in passed_over for parent in node.deps.values()) or made_elsewhere_now(node, context):
+                passed_over.add(node.key)
+            else:
+                run_node(node)
+        if len(passed_over) == len(pending):
+            run_node(pending[0])
+            passed_over.discard(pending[0].key)
+        pending = [node for node in pending if node.key in passed_over]
     context.hook.kdbench_on_run_end(out_dir=str(out_dir), seconds=time.perf_counter() - started)
     return summary
 
