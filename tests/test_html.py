@@ -25,7 +25,8 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 EXPERIMENT = f"""
 name: html
 protocol: uniform
-data: {{dataset: tiny, options: {{n_train: 200, n_validation: 8, n_test: 24}}, max_length: 64, max_prompt_length: 48}}
+data: {{dataset: tiny, options: {{n_train: 200, n_validation: 8, n_test: 24, list_towns: [3, 5]}}, max_length: 64,
+       max_prompt_length: 48}}
 models: {{scale: tiny, families: [gpt2], teachers: {{gpt2: {REPO / "experiments" / "teachers" / "gpt2"}}}}}
 teacher: {{train: false}}
 init: {{training: {{engine: accelerate, lr: 5.0e-3, batch_size: 32, max_steps: 4}}}}
