@@ -78,6 +78,12 @@ def prompt_ids(record: Record, tokenizer: Any) -> list[int]:
     return list(tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"])
 
 
+def prompt_fits(record: Record, tokenizer: Any, max_prompt_length: int) -> bool:
+    """Whether a record's prompt is within ``data.max_prompt_length`` tokens: longer ones are left out of training
+    and evaluation (as both papers drop them), not cut."""
+    return len(prompt_ids(record, tokenizer)) <= max_prompt_length
+
+
 def normalize_record(raw: dict[str, Any], where: str) -> Record:
     """Accept Dolly (``context``) and Alpaca (``input``) spellings; check the required fields."""
     missing = [key for key in ("instruction", "response") if not isinstance(raw.get(key), str)]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench.config import load_experiment
-from kdbench.data import prompt_ids, tokenize_corpus
+from kdbench.data import prompt_fits, prompt_ids, tokenize_corpus
 from kdbench.eval.scoring import normalize_answer
 from kdbench.registry import load_registries
 from kdbench.report.folder import load_folder
@@ -84,7 +84,7 @@ def main() -> None:
     limit = experiment.data.max_prompt_length
 
     def fits(record: dict[str, Any]) -> bool:
-        return len(prompt_ids(record, tokenizer)) <= limit
+        return prompt_fits(record, tokenizer, limit)
 
     print(f"\n## Records kept (prompt ≤ data.max_prompt_length = {limit} tokens), per task: kept / generated\n")
     rows = [[f"{label}: {split}", *(f"{sum(fits(r) for r in splits[split] if r['task'] == task):,} / "

@@ -32,6 +32,7 @@ from kdbench.data import (
     Record,
     TokenizedExample,
     format_prompt,
+    prompt_fits,
     prompt_ids,
     tokenize_corpus,
     tokenize_records,
@@ -167,7 +168,7 @@ class RunContext:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
         limit = self.experiment.data.max_prompt_length
-        kept = [r for r in records if len(prompt_ids(r, tokenizer)) <= limit
+        kept = [r for r in records if prompt_fits(r, tokenizer, limit)
                 and (min_response == 0 or n_tokens(r["response"]) >= min_response)]
         return kept[:max_examples] if max_examples else kept
 
@@ -238,7 +239,7 @@ def build_tokenize(node: Node, context: RunContext, folder: Path) -> None:
         write_examples(folder, split, examples)
     evaluated = context.splits(data.dataset, data.options)[context.experiment.evaluation.split]
     # Refused now rather than after every cell has trained.
-    if evaluated and all(len(prompt_ids(r, tokenizer)) > data.max_prompt_length for r in evaluated):
+    if evaluated and not any(prompt_fits(r, tokenizer, data.max_prompt_length) for r in evaluated):
         raise KdbenchError(prompts_too_long(evaluated, tokenizer, data.dataset, context.experiment.evaluation.split,
                                             data.max_prompt_length, data.max_length))
     if context.experiment.lm_data is not None:  # the pre-training LM term's text, packed into max_length chunks
