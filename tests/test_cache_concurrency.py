@@ -371,3 +371,38 @@ def test_a_worker_passes_over_what_another_is_making_and_waits_for_it_last(
     assert run.returncode == 0, err[-4000:]
     assert json.loads((held / "result.json").read_text())["status"] == "ok"
     assert f"pid {holder.pid} on " in " ".join(err.split())  # it said whom it waited for
+
+
+def test_an_export_passes_over_a_stage_another_worker_is_making(
+        tmp_path: Path, children: list[subprocess.Popen[str]], subprocess_env: Callable[..., dict[str, str]]) -> None:
+    """`kdbench export-teachers` shares a cache with a run as the run's workers share it: while another worker holds
+    the GPT-2 teacher's stage, the export trains the OPT teacher instead of queueing, then waits for the held one."""
+    from kdbench.config import load_experiment
+    from kdbench.grid.collect import TEACHER_METHOD, collect
+    from kdbench.grid.selection import resolve_selection
+    from kdbench.registry import load_registries
+
+    (tmp_path / "shared.yaml").write_text(EXPERIMENT)
+    experiment, registries = load_experiment(tmp_path / "shared.yaml"), load_registries()
+    graph = collect(experiment, registries, resolve_selection(experiment, registries, ["sft"], ["gpt2", "opt"], 1))
+    teachers = {node.family: node.deps["model"] for node in graph.cells() if node.spec.method == TEACHER_METHOD}
+    cache = StageCache(tmp_path / "cache")
+    holder = start(HOLD_LOCK, str(cache.lock_path("train", teachers["gpt2"])))
+    children.append(holder)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+
+    export = subprocess.Popen(
+        [sys.executable, "-m", "kdbench", "export-teachers", "-e", str(tmp_path / "shared.yaml"), "--models",
+         "gpt2,opt", "--out", str(tmp_path / "teachers")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(KDBENCH_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1"))
+    children.append(export)
+    deadline = time.monotonic() + 600
+    while not (tmp_path / "cache" / "train" / teachers["opt"] / "inputs.json").is_file():
+        assert export.poll() is None and time.monotonic() < deadline, "the export queued behind the held teacher"
+        time.sleep(0.5)
+    assert not (tmp_path / "cache" / "train" / teachers["gpt2"]).exists() and export.poll() is None
+    holder.kill()
+    holder.wait(30)
+    _, err = export.communicate(timeout=600)
+    assert export.returncode == 0, err[-4000:]
+    assert all((tmp_path / "teachers" / family / "config.json").is_file() for family in ("gpt2", "opt"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +105,23 @@ def made_elsewhere_now(node: Node, context: RunContext) -> bool:
     lock = (store.cell_lock(cell_folder(context.out_dir, node)) if node.kind is StageKind.EVAL
             else context.cache.lock_path(node.kind.value, node.key))
     return distributed.gather_objects(distributed.is_main() and store.lock_is_held(lock))[0]
+
+
+def run_sharing(nodes: list[Node], run_node: Callable[[Node], None], context: RunContext) -> None:
+    """Run ``nodes`` (in graph order) with ``run_node``, passing over what another worker is making now (and what
+    depends on it) until a later pass; when every node left is passed over, wait for the first, as run_stage does."""
+    pending = nodes
+    while pending:
+        passed_over: set[str] = set()
+        for node in pending:
+            if any(parent in passed_over for parent in node.deps.values()) or made_elsewhere_now(node, context):
+                passed_over.add(node.key)
+            else:
+                run_node(node)
+        if len(passed_over) == len(pending):
+            run_node(pending[0])
+            passed_over.discard(pending[0].key)
+        pending = [node for node in pending if node.key in passed_over]
 
 
 def run_stage(node: Node, context: RunContext) -> None:
@@ -199,20 +216,7 @@ def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries,
                 if readers[parent] == 0:
                     context.release(parent)
 
-    # In graph order, passing over what another worker is making now (and what depends on it) until a later pass;
-    # when every node left is passed over, wait for the first, as run_stage does.
-    pending = [node for node in graph if node.key in needed]
-    while pending:
-        passed_over: set[str] = set()
-        for node in pending:
-            if any(parent in passed_over for parent in node.deps.values()) or made_elsewhere_now(node, context):
-                passed_over.add(node.key)
-            else:
-                run_node(node)
-        if len(passed_over) == len(pending):
-            run_node(pending[0])
-            passed_over.discard(pending[0].key)
-        pending = [node for node in pending if node.key in passed_over]
+    run_sharing([node for node in graph if node.key in needed], run_node, context)
     context.hook.kdbench_on_run_end(out_dir=str(out_dir), seconds=time.perf_counter() - started)
     return summary
 
@@ -224,7 +228,5 @@ def build_stages(graph: StageGraph, keys: list[str], experiment: Experiment, reg
     context = RunContext(graph, experiment, registries, Path("."), cache_dir)
     needed = {key for target in keys for key in graph.lineage(target)}
     check_vocabularies(graph, needed)
-    for node in graph:
-        if node.key in needed:
-            run_stage(node, context)
+    run_sharing([node for node in graph if node.key in needed], lambda node: run_stage(node, context), context)
     return {key: context.outputs[key] for key in keys}
