@@ -6,6 +6,7 @@ traceback; results already written stay where they are.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdbench.errors import KdbenchError
@@ -27,8 +29,10 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark knowledge-distillation objectives for causal language models under one protocol.")
-stdout = Console()
-stderr = Console(stderr=True)
+# Messages quote the user's input (paths, names, file contents): no emoji codes (`:x:`), and markup only where
+# kdbench writes it, the quoted parts escaped.
+stdout = Console(emoji=False)
+stderr = Console(stderr=True, emoji=False)
 
 PluginsDir = Annotated[Optional[Path], typer.Option("--plugins-dir", help="Folder of extra .py plugin files.")]
 
@@ -68,11 +72,11 @@ def _report(run_dir: Path, title: str | None = None) -> Report:
 
     built = build_report(run_dir, title)
     for mismatch in built.warnings:
-        stderr.print(f"[yellow]warning:[/] not like with like — {mismatch}", highlight=False)
+        stderr.print(f"[yellow]warning:[/] not like with like — {escape(mismatch)}", highlight=False)
     busy = built.folder.in_progress
     if busy:
         stderr.print(f"[yellow]note:[/] {len(busy)} cell{'s' * (len(busy) != 1)} in progress (a worker is evaluating "
-                     f"{'them' if len(busy) != 1 else 'it'} now) and left out: {', '.join(busy)}. Report again when "
+                     f"{'them' if len(busy) != 1 else 'it'} now) and left out: {escape(', '.join(busy))}. Report again when "
                      "the run has finished.", highlight=False)
     return built
 
@@ -84,7 +88,7 @@ def _print_report(built: Report) -> None:
     from kdbench.report.render import terminal_tables
 
     for card in built.cards:
-        stdout.print(f"[bold]Protocol card[/]\n{render_card(card)}", highlight=False)
+        stdout.print(f"[bold]Protocol card[/]\n{escape(render_card(card))}", highlight=False)
     for index, table in enumerate(terminal_tables(built.rows, title=built.title, width=stdout.width)):
         if index:
             stdout.print()
@@ -223,8 +227,9 @@ def run(
         _print_report(built)
         for result in summary.unscored:
             failure = result.get("failure", {})
-            stderr.print(f"[bold red]{result['status']}:[/] {result['family']}/{result['student']}/{result['method']}/"
-                         f"seed{result['train_seed']} — {failure.get('reason', '')} (stage {failure.get('stage', '?')})",
+            stderr.print(f"[bold red]{result['status']}:[/] " + escape(
+                f"{result['family']}/{result['student']}/{result['method']}/seed{result['train_seed']} — "
+                f"{failure.get('reason', '')} (stage {failure.get('stage', '?')})"),
                          highlight=False)
     distributed.destroy_process_group()
     if summary.unscored or lost:
@@ -272,7 +277,7 @@ def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], pl
         if target.exists():
             shutil.rmtree(target)
         shutil.copytree(built[key], target)
-        stdout.print(f"{graph[key].label}: written to {target} (stage key {key})", highlight=False)
+        stdout.print(f"{graph[key].label}: written to {target} (stage key {key})", highlight=False, markup=False)
 
 
 @app.command("export-bases")
@@ -403,7 +408,7 @@ def report(
         sys.stdout.write(text)
     else:
         _write_report(output, text)
-        stderr.print(f"{format} report written to {output}", highlight=False)
+        stderr.print(f"{format} report written to {output}", highlight=False, markup=False)
 
 
 @app.command()
@@ -445,7 +450,7 @@ def validate(
             errors = semantic_errors(parsed, registries) + model_errors(parsed, registries)
             if errors:
                 raise KdbenchError(f"{source} has {len(errors)} error(s):\n" + "\n".join(f"  {e}" for e in errors))
-            stdout.print(f"[green]ok[/] {path}")
+            stdout.print(f"[green]ok[/] {escape(str(path))}")
         except KdbenchError as error:
             failures.append(str(error))
     if failures:
@@ -460,6 +465,18 @@ def _take_local_rank_argument() -> None:
             sys.argv.remove(argument)
 
 
+def _reflowed(docstring: str) -> str:
+    """A command's docstring as its help: each paragraph on one line, so the terminal wraps it to its own width
+    (Typer keeps a docstring's line breaks, which break up in a terminal narrower than the source)."""
+    paragraphs = inspect.cleandoc(docstring).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in paragraph.splitlines()) for paragraph in paragraphs)
+
+
+for _command in app.registered_commands:
+    if _command.help is None and _command.callback is not None and _command.callback.__doc__:
+        _command.help = _reflowed(_command.callback.__doc__)
+
+
 def main() -> None:
     from kdbench.process import command_environment, environment, quiet_libraries
 
@@ -469,7 +486,7 @@ def main() -> None:
         with environment(command_environment()):
             app(standalone_mode=True)
     except KdbenchError as error:
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False)
+        stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         stderr.print("interrupted: finished cells are kept; run the same command again to resume the rest.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kdbench import hookimpl
@@ -15,7 +16,7 @@ from kdbench import hookimpl
 
 class ProgressDisplay:
     def __init__(self) -> None:
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, emoji=False)  # stage and cell names, paths: quoted, not rendered
         self.progress: Progress | None = None
         self.tasks: dict[str, Any] = {}
 
@@ -33,7 +34,7 @@ class ProgressDisplay:
         if stage in self.tasks:
             self.progress.reset(self.tasks[stage], total=total)
         else:
-            self.tasks[stage] = self.progress.add_task(stage, total=total, info="")
+            self.tasks[stage] = self.progress.add_task(escape(stage), total=total, info="")
 
     def step_end(self, stage: str, step: int, metrics: dict[str, float]) -> None:
         if self.progress is None or stage not in self.tasks:
@@ -46,17 +47,17 @@ class ProgressDisplay:
             self.progress.remove_task(self.tasks.pop(stage))
         if not stage.endswith((": train", ": generate", ": teacher_outputs")) or cached:  # the long stages
             return
-        self.console.print(f"[green]✓[/] {stage} [dim]{seconds:.1f}s[/]")
+        self.console.print(f"[green]✓[/] {escape(stage)} [dim]{seconds:.1f}s[/]")
 
     def cell_end(self, cell: str, result: dict[str, Any]) -> None:
         failure = result.get("failure")
         if failure is not None:  # the stage that failed drew a bar that no stage end will remove
-            self.console.print(f"[red]✗[/] {cell}: {result['status']} in {failure['stage']}: {failure['reason']}",
+            self.console.print("[red]✗[/] " + escape(f"{cell}: {result['status']} in {failure['stage']}: {failure['reason']}"),
                                highlight=False)
             stale = [s for s in self.tasks if s.startswith((cell, failure["stage"].rsplit(": ", 1)[0]))]
         else:
             scores = ", ".join(f"{name} {sum(v.values()) / len(v):.1f}" for name, v in result["metrics"].items() if v)
-            self.console.print(f"[green]✓[/] {cell}: {scores} [dim]({result['wall_seconds']['this_run']:.1f}s)[/]")
+            self.console.print(f"[green]✓[/] {escape(cell)}: {scores} [dim]({result['wall_seconds']['this_run']:.1f}s)[/]")
             stale = [s for s in self.tasks if s.startswith(cell)]
         for stage in stale:
             self.stage_end(stage, 0.0, True)
@@ -74,7 +75,7 @@ DISPLAY = ProgressDisplay()
 @hookimpl
 def kdbench_on_run_start(plan: dict[str, Any]) -> None:
     cells = f"{len(plan['to_run'])} of {len(plan['cells'])} cells to run, {plan['stages']} stages"
-    DISPLAY.console.print(f"[bold]kdbench[/] {plan['experiment']}: {cells} → {plan['out_dir']}")
+    DISPLAY.console.print(f"[bold]kdbench[/] {escape(plan['experiment'])}: {cells} → {escape(plan['out_dir'])}")
 
 
 @hookimpl
@@ -100,4 +101,4 @@ def kdbench_on_cell_end(cell: str, result: dict[str, Any]) -> None:
 @hookimpl
 def kdbench_on_run_end(out_dir: str, seconds: float) -> None:
     DISPLAY.stop()
-    DISPLAY.console.print(f"[bold]done[/] in {seconds:.0f}s; results in {out_dir}")
+    DISPLAY.console.print(f"[bold]done[/] in {seconds:.0f}s; results in {escape(out_dir)}")

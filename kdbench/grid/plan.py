@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdbench.config import Experiment
@@ -387,11 +388,11 @@ def print_plan(plan: Plan, console: Console) -> None:
     mark = "≈" if plan.data.estimated else ""
     train = "?" if plan.train_examples is None else f"{mark}{plan.train_examples:,}"
     evaluation = "?" if plan.eval_examples is None else f"{mark}{plan.eval_examples:,}"
-    console.print(f"[bold]Dry run of {plan.experiment}[/bold] — scale {plan.scale}, {plan.gpus} GPU(s), dataset "
-                  f"{plan.dataset}: {train} training examples, {evaluation} evaluation examples × "
+    console.print(f"[bold]Dry run of {escape(plan.experiment)}[/bold] — scale {plan.scale}, {plan.gpus} GPU(s), dataset "
+                  f"{escape(plan.dataset)}: {train} training examples, {evaluation} evaluation examples × "
                   f"{len(plan.eval_seeds)} seeds; {len(plan.stages)} stages, {len(plan.graph.cells())} cells. "
                   "Nothing is loaded or trained.")
-    console.print(f"[bold]Protocol card[/bold]\n{render_card(plan.card)}", highlight=False)
+    console.print(f"[bold]Protocol card[/bold]\n{escape(render_card(plan.card))}", highlight=False)
     for family in dict.fromkeys(model.family for model in plan.models):
         models = Table(title=f"{family}: models")
         for column in ("role", "label", "checkpoint", "parameters", "layers × width, heads", "vocab", "size from"):
