@@ -294,7 +294,7 @@ class Experiment(Strict):
     name: str
     description: str = ""
     protocol: Literal["uniform", "paper"] = Field(description=(
-        "uniform: every method starts from the same checkpoint with the same budget (METHODS.md); paper: each "
+        "uniform: every method starts from the same checkpoint with the same budget (docs/protocols.md); paper: each "
         "method follows its released recipe"))
     init: InitConfig = Field(default_factory=InitConfig)
     pretrain: PretrainConfig | None = Field(None, description=(

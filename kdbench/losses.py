@@ -5,7 +5,8 @@ per position, (b, t): the runner masks and averages them (``kdbench.objectives``
 both logits. ``p`` is the teacher's distribution, ``q`` the student's. Everything is computed from
 log-softmaxes (mixtures with ``logaddexp``, tails with ``logsumexp``) in float32 or wider, so bf16 and fp16
 logits lose nothing more than their own rounding, and a token with zero probability adds ``0·log 0 = 0``.
-Every divergence here is ≥ 0 and 0 exactly where the two distributions agree. METHODS.md, "Beyond the seed".
+Every divergence here is ≥ 0 and 0 exactly where the two distributions agree. The objectives built on them, with
+their formulas and sources: docs/objectives.md.
 
 Each is ``token_chunked``: logits larger than ``CHUNK_ELEMENTS`` are evaluated a piece of positions at a time,
 and recomputed piece by piece in backward, so the float32 temporaries never exist for every token at once. Each

@@ -6,7 +6,7 @@ scripts' values). α = 1, β = 0 is the forward KL and α = 0, β = 1 the revers
 hard the student is pulled onto the teacher's modes ("hardness concentration") and β how much of its mass
 it keeps off tokens the teacher rules out ("confidence concentration"). Where an exponent is 0 the loss is
 the divergence's continuous limit (``kdbench.losses.alpha_beta_divergence``), which scales the released
-code's special cases for α ≠ 1 by a further 1/α. METHODS.md, "Beyond the seed" (later).
+code's special cases for α ≠ 1 by a further 1/α. docs/objectives.md, "abkd".
 """
 
 from __future__ import annotations

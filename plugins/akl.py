@@ -5,7 +5,7 @@ the teacher's head (its top tokens holding mass μ = 0.5) and tail; with ``g_hea
 ``g_tail = Σ_tail |p − q|`` (no gradient through either, as in DSKD's ``code/criterions/``),
 ``L_akl = g_head/(g_head + g_tail)·KL(p‖q) + g_tail/(g_head + g_tail)·KL(q‖p)``: forward KL where the
 student misses the head, reverse KL where it misses the tail. Both logits divided by τ.
-METHODS.md, "Beyond the seed".
+docs/objectives.md, "akl".
 """
 
 from __future__ import annotations

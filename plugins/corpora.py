@@ -1,8 +1,8 @@
 """Plain-text corpora for the pre-training LM term (``lm_data``): OpenWebText, as MiniLLM trains with.
 
 MiniLLM adds ``lm_coef × [(1 − r)·CE + r·word-KD]`` on OpenWebText to its policy-gradient loss
-(``minillm/minillm/trainer.py:287``), and DPKD adds a pre-training loss as well (METHODS.md, "Two
-protocols"). A corpus is only text: it has no instruction splits, so it serves as ``lm_data``, never as
+(``minillm/minillm/trainer.py:287``), and DPKD adds a pre-training loss as well (docs/protocols.md, "The
+released recipes"). A corpus is only text: it has no instruction splits, so it serves as ``lm_data``, never as
 ``data``.
 """
 

@@ -5,7 +5,7 @@ For each prompt the stored teacher sample ``y_t`` is preferred over ``y_s``, a s
 student (drawn afresh as training goes). With length normalisation (paper Eq. 9):
 ``L = −log σ( β/|y_t|·[log q(y_t|x) − log p(y_t|x)] − β/|y_s|·[log q(y_s|x) − log p(y_s|x)] )``.
 The student starts from its SFT checkpoint; the gold LM term enters through ``kd_ratio``. The paper
-does not state β; the released code uses 0.1. METHODS.md, "dpkd"; ``dpkd-token`` is the code's variant.
+does not state β; the released code uses 0.1. docs/objectives.md, "dpkd"; ``dpkd-token`` is the code's variant.
 """
 
 from __future__ import annotations

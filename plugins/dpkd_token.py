@@ -14,7 +14,7 @@ the SFT student (``Need.SFT_INIT``) and trains on the teacher's pseudo data, 30 
 
     dpkd-token: {kd_ratio: 0.5, train_on: teacher_text, beta: 0.1, logsoftmax_dtype: bfloat16}
 
-(its pre-training term is the protocol's, not this objective's). METHODS.md, "dpkd-token"; the paper's
+(its pre-training term is the protocol's, not this objective's). docs/objectives.md, "dpkd-token"; the paper's
 sequence-level loss is the separate ``dpkd`` objective.
 """
 

@@ -7,7 +7,7 @@ on whatever arrives, and at every response position ``L = JSD_β(p, q)`` exactly
 (β = 0: ``KL(p‖q)``, β = 1: ``KL(q‖p)``, else ``β·KL(p‖m) + (1 − β)·KL(q‖m)``, ``m = β·p + (1 − β)·q``;
 ``scaled`` divides by ``β(1 − β)``). λ = 0 is ``jsd`` on gold; λ = 1 is fully on-policy. Like the paper's
 students, it starts from the SFT student under the ``paper`` protocol. The runner's CE term stays on gold.
-METHODS.md, "Beyond the seed".
+docs/objectives.md, "gkd".
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ At every response position, under teacher forcing, with ``m = β·p + (1 − β)
 ``KL(q‖p)`` (reverse), as TRL defines the endpoints. Between them the divergence tends to 0 at both ends;
 ``scaled: true`` divides it by ``β(1 − β)`` so that it tends to the forward KL at 0 and the reverse KL at 1.
 Both logits are divided by τ. ``gkd`` is this loss on an on-policy fraction of student samples.
-METHODS.md, "Beyond the seed".
+docs/objectives.md, "jsd".
 """
 
 from __future__ import annotations

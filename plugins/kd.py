@@ -4,7 +4,7 @@ With the teacher run under teacher forcing on the training sequence (``GOLD``: t
 teacher's sample with ``train_on: teacher_text``), at every response position:
 ``L_kd = Σ_v p(v|x,y<t) · (−log q(v|x,y<t))`` — the soft cross-entropy, equal to the forward
 KL(p‖q) plus the teacher's entropy (constant in the student). A temperature τ divides both
-logits. METHODS.md, "kd".
+logits. docs/objectives.md, "kd".
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ the first inner step.
 
 The language-modelling term is the runner's gold cross-entropy through ``kd_ratio``. Each part can be
 switched off, to reproduce the paper's ablation (full 24.6; no length norm 14.7; no teacher-mixed
-sampling 20.4; no single-step term 23.7 on GPT-2 120M, Dolly). METHODS.md, "minillm".
+sampling 20.4; no single-step term 23.7 on GPT-2 120M, Dolly). docs/objectives.md, "minillm".
 """
 
 from __future__ import annotations

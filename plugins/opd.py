@@ -8,7 +8,7 @@ update with no discount (each token is rewarded for itself):
 ``L = sg[k]·exp(log q(y_t) − sg[log q(y_t)])`` — its value is the estimate, its gradient ``k·∇log q(y_t)``.
 With fresh samples the estimate's mean over the step is a Monte-Carlo reverse KL; the runner averages over
 the sampled tokens. Like the cookbook's students, it starts from the SFT student under the ``paper`` protocol.
-METHODS.md, "Beyond the seed".
+docs/objectives.md, "opd".
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ With the teacher under teacher forcing on the training sequence (``GOLD``: gold,
 with ``train_on: teacher_text``), at every response position:
 ``L_rkl = KL(q‖p) = Σ_v q(v|x,y<t)·(log q(v|x,y<t) − log p(v|x,y<t))``, both logits divided by τ.
 The exact per-token reverse KL MiniLLM adds as its single-step term, here on fixed sequences instead of
-rollouts. METHODS.md, "Beyond the seed".
+rollouts. docs/objectives.md, "rkl".
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ this objective's term pure word-KD::
 
     seqkd: {kd_ratio: 0.5, train_on: teacher_text, word_kd: true, word_kd_weight: 1.0}
 
-METHODS.md, "seqkd".
+docs/objectives.md, "seqkd".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """sft — supervised fine-tuning on the gold response, no distillation.
 
-Token-mean cross-entropy on the response (METHODS.md). It makes the teacher, initialises the
+Token-mean cross-entropy on the response (docs/objectives.md, "sft"). It makes the teacher, initialises the
 students of methods that start from SFT, and is the baseline row of every leaderboard. By
 definition ``kd_ratio = 0``: the loss is exactly the runner's gold cross-entropy.
 """

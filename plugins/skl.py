@@ -3,7 +3,7 @@
 At every response position of the training sequence, under teacher forcing:
 ``L_skl = KL(p ‖ α·p + (1 − α)·q)``, α = 0.1, both logits divided by τ. Mixing a little of the teacher
 into the student's side bounds the divergence (by −log α) and its gradient where q is tiny and p is not;
-α = 0 is the forward KL. ``srkl`` is the reverse counterpart. METHODS.md, "Beyond the seed".
+α = 0 is the forward KL. ``srkl`` is the reverse counterpart. docs/objectives.md, "skl".
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The built-in sequence sources: gold responses, stored teacher text, fresh student samples, an on-policy
 fraction of them, and teacher-mixed rollouts. A preference pair is an objective reading two of them
-(``dpkd``: teacher text preferred over a student sample). DESIGN.md, "Objectives, sequences and what the
-runner owns"."""
+(``dpkd``: teacher text preferred over a student sample). docs/design.md, "Objectives, sequences and
+what the runner owns"."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 At every response position of the training sequence, under teacher forcing:
 ``L_srkl = KL(q ‖ α·q + (1 − α)·p)``, α = 0.1, both logits divided by τ; α = 0 is the reverse KL.
-METHODS.md, "Beyond the seed"; ``skl`` is the forward counterpart.
+docs/objectives.md, "srkl"; ``skl`` is the forward counterpart.
 """
 
 from __future__ import annotations

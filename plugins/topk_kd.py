@@ -7,7 +7,7 @@ and ``q_tail = 1 − Σ_K q``:
 (k + 1)-bucket distributions (TRL's ServerDistillation ``loss_add_tail``; DistillKit's
 ``missing_probability_handling``). Equal to the forward KL when k is the vocabulary size. With
 ``tail_bucket: false``, the KL between both distributions renormalised over K. Both logits divided by τ.
-METHODS.md, "Beyond the seed".
+docs/objectives.md, "topk-kd".
 """
 
 from __future__ import annotations

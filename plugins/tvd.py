@@ -2,7 +2,7 @@
 
 At every response position of the training sequence, under teacher forcing:
 ``L_tvd = ½·Σ_v |p(v|x,y<t) − q(v|x,y<t)|``, in [0, 1], both logits divided by τ: bounded, and symmetric in
-the two models. METHODS.md, "Beyond the seed".
+the two models. docs/objectives.md, "tvd".
 """
 
 from __future__ import annotations

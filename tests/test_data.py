@@ -47,7 +47,7 @@ def tokenizer(small_suite: Splits, tmp_path_factory: pytest.TempPathFactory) -> 
 # -- prompt template -----------------------------------------------------------------------------
 
 def test_format_prompt_without_input() -> None:
-    """The Alpaca template of METHODS.md, character for character, when the context is empty."""
+    """The Alpaca template (docs/evaluation.md, "Prompt template"), character for character, when the context is empty."""
     expected = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                 "request.\n\n### Instruction:\nSay hi.\n\n### Response:\n")
     assert format_prompt({"instruction": "Say hi.", "context": ""}) == expected

@@ -154,7 +154,7 @@ def test_sft_token_loss_is_gold_ce_and_default_params() -> None:
 # -- parameters ------------------------------------------------------------------------------------
 
 def test_kd_default_params() -> None:
-    """Defaults are kd_ratio 0.5 and temperature 1 (METHODS.md)."""
+    """Defaults are kd_ratio 0.5 and temperature 1 (docs/objectives.md, "kd")."""
     params = KD.make_params({})
     assert isinstance(params, KDParams)
     assert (params.kd_ratio, params.temperature) == (0.5, 1.0)

@@ -1,9 +1,9 @@
 """The protocol card: what every row of a leaderboard was trained and scored under, in words.
 
-Published baselines move by points between groups for want of stating this (METHODS.md, "Two
-protocols"). The card is written into every result when the cell is scored, from the experiment it
-ran under, and printed above the leaderboard; a results folder whose cells disagree prints one card
-per variant, so a mixed leaderboard shows that it is mixed.
+Published baselines move by points between groups for want of stating this (docs/protocols.md). The card
+is written into every result when the cell is scored, from the experiment it ran under, and printed above
+the leaderboard; a results folder whose cells disagree prints one card per variant, so a mixed leaderboard
+shows that it is mixed.
 """
 
 from __future__ import annotations

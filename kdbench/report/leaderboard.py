@@ -25,7 +25,7 @@ from kdbench.report.folder import CellId, cell_id
 from kdbench.results.schema import CellExamples, ControlRecord
 
 TEACHER_KIND = "teacher"
-BASELINE_METHOD = "sft"  # the row the gap recovered is measured from (METHODS.md: every paper's baseline)
+BASELINE_METHOD = "sft"  # the row the gap recovered is measured from (docs/objectives.md, "sft": every paper's baseline)
 LENGTH_METRIC = "exact_match"  # what the length buckets report, as DPKD does
 RowKey = tuple[str, str, str]  # family, student, method
 
@@ -56,7 +56,7 @@ class LeaderboardRow:
     config_hashes: list[str]
     higher_is_better: dict[str, bool] = field(default_factory=dict)
     primary_metric: str | None = None  # what the row ranks by, from the experiment
-    protocol: str | None = None  # uniform or paper (METHODS.md)
+    protocol: str | None = None  # uniform or paper (docs/protocols.md)
     optimizer_steps: float | None = None  # of the row's own training stage, mean over train seeds
     optimizer_steps_total: float | None = None  # ancestors (SFT init, teacher) included
     selected_steps: list[int] = field(default_factory=list)  # per scored train seed, in seed order

@@ -1,6 +1,6 @@
 """Published numbers, shown beside a paper experiment's reproduced rows and never mixed into its leaderboard.
 
-They were measured by other people under their own protocol (METHODS.md, "Published numbers"), so a report
+They were measured by other people under their own protocol (docs/evaluation.md, "Published numbers"), so a report
 prints them in a table of their own, labelled with their source and protocol, and only for a results folder
 run under ``protocol: paper`` with the same teacher, student and evaluation set.
 """
@@ -42,7 +42,7 @@ def _row(pair: str, family: str, teacher: str, student: str, dataset: str, *scor
 
 DPKD_V2_TABLE_1 = PublishedTable(
     source="Li et al., Direct Preference Knowledge Distillation for Large Language Models, arXiv:2406.19774v2, "
-           "Table 1 (via METHODS.md, 'Published numbers')",
+           "Table 1 (docs/evaluation.md, 'Published numbers')",
     protocol="each method as released (MiniLLM / DPKD settings): ROUGE-L ×100, mean over 5 sampling seeds "
              "(temperature 1); one training seed for DPKD, 5-seed means for the rest",
     metric="rougeL",

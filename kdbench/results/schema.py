@@ -116,7 +116,7 @@ class CellResult(TypedDict):
     eval_examples: int  # examples scored on the experiment's own evaluation split
     eval_examples_by_dataset: dict[str, int]  # "" (own split) or the extra set's label → examples scored
     wall_seconds: WallSeconds
-    protocol: Literal["uniform", "paper"]  # the experiment's protocol (METHODS.md, "Two protocols")
+    protocol: Literal["uniform", "paper"]  # the experiment's protocol (docs/protocols.md)
     protocol_card: dict[str, str]  # kdbench.report.card: init, budget, LM term, selection, seeds, evaluation in words
     tokens: Tokens
     optimizer_steps: int  # of the cell's own training stage

@@ -324,7 +324,7 @@ def make_sources(objective: type[Objective], params: ObjectiveParams, registry: 
 # -- resume checkpoints ------------------------------------------------------------------------------
 # A stage killed at any moment continues from its latest checkpoint with the very weights, optimizer moments,
 # learning rate, data order, samples and random draws it would have had: a checkpoint holds everything the
-# loop mutates (STYLE.md, "checkpoints"), so the resumed stage ends bit for bit where an uninterrupted one does.
+# loop mutates, so the resumed stage ends bit for bit where an uninterrupted one does (docs/design.md, "Resume").
 
 CHECKPOINT_FORMAT = 1  # bump when what a checkpoint holds changes: an older one is refused, not misread
 

@@ -1,6 +1,6 @@
 """The teacher's next-token distributions on the gold training sequences, computed once per teacher and read by
-every teacher-forced stage of a grid instead of a teacher forward pass per step (DESIGN.md, "The grid is a
-graph of stages": the teacher-outputs stage).
+every teacher-forced stage of a grid instead of a teacher forward pass per step (docs/design.md, "The grid
+is a graph of stages": the teacher-outputs stage).
 
 What is stored, per response position of every training example (the positions a loss is taken on):
 - exact (``top_k`` None): the teacher's log-probabilities over the whole vocabulary, fp32. A loss reading them
