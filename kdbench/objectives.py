@@ -233,24 +233,6 @@ def gold_cross_entropy(student_logits: Logits, labels: torch.Tensor, mask: torch
     return label_nll(student_logits, safe_labels) * mask
 
 
-def step_roles(objective: type[Objective], params: ObjectiveParams) -> tuple[str, ...]:
-    """The roles a training step fills: GOLD always (the CE term), then the objective's reads, unless
-    ``kd_ratio = 0`` leaves only the CE to compute."""
-    if params.kd_ratio == 0:
-        return (GOLD,)
-    return tuple(dict.fromkeys((GOLD, *objective.reads)))
-
-
-def source_of(role: str, params: ObjectiveParams) -> str:
-    """The source that fills ``role``: ``params.train_on`` for GOLD, the source of that name otherwise."""
-    return params.train_on if role == GOLD else role
-
-
-def active_reads(objective: type[Objective], params: ObjectiveParams) -> tuple[str, ...]:
-    """The sources a training step reads, each once: the one filling GOLD, then those of the objective."""
-    return tuple(dict.fromkeys(source_of(role, params) for role in step_roles(objective, params)))
-
-
 def masked_loss_sum(objective: type[Objective], inputs: LossInputs, params: ObjectiveParams) -> torch.Tensor:
     """Σ of the objective's loss over what it is averaged over: the response tokens of its first sequence
     (exactly zero elsewhere, whatever the loss computed there), or its sequences."""

@@ -64,6 +64,9 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 

@@ -12,10 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from kdbench.config import TrainingConfig
 from kdbench.data import TokenizedExample, collate
-from kdbench.objectives import GOLD
+from kdbench.objectives import GOLD, Objective, ObjectiveParams
+from kdbench.registry import load_registries
 from kdbench.tinysuite import TinySuiteOptions, generate
 from kdbench.train.engine import TrainingData, batch_loss_sums, loss_scale, lr_lambda, total_optimizer_steps, train
 from kdbench.train.sources import Sequences
+from kdbench.train.step import StepPlan, plan_step
 from kdbench.zoo import TinyArch, build_tiny_model, load_model
 from kdbench_plugins.families import OPT
 from kdbench_plugins.kd import KD
@@ -30,6 +32,10 @@ def data(setup: dict, examples: list[TokenizedExample] | None = None, **override
 
 def gold(examples: list[TokenizedExample], pad_id: int) -> Sequences:
     return Sequences.collate(examples, pad_id, torch.device("cpu"))
+
+
+def planned(objective: type[Objective], params: ObjectiveParams) -> StepPlan:
+    return plan_step(objective, params, load_registries().sources, settings())
 
 
 def settings(**overrides: object) -> TrainingConfig:
@@ -52,7 +58,7 @@ def test_loss_scale_makes_accumulated_gradient_equal_global_token_mean(tiny_setu
     assert counts[0] != counts[1]
 
     def ce(batch: Sequences) -> torch.Tensor:
-        return batch_loss_sums(model, SFT, params, {GOLD: batch}, None).ce
+        return batch_loss_sums(model, SFT, params, planned(SFT, params), {GOLD: batch}, None).ce
 
     model.zero_grad()
     scale = loss_scale(world_size=1, grad_accum=2, global_response_tokens=sum(counts))
@@ -96,18 +102,21 @@ def test_batch_loss_sums_split_gold_ce_and_objective_term(tiny_setup: dict) -> N
         return ce, kd
 
     with torch.no_grad():
-        sums_kd = batch_loss_sums(student, KD, KD.make_params({}), {GOLD: gold_sequences}, teacher)
+        kd = KD.make_params({})
+        sums_kd = batch_loss_sums(student, KD, kd, planned(KD, kd), {GOLD: gold_sequences}, teacher)
         want_ce, want_kd = sums(gold_batch)
         torch.testing.assert_close(sums_kd.ce, want_ce, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(sums_kd.objective, want_kd, rtol=1e-5, atol=1e-4)
         assert (sums_kd.student_forwards, sums_kd.teacher_forwards) == (1, 1)  # one gold pass serves both terms
         seqkd = SeqKD.make_params({"word_kd": True})
-        sums_t = batch_loss_sums(student, SeqKD, seqkd, {GOLD: gold_sequences, "teacher_text": other}, teacher)
+        sums_t = batch_loss_sums(student, SeqKD, seqkd, planned(SeqKD, seqkd), {GOLD: gold_sequences, "teacher_text": other},
+                                 teacher)
         torch.testing.assert_close(sums_t.ce, want_ce, rtol=1e-5, atol=1e-4)
         other_ce, other_kd = sums(collate(examples[6:12], tokenizer.pad_token_id))
         torch.testing.assert_close(sums_t.objective, 0.5 * other_ce + 0.5 * other_kd, rtol=1e-5, atol=1e-4)
         assert (sums_t.student_forwards, sums_t.teacher_forwards) == (2, 1)  # the teacher runs on the text it scores
-        assert batch_loss_sums(student, KD, KD.make_params({"kd_ratio": 0.0}), {GOLD: gold_sequences}, None).objective == 0
+        ce_only = KD.make_params({"kd_ratio": 0.0})
+        assert batch_loss_sums(student, KD, ce_only, planned(KD, ce_only), {GOLD: gold_sequences}, None).objective == 0
 
 
 def test_loss_scale_accounts_for_ranks_and_accumulation() -> None:

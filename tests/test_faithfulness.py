@@ -19,12 +19,13 @@ from kdbench.data import TEMPLATE_PIECES, Record, TokenizedExample, format_promp
 from kdbench.errors import KdbenchError
 from kdbench.eval.evaluation import Metric, evaluate
 from kdbench.eval.scoring import rouge_l
-from kdbench.objectives import GOLD, LossInputs, ObjectiveParams, active_reads, gold_cross_entropy
+from kdbench.objectives import GOLD, LossInputs, ObjectiveParams, gold_cross_entropy
 from kdbench.process import seeded
 from kdbench.tinysuite import TinySuiteOptions, generate
 from kdbench.train.engine import TrainingData, train
 from kdbench.train.generation import generate_responses
 from kdbench.train.sources import PromptOrder, Sequences, SourceContext
+from kdbench.train.step import step_reads
 from kdbench.zoo import TinyArch, build_tiny_model, load_model, train_tokenizer
 from kdbench_plugins.dpkd_token import DPKDToken, token_preference_loss
 from kdbench_plugins.families import GPT2, OPT
@@ -259,7 +260,7 @@ def test_paper_seqkd_is_half_ce_plus_half_word_kd_on_teacher_text(pseudo_data: d
     loss, stats = logged_first_loss(pseudo_data, SeqKD, PAPER_SEQKD)
     assert loss == pytest.approx(float(0.5 * ce + 0.5 * kd), rel=1e-5)
     assert stats.student_forwards == 1 and stats.teacher_forwards == 1
-    assert active_reads(SeqKD, SeqKD.make_params(PAPER_SEQKD)) == ("teacher_text",)  # no gold at all
+    assert step_reads(SeqKD, SeqKD.make_params(PAPER_SEQKD)) == ("teacher_text",)  # no gold at all
     kd_loss, _ = logged_first_loss(pseudo_data, KD, {"kd_ratio": 0.5, "train_on": "teacher_text"})
     assert kd_loss == pytest.approx(loss, rel=1e-6)
 
@@ -267,7 +268,7 @@ def test_paper_seqkd_is_half_ce_plus_half_word_kd_on_teacher_text(pseudo_data: d
 def test_uniform_seqkd_still_mixes_gold_ce(pseudo_data: dict[str, Any]) -> None:
     """The default (uniform) seqkd keeps its CE term on gold and reads both sources."""
     params = SeqKD.make_params({"word_kd": True})
-    assert params.train_on == GOLD and active_reads(SeqKD, params) == (GOLD, "teacher_text")
+    assert params.train_on == GOLD and step_reads(SeqKD, params) == (GOLD, "teacher_text")
     loss, stats = logged_first_loss(pseudo_data, SeqKD, {"word_kd": True})
     (ce, kd, _), (gold_ce, _, _) = terms(pseudo_data), terms(pseudo_data, "gold")
     assert loss == pytest.approx(float(0.5 * gold_ce + 0.5 * (0.5 * ce + 0.5 * kd)), rel=1e-5)

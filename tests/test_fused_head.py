@@ -5,6 +5,8 @@ follow the unfused run."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,10 +130,14 @@ def test_training_with_the_fused_head_follows_the_unfused_run(tiny_setup: dict, 
 
 def test_an_objective_that_reads_logits_itself_keeps_them_whole(tiny_setup: dict) -> None:
     """minillm reads the logits outside kdbench.losses: with the setting on, its steps still get the whole logits."""
-    from kdbench.train.engine import fused_head_dtype
+    from kdbench.registry import load_registries
+    from kdbench.train.step import plan_step
+
+    def head_dtype(settings: TrainingConfig, objective: Any, params: dict[str, Any]) -> torch.dtype | None:
+        return plan_step(objective, objective.make_params(params), load_registries().sources, settings).head_dtype
 
     on = TrainingConfig(max_steps=1, fused_head=True)
-    assert not MiniLLM.fused_head and fused_head_dtype(on, MiniLLM, MiniLLM.make_params({})) is None
-    assert fused_head_dtype(on, MiniLLM, MiniLLM.make_params({"kd_ratio": 0.0})) is torch.float32  # CE term alone
-    assert fused_head_dtype(on, KD, KD.make_params({})) is torch.float32
-    assert fused_head_dtype(TrainingConfig(max_steps=1), KD, KD.make_params({})) is None
+    assert not MiniLLM.fused_head and head_dtype(on, MiniLLM, {}) is None
+    assert head_dtype(on, MiniLLM, {"kd_ratio": 0.0}) is torch.float32  # CE term alone
+    assert head_dtype(on, KD, {}) is torch.float32
+    assert head_dtype(TrainingConfig(max_steps=1), KD, {}) is None

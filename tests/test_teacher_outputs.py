@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch
 from kdbench.config import TrainingConfig
 from kdbench.data import TokenizedExample
 from kdbench.train.engine import TrainingData, train
-from kdbench.train.sources import Sequences, forward_logits, teacher_logits_on_gold
+from kdbench.train.sources import Sequences, forward_logits
 from kdbench.train.teacher_outputs import TeacherOutputs, compute_teacher_outputs, loss_positions, tail_mass
 from kdbench.zoo import load_model
 from kdbench_plugins.dpkd import DPKD
@@ -95,13 +96,21 @@ def test_outputs_refuse_sequences_they_were_not_computed_on(setup: dict) -> None
 
 
 def test_only_objectives_reading_teacher_logits_on_gold_alone_can_share_them() -> None:
-    assert teacher_logits_on_gold(KD, KD.make_params({})) and teacher_logits_on_gold(ReverseKL, ReverseKL.make_params({}))
-    assert not teacher_logits_on_gold(SFT, SFT.make_params({}))  # no teacher term
-    assert not teacher_logits_on_gold(KD, KD.make_params({"kd_ratio": 0.0}))
-    assert not teacher_logits_on_gold(KD, KD.make_params({"train_on": "teacher_text"}))  # logits on teacher samples
-    assert not teacher_logits_on_gold(GKD, GKD.make_params({}))  # on student samples part of the time
-    assert not teacher_logits_on_gold(DPKD, DPKD.make_params({}))
-    assert not teacher_logits_on_gold(SeqKD, SeqKD.make_params({}))
+    from kdbench.config import TrainingConfig
+    from kdbench.registry import load_registries
+    from kdbench.train.step import plan_step
+
+    def on_gold(objective: Any, params: dict[str, Any]) -> bool:
+        return plan_step(objective, objective.make_params(params), load_registries().sources,
+                         TrainingConfig(max_steps=1)).logits_on_gold
+
+    assert on_gold(KD, {}) and on_gold(ReverseKL, {})
+    assert not on_gold(SFT, {})  # no teacher term
+    assert not on_gold(KD, {"kd_ratio": 0.0})
+    assert not on_gold(KD, {"train_on": "teacher_text"})  # logits on teacher samples
+    assert not on_gold(GKD, {})  # on student samples part of the time
+    assert not on_gold(DPKD, {})
+    assert not on_gold(SeqKD, {})
 
 
 def test_training_on_stored_exact_outputs_follows_the_run_with_the_teacher(setup: dict) -> None:

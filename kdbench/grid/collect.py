@@ -31,9 +31,9 @@ from kdbench.grid.estimate import ModelSize, paper_model_size, tiny_model_size
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.selection import Selection, method_params
 from kdbench.grid.stages import BUILDERS
-from kdbench.objectives import Need, Objective, ObjectiveParams, active_reads
+from kdbench.objectives import Need, Objective, ObjectiveParams
 from kdbench.registry import Registries
-from kdbench.train.sources import teacher_logits_on_gold, teacher_use
+from kdbench.train.step import StepPlan, plan_step
 from kdbench.zoo import ModelFamily, TinyArch
 
 TEACHER_METHOD = "teacher"
@@ -92,6 +92,7 @@ class TrainSpec:
     settings: TrainingConfig
     seed: int
     select: SelectSpec
+    plan: StepPlan  # what its steps read and need, resolved once here (kdbench.train.step)
 
 
 @dataclass(frozen=True)
@@ -246,30 +247,27 @@ class _Collector:
                 settings: TrainingConfig, seed: int, teacher: str | None = None, select: SelectSpec | None = None) -> str:
         """``init`` trained with ``objective``; the teacher, its stored generations and its stored outputs join the
         deps when the objective or a source it reads uses them."""
-        reads = active_reads(objective, params)
-        sources = [self.registries.sources.get(name) for name in reads]
-        stored = (teacher is not None and self.experiment.teacher_outputs.share
-                  and teacher_logits_on_gold(objective, params))
-        _, uses_teacher = teacher_use(objective, params, {s.name: s for s in sources}, stored_logits=stored)
-        uses_teacher |= settings.lm_coef > 0 and settings.lm_kd_ratio > 0  # word-KD on the pre-training text
+        plan = plan_step(objective, params, self.registries.sources, settings)
+        stored = teacher is not None and self.experiment.teacher_outputs.share and plan.logits_on_gold
         deps = {"init": init, "data": data}
         if stored:
             assert teacher is not None
             deps["outputs"] = self.teacher_outputs(family, teacher, data)
-        if uses_teacher:
+        if plan.uses_teacher(stored_logits=stored):
             assert teacher is not None, f"{objective.name} needs a teacher"
             deps["teacher"] = teacher
-        if any(Need.TEACHER_GENERATIONS in s.needs for s in sources):
+        if plan.teacher_generations:
             assert teacher is not None, f"{objective.name} reads the teacher's generations"
             deps["texts"] = self.generations(family, teacher)
         select = select or self.select()
         inputs = {"objective": {"name": objective.name, "version": objective.version},
-                  "sources": {s.name: s.version for s in sources},
+                  "sources": {name: self.registries.sources.get(name).version for name in plan.reads},
                   "params": dataclasses.asdict(params), "training": settings.model_dump(), "seed": seed,
                   "sample_max_new_tokens": self.experiment.teacher_generations.max_new_tokens
-                  if any(s.samples_student for s in sources) else None,
+                  if plan.samples_student else None,
                   "selection": dataclasses.asdict(select)}
-        return self.add(StageKind.TRAIN, label, inputs, deps, family, TrainSpec(objective, params, settings, seed, select))
+        return self.add(StageKind.TRAIN, label, inputs, deps, family,
+                        TrainSpec(objective, params, settings, seed, select, plan))
 
     def sft_init(self, family: str, label: str, student: str, data: str, seed: int) -> str:
         """The SFT student other stages start from (one per student and training seed), kept by ``init.rule``;

@@ -29,10 +29,9 @@ from kdbench.grid.estimate import (
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.selection import Selection
 from kdbench.grid.stages import FROZEN_ROLES
-from kdbench.objectives import active_reads
 from kdbench.registry import Registries
 from kdbench.report.card import protocol_card, render_card
-from kdbench.train.engine import fused_head_dtype, total_optimizer_steps
+from kdbench.train.engine import total_optimizer_steps
 
 
 @dataclass(frozen=True)
@@ -253,7 +252,7 @@ class _Planner:
         else:
             steps = None
         estimated = settings.max_steps is None and self.data.estimated
-        sequences = len(active_reads(spec.objective, spec.params))
+        sequences = len(spec.plan.reads)
         size = self.size_of(node.key)
         frozen_params = sum(s.params for s in (self.size_of(k) for k in frozen) if s is not None)
         deepspeed = settings.engine == "deepspeed"
@@ -261,7 +260,7 @@ class _Planner:
         if size is not None:
             activations = estimate_activations(size, settings.batch_size, self.experiment.data.max_length,
                                                settings.precision, settings.gradient_checkpointing, sequences,
-                                               fused_head_dtype(settings, spec.objective, spec.params) is not None)
+                                               spec.plan.head_dtype is not None)
             # Plain accelerate mixes precision by autocast: fp32 weights, gradients and Adam state, replicated (DDP).
             # Frozen models are loaded in the shared training precision, whatever a method's own.
             memory = estimate_memory(size.params, settings.precision if deepspeed else "fp32",

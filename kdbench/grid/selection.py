@@ -11,9 +11,10 @@ from typing import Any
 
 from kdbench.config import Experiment
 from kdbench.errors import KdbenchError
-from kdbench.objectives import GOLD, Objective, ObjectiveParams, active_reads
+from kdbench.objectives import GOLD, Objective, ObjectiveParams
 from kdbench.registry import Registries
 from kdbench.train.generation import GREEDY
+from kdbench.train.step import step_reads
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def source_errors(objective: type[Objective], registries: Registries, params: Ob
     """An objective that reads a source no plugin registers (with ``params``: the sources those parameters make it
     read, ``train_on`` included), or two sources that both choose the prompts."""
     where = f"objective {objective.name!r} ({registries.objectives.origin(objective.name)})"
-    reads = (GOLD, *objective.reads) if params is None else active_reads(objective, params)
+    reads = (GOLD, *objective.reads) if params is None else step_reads(objective, params)
     unknown = [name for name in reads if name not in registries.sources]
     if unknown:
         return [f"{where} reads {registries.sources.unknown_message(name)}" for name in unknown]

@@ -56,9 +56,10 @@ from kdbench.results.schema import (
     StageCost,
     Status,
 )
-from kdbench.train.engine import PRECISION_DTYPES, Diverged, Tracking, TrainingData, Validation, train, validation_loss
+from kdbench.train.engine import Diverged, Tracking, TrainingData, Validation, train, validation_loss
 from kdbench.train.generation import GREEDY, batch_progress, generate_responses
 from kdbench.train.guards import PROBE_SIZE, checked_teacher, probe_batch
+from kdbench.train.step import PRECISION_DTYPES
 from kdbench.train.teacher_outputs import TeacherOutputs, compute_teacher_outputs, tail_mass
 from kdbench.zoo import build_tiny_model, count_parameters, load_model, load_tokenizer, train_tokenizer
 
@@ -329,7 +330,7 @@ def build_training(node: Node, context: RunContext, folder: Path) -> None:
         context.graph[node.deps["teacher"]].label, f"{node.label}: train")
     sources = {name: context.registries.sources.get(name) for name in node.inputs["sources"]}
     _, stats = train(lambda: load_model(init), spec.objective, spec.params, data, spec.settings, spec.seed, teacher,
-                     sources=sources, observer=context.hook, stage=f"{node.label}: train",
+                     sources=sources, plan=spec.plan, observer=context.hook, stage=f"{node.label}: train",
                      tracking=tracking(context, node.label, spec.objective, spec.params, spec.settings),
                      save_to=folder, tokenizer=tokenizer, validation=validation(node, context, tokenizer),
                      resume_dir=resume_folder(context, node), checkpoint_every=context.experiment.checkpoint_every)

@@ -30,21 +30,22 @@ from kdbench.config import TrainingConfig
 from kdbench.objectives import (
     AtTeacher,
     LossInputs,
-    Need,
     Objective,
     ObjectiveParams,
     Reduction,
     SequenceView,
-    active_reads,
     masked_loss_sum,
 )
 from kdbench.registry import load_registries
 from kdbench.testing.kit import SAMPLE_TOKENS, TinyKit, default_kit
 from kdbench.train.engine import make_sources, train
 from kdbench.train.guards import DeadObjective
-from kdbench.train.sources import MicroBatches, PromptOrder, SequenceSource, SourceContext, sequence_view, teacher_use
+from kdbench.train.sources import MicroBatches, PromptOrder, SequenceSource, SourceContext, sequence_view
+from kdbench.train.step import plan_step, step_reads
 
 BATCH = 4  # prompts per micro-batch
+# One optimizer step of BATCH prompts on the CPU: the settings of every engine step the contract takes.
+SETTINGS = TrainingConfig(engine="accelerate", lr=1e-3, warmup_steps=0, batch_size=BATCH, max_steps=1, threads=1)
 Sources = Mapping[str, type[SequenceSource]]
 
 
@@ -86,15 +87,14 @@ def check_declared_needs_suffice(objective: type[Objective], params: ObjectivePa
     """One optimizer step through the engine with exactly what the objective and its sources declare; the engine's
     reason when it ran but found the distillation term's gradient dead (``DeadObjective``), for the caller to report
     after the checks that can say more precisely why."""
-    reads = active_reads(objective, params)
+    reads = step_reads(objective, params)
     unknown = [name for name in reads if name not in sources]
     assert not unknown, f"{_where(objective)} reads sequence sources nobody registers: {unknown}"
-    _, uses_teacher = teacher_use(objective, params, sources)
-    reads_texts = any(Need.TEACHER_GENERATIONS in sources[name].needs for name in reads)
-    settings = TrainingConfig(engine="accelerate", lr=1e-3, warmup_steps=0, batch_size=BATCH, max_steps=1, threads=1)
+    plan = plan_step(objective, params, sources, SETTINGS)
     try:
-        _, stats = train(kit.student(), objective, params, kit.training_data(with_teacher_texts=reads_texts), settings, 0,
-                         kit.teacher() if uses_teacher else None, sources=sources)
+        _, stats = train(kit.student(), objective, params, kit.training_data(with_teacher_texts=plan.teacher_generations),
+                         SETTINGS, 0, kit.teacher() if plan.uses_teacher(stored_logits=False) else None, sources=sources,
+                         plan=plan)
     except DeadObjective as error:
         return str(error)
     except Exception as error:
@@ -115,8 +115,9 @@ def loss_inputs(objective: type[Objective], params: ObjectiveParams, kit: TinyKi
     context = SourceContext(examples, kit.teacher_texts, order, lambda: student, teacher, torch.device("cpu"),
                             tokenizer.pad_token_id, tokenizer.eos_token_id, SAMPLE_TOKENS,
                             max(len(e.input_ids) for e in examples), torch.Generator().manual_seed(1))
-    micro = MicroBatches(context, make_sources(objective, params, sources, context)).next()
-    with_teacher = teacher if Need.TEACHER_LOGITS in objective.needs_for(params) else None
+    plan = plan_step(objective, params, sources, SETTINGS)
+    micro = MicroBatches(context, make_sources(objective, params, plan, sources, context)).next()
+    with_teacher = teacher if plan.teacher_logits else None
     return {role: sequence_view(student, micro[role], with_teacher, head_dtype) for role in objective.reads}
 
 

@@ -47,12 +47,9 @@ from kdbench.objectives import (
     ObjectiveParams,
     Reduction,
     SequenceView,
-    active_reads,
     gold_cross_entropy,
     masked_loss_sum,
     soft_cross_entropy,
-    source_of,
-    step_roles,
 )
 from kdbench.train.guards import check_objective_gradient, logit_gradient_square
 from kdbench.train.sources import (
@@ -65,9 +62,8 @@ from kdbench.train.sources import (
     StoredTeacher,
     plain_head,
     sequence_view,
-    teacher_logits_on_gold,
-    teacher_use,
 )
+from kdbench.train.step import SourceClasses, StepPlan, plan_step
 from kdbench.train.teacher_outputs import TeacherOutputs
 
 
@@ -204,18 +200,17 @@ class LossSums:
     student_logits: tuple[Logits, ...] = ()  # of the sequences the objective reads (none with kd_ratio 0)
 
 
-def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams,
-                    micro: Mapping[str, Sequences], teacher: torch.nn.Module | StoredTeacher | None,
-                    head_dtype: torch.dtype | None = None) -> LossSums:
+def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: ObjectiveParams, plan: StepPlan,
+                    micro: Mapping[str, Sequences], teacher: torch.nn.Module | StoredTeacher | None) -> LossSums:
     """Run the student on every sequence the step reads (the teacher too, or its stored outputs, on the ones the
     objective reads, when it needs teacher logits), then sum both terms. ``micro`` is keyed by role: the GOLD forward
     pass serves the CE term and an objective that reads GOLD alike, and roles one source fills (the same
     ``Sequences``) share one pass; with ``kd_ratio = 0`` only the CE is computed (sft, teachers), with
     ``kd_ratio = 1`` no CE at all (MiniLLM's and DPKD's recipes), so GOLD runs only if the objective reads it. With
-    ``head_dtype`` the logits are ``HeadLogits``, made in that dtype a piece at a time inside the losses (``fused_head``)."""
+    the plan's ``head_dtype`` the logits are ``HeadLogits``, made in that dtype a piece at a time inside the losses
+    (``fused_head``)."""
     teacher_roles = set(objective.reads) if teacher is not None and params.kd_ratio > 0 else set()
-    roles_run = [role for role in step_roles(objective, params)
-                 if role != GOLD or params.kd_ratio < 1 or GOLD in objective.reads]
+    roles_run = [role for role in plan.roles if role != GOLD or params.kd_ratio < 1 or GOLD in objective.reads]
     shared: dict[int, list[str]] = {}  # roles by the sequences that fill them
     for role in roles_run:
         shared.setdefault(id(micro[role]), []).append(role)
@@ -223,7 +218,7 @@ def batch_loss_sums(model: torch.nn.Module, objective: type[Objective], params: 
     teacher_forwards = 0
     for roles in shared.values():
         with_teacher = any(role in teacher_roles for role in roles)
-        view = sequence_view(model, micro[roles[0]], teacher if with_teacher else None, head_dtype)
+        view = sequence_view(model, micro[roles[0]], teacher if with_teacher else None, plan.head_dtype)
         views.update(dict.fromkeys(roles, view))
         teacher_forwards += with_teacher and isinstance(teacher, torch.nn.Module)
     if GOLD in views:
@@ -246,15 +241,11 @@ class LmTerm:
 
     settings: TrainingConfig
     text: Sequence[TokenizedExample] | None
+    plan: StepPlan  # whether its word-KD half runs the teacher, and the dtype its losses make the logits in
 
     def __post_init__(self) -> None:
         if self.settings.lm_coef > 0 and not self.text:
             raise ValueError("lm_coef > 0 needs the pre-training chunks (TrainingData.lm_text)")
-
-    @property
-    def distils(self) -> bool:
-        """Its word-KD half runs the teacher."""
-        return self.settings.lm_coef > 0 and self.settings.lm_kd_ratio > 0
 
     def order(self, batch_size: int, seed: int, rank: int, world: int) -> PromptOrder | None:
         if self.settings.lm_coef == 0 or self.text is None:
@@ -268,25 +259,13 @@ class LmTerm:
 
     def loss_sum(self, model: torch.nn.Module, chunks: Sequences, teacher: torch.nn.Module | None) -> torch.Tensor:
         """Σ over the chunks' tokens of ``(1 − r)·CE + r·word-KD``."""
-        view = sequence_view(model, chunks, teacher if self.distils else None, fused_head_dtype(self.settings))
+        view = sequence_view(model, chunks, teacher if self.plan.lm_distils else None, self.plan.lm_head_dtype)
         ratio = self.settings.lm_kd_ratio
         term = (1 - ratio) * gold_cross_entropy(view.student_logits, view.labels, view.mask)
         if view.teacher_logits is not None:
             term = term + ratio * soft_cross_entropy(view.student_logits, view.teacher_logits) * view.mask
         return term.sum()
 
-
-
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def fused_head_dtype(settings: TrainingConfig, objective: type[Objective] | None = None,
-                     params: ObjectiveParams | None = None) -> torch.dtype | None:
-    """The dtype the losses make the logits in, a piece at a time, when ``fused_head`` is on and every loss of the step
-    takes ``HeadLogits`` (the CE term does; the objective must say so, unless ``kd_ratio = 0`` leaves only the CE term);
-    None: the model makes the logits whole. The dtype is the training precision's, the head's own under it."""
-    fusable = objective is None or objective.fused_head or (params is not None and params.kd_ratio == 0)
-    return PRECISION_DTYPES[settings.precision] if settings.fused_head and fusable else None
 
 
 def set_activation_checkpointing(model: Any, enabled: bool) -> None:
@@ -312,13 +291,13 @@ class TrainingData:
     teacher_outputs: TeacherOutputs | None = None
 
 
-def make_sources(objective: type[Objective], params: ObjectiveParams, registry: Mapping[str, type[SequenceSource]],
+def make_sources(objective: type[Objective], params: ObjectiveParams, plan: StepPlan, registry: SourceClasses,
                  context: SourceContext) -> dict[str, SequenceSource]:
     """One instance of every source the step reads, with the options the objective gives it, by the role it
     fills (one instance may fill two: ``train_on`` naming a source the objective reads as well)."""
     options = objective.source_options(params)
-    instances = {name: registry[name](context, options.get(name)) for name in active_reads(objective, params)}
-    return {role: instances[source_of(role, params)] for role in step_roles(objective, params)}
+    instances = {name: registry[name](context, options.get(name)) for name in plan.reads}
+    return {role: instances[plan.source_of(role)] for role in plan.roles}
 
 
 # -- resume checkpoints ------------------------------------------------------------------------------
@@ -483,7 +462,7 @@ def train(
     seed: int,
     teacher: torch.nn.Module | None = None,
     *,
-    sources: Mapping[str, type[SequenceSource]] | None = None,
+    sources: SourceClasses | None = None,
     observer: Any = None,
     stage: str = "train",
     tracking: Tracking | None = None,
@@ -492,13 +471,15 @@ def train(
     validation: Validation | None = None,
     resume_dir: Path | None = None,
     checkpoint_every: int = 100,
+    plan: StepPlan | None = None,
 ) -> tuple[torch.nn.Module, TrainStats]:
     """Train ``student`` in place with ``objective``; return the unwrapped model and the stats.
 
     ``student`` may be a function that loads it: it is then called once the engine exists, so that under
     ZeRO-3 ``from_pretrained`` partitions the weights as it loads them instead of every process holding
     the whole model first. ``sources`` are the sequence-source classes by name (default: every installed
-    one). With ``save_to``, the trained model (ZeRO-3 shards gathered) and ``tokenizer`` are written there
+    one); ``plan`` is the stage's ``StepPlan`` (the grid's; resolved here from the arguments when None). With
+    ``save_to``, the trained model (ZeRO-3 shards gathered) and ``tokenizer`` are written there
     as an ordinary HF folder by the main process. With ``validation`` the stage is scored on the validation
     split as it trains and hands on (returns and saves) the checkpoint the rule selects. A non-finite loss
     raises ``Diverged``. With ``resume_dir`` the stage writes a checkpoint there every ``checkpoint_every``
@@ -509,13 +490,13 @@ def train(
     if sources is None:
         from kdbench.registry import load_registries
 
-        sources = {name: load_registries().sources.get(name) for name in active_reads(objective, params)}
+        sources = load_registries().sources
+    plan = plan or plan_step(objective, params, sources, settings)
     stored = data.teacher_outputs
-    assert stored is None or teacher_logits_on_gold(objective, params), \
+    assert stored is None or plan.logits_on_gold, \
         f"{objective.name} reads teacher logits on sequences the stored teacher outputs do not cover"
-    needs_logits, needs_teacher = teacher_use(objective, params, sources, stored_logits=stored is not None)
-    lm_term = LmTerm(settings, data.lm_text)
-    needs_teacher |= lm_term.distils
+    needs_teacher = plan.uses_teacher(stored_logits=stored is not None)
+    lm_term = LmTerm(settings, data.lm_text, plan)
     assert teacher is not None or not needs_teacher, f"{objective.name} needs a teacher"
     with process.training_state(settings.engine, settings.threads, seed):
         accelerator = make_accelerator(settings, tracking)
@@ -535,8 +516,7 @@ def train(
         if needs_teacher:
             teacher = teacher.to(accelerator.device).eval()  # type: ignore[union-attr]
         logit_teacher = stored if stored is not None else teacher  # where the objective's teacher logits come from
-        head_dtype = fused_head_dtype(settings, objective, params)
-        if head_dtype is not None or (settings.fused_head and settings.lm_coef > 0):
+        if plan.head_dtype is not None or (plan.lm_head_dtype is not None and settings.lm_coef > 0):
             plain_head(model)  # refuses a head the losses cannot make the logits of, before any step
         # Two generators, the same on every process: the data order, and every draw a source makes.
         order = PromptOrder([len(e.input_ids) for e in data.examples], settings.batch_size,
@@ -545,7 +525,7 @@ def train(
                                 teacher if needs_teacher else None, accelerator.device, data.pad_id, data.eos_id,
                                 data.sample_max_new_tokens, max(len(e.input_ids) for e in data.examples),
                                 torch.Generator().manual_seed(seed + 1))
-        batches = MicroBatches(context, make_sources(objective, params, sources, context))
+        batches = MicroBatches(context, make_sources(objective, params, plan, sources, context))
         lm_order = lm_term.order(settings.batch_size, seed, accelerator.process_index, world)
         model.train(objective.train_mode(params))  # minillm: eval mode, so sampling and update share one network
         # best_state is kept on the CPU, so selection costs no accelerator memory
@@ -584,8 +564,8 @@ def train(
             first_gradient = torch.zeros((), device=accelerator.device)
             for index, micro in enumerate(group):
                 with accelerator.accumulate(model):
-                    sums = batch_loss_sums(model, objective, params, micro, logit_teacher if needs_logits else None,
-                                           head_dtype)
+                    sums = batch_loss_sums(model, objective, params, plan, micro,
+                                           logit_teacher if plan.teacher_logits else None)
                     if check_gradient:  # before backward frees the graph
                         first_gradient += logit_gradient_square(sums.objective, sums.student_logits)
                     stats.student_forwards += sums.student_forwards
@@ -594,7 +574,7 @@ def train(
                     if lm_batches:
                         loss = loss + settings.lm_coef * lm_term.loss_sum(model, lm_batches[index], teacher) * lm_scale
                         stats.student_forwards += 1
-                        stats.teacher_forwards += int(lm_term.distils)
+                        stats.teacher_forwards += int(plan.lm_distils)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and settings.engine != "deepspeed":
                         accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)  # DeepSpeed clips from its config

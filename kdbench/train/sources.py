@@ -19,7 +19,7 @@ import torch
 
 from kdbench.data import TokenizedExample, collate, length_grouped_batches
 from kdbench.losses import HeadLogits, Logits
-from kdbench.objectives import GOLD, Need, Objective, ObjectiveParams, SequenceView, active_reads, source_of
+from kdbench.objectives import GOLD, Need, SequenceView
 
 # What a stateful part of a training stage hands a resume checkpoint: plain values (numbers, strings, None,
 # lists, tuples, dicts) and tensors only, so that ``torch.load(..., weights_only=True)`` reads it back.
@@ -253,23 +253,3 @@ class MicroBatches:
         for source in self.unique:
             source.load_state_dict(state["sources"][source.name])
 
-
-def reads_teacher_logits(objective: type[Objective], params: ObjectiveParams) -> bool:
-    """Whether a step of ``objective`` needs the teacher's logits under teacher forcing (none with ``kd_ratio = 0``)."""
-    return params.kd_ratio > 0 and Need.TEACHER_LOGITS in objective.needs_for(params)
-
-
-def teacher_use(objective: type[Objective], params: ObjectiveParams, sources: Mapping[str, type[SequenceSource]],
-                stored_logits: bool = False) -> tuple[bool, bool]:
-    """(teacher logits under teacher forcing, the teacher model at all) for training with ``objective``:
-    the objective may need its logits, a source the step reads may sample from it; with ``kd_ratio = 0``
-    no logits. With ``stored_logits`` the logits are read from the teacher-outputs stage, not computed."""
-    logits = reads_teacher_logits(objective, params)
-    samples = any(Need.TEACHER_MODEL in sources[name].needs for name in active_reads(objective, params))
-    return logits, (logits and not stored_logits) or samples
-
-
-def teacher_logits_on_gold(objective: type[Objective], params: ObjectiveParams) -> bool:
-    """Whether every sequence the objective reads teacher logits on is a gold training sequence, so the
-    teacher-outputs stage can serve them: true of the teacher-forced objectives (kd, rkl, tvd, …)."""
-    return reads_teacher_logits(objective, params) and all(source_of(role, params) == GOLD for role in objective.reads)
