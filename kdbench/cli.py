@@ -186,8 +186,8 @@ def run(
     registries = load_registries(plugins_dir)
     selection = resolve_selection(config, registries, _split(methods), _split(models, "--models"), seeds)
     graph = collect(config, registries, selection)
+    from kdbench.grid.security import remote_code_scope
     from kdbench.preflight import check_before_run
-    from kdbench.security import remote_code_scope
 
     # Unwritable folders, missing checkpoints, empty data: found now, before any stage (a dry run creates nothing).
     check_before_run(config, registries, graph, out or Path("results") / config.name, cache_dir or default_cache_dir(),

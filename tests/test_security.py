@@ -112,8 +112,8 @@ def test_models_trained_from_a_trusted_checkpoint_are_trusted_and_nothing_else(t
     the teacher's, trained from an untrusted one, do not."""
     from kdbench.grid.collect import collect
     from kdbench.grid.graph import StageKind
+    from kdbench.grid.security import trusted_models
     from kdbench.grid.selection import resolve_selection
-    from kdbench.security import trusted_models
 
     experiment = load_experiment(None).model_copy(deep=True)
     models = experiment.models.model_copy(update={"scale": "paper", "families": ["gpt2"], "students": ["120M"],

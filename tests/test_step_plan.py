@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 
 from kdbench.config import TrainingConfig, load_experiment
-from kdbench.grid.collect import TrainSpec, collect
+from kdbench.grid.collect import collect
 from kdbench.grid.graph import StageKind
 from kdbench.grid.selection import resolve_selection
+from kdbench.grid.specs import TrainSpec
 from kdbench.objectives import GOLD
 from kdbench.registry import load_registries
 from kdbench.train.step import StepPlan, plan_step

@@ -102,6 +102,10 @@ class StageCache:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def entry(self, kind: str, key: str) -> Path:
+        """The folder a stage's entry is published in."""
+        return self.root / kind / key
+
     def lock_path(self, kind: str, key: str) -> Path:
         # Outside <root>/<kind>/, whose every folder is an entry or a staging folder.
         return self.root / ".locks" / kind / f"{key}.lock"
@@ -111,7 +115,7 @@ class StageCache:
         """The entry's folder and whether it was reused; ``build(folder)`` fills a new one and ``record`` is
         written beside it as ``inputs.json``. ``collective`` stages are built by every process (see the module
         docstring); others by the main process only."""
-        final = self.root / kind / key
+        final = self.entry(kind, key)
         with claim(self.lock_path(kind, key), lambda: _published(final), f"the {kind} stage {key}",
                    on_claim=lambda: self._discard_leftovers(kind, key)) as make:
             if make:

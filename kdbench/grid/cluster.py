@@ -178,9 +178,9 @@ class GridJob:
         from kdbench import distributed
         from kdbench.grid.collect import collect
         from kdbench.grid.execute import run_graph
+        from kdbench.grid.security import remote_code_scope
         from kdbench.process import command_environment, environment, quiet_libraries
         from kdbench.registry import load_registries
-        from kdbench.security import remote_code_scope
 
         request = self.request
         with environment(command_environment()), environment(_process_group_environment(), override=True):
@@ -272,7 +272,7 @@ def run_on_cluster(graph: StageGraph, request: GridRequest, options: ClusterOpti
     import submitit
 
     from kdbench.grid.execute import check_vocabularies, finished_cells
-    from kdbench.security import remote_code_scope
+    from kdbench.grid.security import remote_code_scope
 
     if options.executor == "slurm":
         _check_slurm_is_here()

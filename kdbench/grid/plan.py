@@ -16,7 +16,6 @@ from rich.table import Table
 
 from kdbench.config import Experiment
 from kdbench.errors import KdbenchError
-from kdbench.grid.collect import CheckpointSpec, InitSpec, TrainSpec
 from kdbench.grid.estimate import (
     GIB,
     MemoryEstimate,
@@ -28,6 +27,7 @@ from kdbench.grid.estimate import (
 )
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.selection import Selection
+from kdbench.grid.specs import CheckpointSpec, InitSpec, TrainSpec
 from kdbench.grid.stages import FROZEN_ROLES
 from kdbench.registry import Registries
 from kdbench.report.card import protocol_card, render_card

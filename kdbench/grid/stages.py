@@ -64,7 +64,7 @@ from kdbench.train.teacher_outputs import TeacherOutputs, compute_teacher_output
 from kdbench.zoo import build_tiny_model, count_parameters, load_model, load_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
-    from kdbench.grid.collect import Cell, GenerateSpec, InitSpec, SelectSpec, TrainSpec
+    from kdbench.grid.specs import Cell, GenerateSpec, InitSpec, SelectSpec, TrainSpec
 
 LM_EVAL_SEED = "lm-eval"  # the eval-seed label of lm-eval scores (lm-eval decodes greedily, once)
 FROZEN_ROLES = ("teacher", "model")  # parents a node runs without training them: loaded once, kept while needed

@@ -21,7 +21,8 @@ from kdbench.report.card import CARD_FIELDS
 from kdbench.report.columns import columns
 from kdbench.report.folder import cell_id, load_samples
 from kdbench.report.leaderboard import LeaderboardRow, all_metrics
-from kdbench.report.render import (
+from kdbench.report.statistics import method_text
+from kdbench.report.tables import (
     control_caption,
     control_notes,
     control_table,
@@ -30,7 +31,6 @@ from kdbench.report.render import (
     task_caption,
     task_table,
 )
-from kdbench.report.statistics import method_text
 
 SAMPLES_PER_ROW = 3
 _TEMPLATES = Path(__file__).with_name("templates")

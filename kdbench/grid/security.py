@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kdbench.config import Experiment
+from kdbench.grid.cache import StageCache
 from kdbench.grid.graph import StageGraph, StageKind
 from kdbench.zoo import remote_code_trusted
 
@@ -22,11 +23,11 @@ def trusted_models(experiment: Experiment, graph: StageGraph, cache_dir: Path) -
     names = set(experiment.models.trust_remote_code)
     if not names:
         return set()
-    trusted = set(names)
+    trusted, cache = set(names), StageCache(cache_dir)
     for node in graph:
         start = graph.start_of(node.key) if node.kind is StageKind.TRAIN else None
         if start is not None and start.kind is StageKind.CHECKPOINT and start.spec.path in names:
-            trusted.add(str((cache_dir / node.kind.value / node.key).absolute()))  # what kdbench.grid.cache publishes
+            trusted.add(str(cache.entry(node.kind.value, node.key).absolute()))
     return trusted
 
 
