@@ -1,13 +1,48 @@
 """Tests never touch the network: nothing here may download weights or data sets."""
 
 import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+PRIVATE_EXTENSIONS = pytest.StashKey[Path]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """DeepSpeed's CPU communication op in a folder of this test run's own, built before any test runs. The suite
+    kills runs on purpose; one killed while compiling the op in the shared ``~/.cache/torch_extensions`` leaves a lock
+    there on which every later run sleeps (seen: 8 minutes). A copy of an op already built there (with no lock beside
+    it) saves the compile; whatever the run's processes build stays in its own folder."""
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return
+    import torch
+
+    private = Path(tempfile.mkdtemp(prefix="kdbench-tests-torch-extensions-"))
+    # torch's default folder for this Python and device kind; with TORCH_EXTENSIONS_DIR set, ops sit right under it
+    device = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    shared = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_extensions"
+              / f"py{sys.version_info.major}{sys.version_info.minor}_{device}")
+    for built in shared.glob("*/*.so"):
+        if not (built.parent / "lock").exists():
+            shutil.copytree(built.parent, private / built.parent.name, symlinks=True)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(private)
+    session.config.stash[PRIVATE_EXTENSIONS] = private
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()  # before any test can kill a process mid-compile
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    private = session.config.stash.get(PRIVATE_EXTENSIONS, None)
+    if private is not None:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

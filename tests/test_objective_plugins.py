@@ -16,7 +16,8 @@ from kdbench.errors import KdbenchError
 from kdbench.objectives import GOLD, Need, Objective, SequenceView
 from kdbench.registry import load_registries
 from kdbench.testing import TinyKit, hand_built_view
-from kdbench.train.engine import TrainStats, train
+from kdbench.train.checkpoints import TrainStats
+from kdbench.train.engine import train
 from kdbench_plugins.gkd import GKD
 from kdbench_plugins.jsd import JSD
 from kdbench_plugins.opd import OPD, opd_token_loss

@@ -27,7 +27,8 @@ from kdbench.config import TrainingConfig
 from kdbench.data import tokenize_corpus
 from kdbench.registry import load_registries
 from kdbench.testing.kit import TinyKit
-from kdbench.train.engine import TrainingData, TrainStats, Validation, latest_checkpoint, train, validation_loss
+from kdbench.train.checkpoints import TrainStats, latest_checkpoint
+from kdbench.train.engine import TrainingData, Validation, train, validation_loss
 
 STEPS = 8
 
