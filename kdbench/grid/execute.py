@@ -26,16 +26,9 @@ from kdbench import distributed
 from kdbench.config import Experiment
 from kdbench.errors import KdbenchError
 from kdbench.grid.cache import claim
+from kdbench.grid.context import FROZEN_ROLES, STATS_FILES, RunContext
 from kdbench.grid.graph import Node, StageGraph, StageKind
-from kdbench.grid.stages import (
-    BUILDERS,
-    FROZEN_ROLES,
-    STATS_FILES,
-    RunContext,
-    discard_resume_checkpoint,
-    failure_of,
-    write_unscored_cell,
-)
+from kdbench.grid.stages import BUILDERS, discard_resume_checkpoint, failure_of, write_unscored_cell
 from kdbench.registry import Registries
 from kdbench.results import store
 from kdbench.results.schema import CellResult, Failure, Status

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from kdbench.config import Experiment
 from kdbench.errors import KdbenchError
+from kdbench.grid.context import FROZEN_ROLES
 from kdbench.grid.estimate import (
     GIB,
     MemoryEstimate,
@@ -28,7 +29,6 @@ from kdbench.grid.estimate import (
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.selection import Selection
 from kdbench.grid.specs import CheckpointSpec, InitSpec, TrainSpec
-from kdbench.grid.stages import FROZEN_ROLES
 from kdbench.registry import Registries
 from kdbench.report.card import protocol_card, render_card
 from kdbench.train.engine import total_optimizer_steps

@@ -7,9 +7,9 @@ an objective reads (``kdbench.train.sources`` makes them), shifting, masking, th
 the pre-training term ``lm_coef·[(1 − r)·CE + r·word-KD]`` on its own text, and normalisation by the
 global count of response tokens (or sequences) in an optimizer step. It also scores the stage on the
 validation split every N steps and hands on the best checkpoint, and writes a resume checkpoint every N
-steps (``kdbench.train.checkpoints``), from which a killed stage continues exactly as if it had not stopped. On its first step it stops a stage
-whose distillation term gives the student no gradient (``kdbench.train.guards``). It never branches on an
-objective's name or on the kind of sequence it reads.
+steps (``kdbench.train.checkpoints``), from which a killed stage continues exactly as if it had not stopped. On
+its first step it stops a stage whose distillation term gives the student no gradient (``kdbench.train.guards``).
+It never branches on an objective's name or on the kind of sequence it reads.
 """
 
 from __future__ import annotations
