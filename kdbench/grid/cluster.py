@@ -559,7 +559,7 @@ def _wait_for_cells(watch: JobWatch, shared_job: submitit.Job[dict[str, CellResu
         else:
             lost.append(_lost_line(ended, cell.label, "its cell is recorded as failed; "))
             _say(f"[{done}/{len(jobs)}] {lost[-1]}")
-            lost_cells.record(cell, lost[-1])
+            lost_cells.record(cell, f"job {job.job_id} ended without a result: {ended.error}; log: {job.paths.stderr}")
         if done == len(jobs):
             break  # every cell job has ended; the shared job still runs only if the cells were cancelled
     if cancelled:
