@@ -397,9 +397,9 @@ class JobWatch:
     On Slurm a look is one ``sacct`` call for all the jobs. (submitit's own watcher calls sacct on a schedule of its
     own, up to ten minutes apart, and takes a failing sacct for "no news", so a job that dies while accounting is
     down never counts as ended.) A job has ended when every task's result file is there, or when Slurm reports a
-    final state on two looks in a row: the second look gives a shared filesystem time to show a result written just
-    before the job ended. A job for which accounting reports no state for ``UNREPORTED_LOOKS`` looks ends the wait
-    with an error instead of a wait without end."""
+    final state on two looks in a row and squeue no longer shows it stopping: the second look gives a shared
+    filesystem time to show a result written just before the job ended. A job for which accounting reports no state
+    for ``UNREPORTED_LOOKS`` looks ends the wait with an error instead of a wait without end."""
 
     def __init__(self, options: ClusterOptions, folder: Path) -> None:
         self.options = options
@@ -412,7 +412,7 @@ class JobWatch:
 
     def has_ended(self, job: submitit.Job[dict[str, CellResult]]) -> bool:
         """Whether ``job`` has ended, as far as the looks so far tell."""
-        return job.job_id in self.seen_ended or self.states.get(job.job_id, {}).get("State", "").split(" ")[0] in FINAL_STATES
+        return job.job_id in self.seen_ended or self._final(job)
 
     def ended(self, jobs: Sequence[submitit.Job[dict[str, CellResult]]]) -> Iterator[EndedJob]:
         """Each of ``jobs`` once it has ended, in the order they end; looks until every one has."""
@@ -463,8 +463,8 @@ class JobWatch:
     @staticmethod
     def _completing(jobs: Sequence[submitit.Job[dict[str, CellResult]]]) -> set[str]:
         """Of ``jobs`` (in a final state), those whose processes are still being stopped. sacct reports CANCELLED
-        the moment a job is cancelled, and its processes, which submitit has ignore SIGTERM, run on until Slurm's
-        KillWait ends with SIGKILL; only squeue tells. Empty when squeue fails: the wait must end."""
+        the moment a job is cancelled, while its processes (submitit has them ignore SIGTERM) run on until Slurm's
+        KillWait ends in SIGKILL; only squeue tells. Empty when squeue fails: the wait must end."""
         if not jobs:
             return set()
         command = ["squeue", "--noheader", "--states=COMPLETING", "--format=%i", f"--jobs={','.join(_job_ids(jobs))}"]
