@@ -22,6 +22,8 @@ DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)  # start order; down stops t
 export SLURM_CONF=$DIR/etc/slurm.conf PATH=$PATH:/usr/sbin  # the daemons are in sbin, off a user's PATH
 
 say() { echo "slurm.sh: $*" >&2; }
+# A daemon must hold none of the caller's streams: `slurm_env=$(.ci/slurm.sh up)` would wait until it exits.
+detached() { "$@" </dev/null >>"$DIR/log/startup.log" 2>&1; }
 die() { say "$*"; exit 1; }
 pid_of() { cat "$DIR/run/$1.pid" 2>/dev/null || true; }
 alive() { local pid; pid=$(pid_of "$1"); [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }
@@ -32,8 +34,8 @@ wait_for() {
   local deadline=$((SECONDS + seconds))
   until "$@" >/dev/null 2>&1; do
     if [ $SECONDS -ge $deadline ]; then
-      say "$what did not come up within ${seconds}s; the end of $log:"
-      tail -n 20 "$log" >&2 || true
+      say "$what did not come up within ${seconds}s; the end of $log and of what the daemons printed:"
+      tail -n 20 "$log" "$DIR/log/startup.log" >&2 || true
       exit 1
     fi
     sleep 0.5
@@ -121,7 +123,7 @@ EOF
 
 start_munged() {
   [ -f "$DIR/munge/munge.key" ] || mungekey --create --keyfile="$DIR/munge/munge.key"
-  munged --socket="$DIR/munge/munge.socket" --key-file="$DIR/munge/munge.key" --pid-file="$DIR/run/munged.pid" \
+  detached munged --socket="$DIR/munge/munge.socket" --key-file="$DIR/munge/munge.key" --pid-file="$DIR/run/munged.pid" \
     --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed" --force
   wait_for munged 20 "$DIR/log/munged.log" sh -c "munge -n -S '$DIR/munge/munge.socket' | unmunge -S '$DIR/munge/munge.socket'"
 }
@@ -134,7 +136,7 @@ start_mariadbd() {
   fi
   setsid mariadbd --no-defaults --datadir="$DIR/mysql" --socket="$DIR/mysql.sock" --port="$DB_PORT" \
     --bind-address=127.0.0.1 --skip-name-resolve --pid-file="$DIR/run/mariadbd.pid" --user=root \
-    --log-error="$DIR/log/mariadbd.log" --innodb-buffer-pool-size=64M </dev/null >/dev/null 2>&1 &
+    --log-error="$DIR/log/mariadbd.log" --innodb-buffer-pool-size=64M </dev/null >>"$DIR/log/startup.log" 2>&1 &
   wait_for mariadbd 60 "$DIR/log/mariadbd.log" "${sql[@]}" -e "SELECT 1"
   "${sql[@]}" -e "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$(cat "$DIR/etc/db-password")';
     ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$(cat "$DIR/etc/db-password")';
@@ -142,19 +144,24 @@ start_mariadbd() {
 }
 
 start_slurm() {
-  slurmdbd
+  detached slurmdbd
   wait_for slurmdbd 60 "$DIR/log/slurmdbd.log" sacctmgr --noheader show cluster
   # the cluster has to be known to accounting before slurmctld reports jobs to it
   if [ -z "$(sacctmgr --noheader --parsable2 show cluster format=cluster)" ]; then
     sacctmgr --immediate add cluster kdbench >/dev/null
   fi
-  slurmctld
+  detached slurmctld
   wait_for slurmctld 60 "$DIR/log/slurmctld.log" scontrol ping
-  slurmd
+  detached slurmd
   wait_for "the node (idle in sinfo)" 60 "$DIR/log/slurmd.log" sh -c '[ "$(sinfo --noheader --format=%t)" = idle ]'
 }
 
 up() {
+  bring_up >&2  # stdout carries the export line alone: .ci/run evals it
+  echo "export SLURM_CONF=$SLURM_CONF"
+}
+
+bring_up() {
   # slurmd starts each job as the user who submitted it, and this cluster's daemons all run as root
   [ "$(id -u)" -eq 0 ] || die "run as root (CI's container is): the daemons run as root here."
   install_packages
@@ -173,7 +180,6 @@ up() {
     start_slurm
     say "up: one node, $(sinfo --noheader --format='%c CPUs, %m MB') ($DIR)"
   fi
-  echo "export SLURM_CONF=$SLURM_CONF"
 }
 
 stop() {
