@@ -141,6 +141,9 @@ def run(
         "With --executor slurm: at most this many cell jobs run at once."))] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help=(
         "With a cluster executor: print the job ids and return; `kdbench report OUT` reads the results later."))] = False,
+    poll_seconds: Annotated[Optional[float], typer.Option(help=(
+        "With a cluster executor: how often the waiting command looks at its jobs, in seconds (default 30 on Slurm, "
+        "one sacct call a look; 1 for submitit-local)."))] = None,
 ) -> None:
     """Train and evaluate every (family, student, method, seed) cell, then print the leaderboard.
 
@@ -169,7 +172,8 @@ def run(
 
     cluster = cluster_options(executor, slurm_partition=slurm_partition, gpus_per_node=gpus_per_node,
                               timeout_min=timeout_min, slurm_options=slurm_option or [],
-                              slurm_array_parallelism=slurm_array_parallelism, no_wait=no_wait)
+                              slurm_array_parallelism=slurm_array_parallelism, no_wait=no_wait,
+                              poll_seconds=poll_seconds)
     config = _with_students(load_experiment(experiment), students)
     if engine is not None:
         if engine not in ("deepspeed", "accelerate"):
@@ -211,7 +215,7 @@ def run(
 
         request = GridRequest(config, selection, plugins_dir.resolve() if plugins_dir else None, out_dir.resolve(),
                               (cache_dir or default_cache_dir()).resolve())
-        finished = run_on_cluster(graph, request, cluster)
+        finished = run_on_cluster(graph, request, cluster, registries)
         if finished is None:  # --no-wait: the jobs run on
             return
         summary, lost = finished.summary, finished.lost

@@ -5,8 +5,10 @@ job of its own, every job a separate process that builds into its own cache. It 
 Slurm sends before a time limit), requeued by submitit and resumed, and its leaderboard must still equal an
 in-process run's with a cache of its own: the jobs compute the same numbers, not merely read them back.
 
-Slurm itself is not here, so the Slurm path is checked up to sbatch: a stand-in ``sbatch`` numbers the jobs, and the
-scripts and pickled jobs submitit wrote must say what runs where and after what.
+The Slurm path runs through a real cluster in ``tests/test_slurm_real.py``. What that one-node CPU cluster cannot
+show on demand is checked here up to sbatch: the scripts for GPUs, tasks per GPU, partitions, accounts and QOS it
+does not have. A stand-in ``sbatch`` numbers the jobs, and the scripts and pickled jobs submitit wrote must say
+what runs where and after what.
 """
 
 from __future__ import annotations
@@ -143,8 +145,10 @@ echo "Submitted batch job $id"
 """
 
 
-def test_slurm_submission_runs_the_shared_stages_first_then_the_cells_as_an_array(
+def test_slurm_scripts_ask_for_gpus_partition_and_account_a_stand_in_sbatch_for_what_the_real_cluster_lacks(
         tmp_path: Path, subprocess_env: Callable[..., dict[str, str]]) -> None:
+    """The real one-node cluster has no GPUs, one partition and no accounts: the sbatch scripts for a GPU cluster
+    are read here, with a stand-in sbatch that only numbers the jobs."""
     from submitit.core.utils import DelayedSubmission
 
     from kdbench.config import load_experiment
@@ -203,19 +207,28 @@ def test_slurm_submission_runs_the_shared_stages_first_then_the_cells_as_an_arra
     ({"executor": "slurm", "slurm_options": ["dependency=afterok:1"]}, "depend on the shared job"),
     ({"executor": "slurm", "slurm_options": ["comment=a\n#SBATCH --x"]}, "line break"),
     ({"executor": "slurm", "slurm_options": ["a b=c"]}, "is not KEY=VALUE"),
+    ({"executor": "local", "poll_seconds": 5.0}, "--poll-seconds describes cluster jobs"),
+    ({"executor": "slurm", "poll_seconds": 0.0}, "--poll-seconds 0.0 is not a positive number of seconds"),
+    ({"executor": "slurm", "poll_seconds": float("nan")}, "--poll-seconds nan is not a positive number"),
+    ({"executor": "slurm", "poll_seconds": 5.0, "no_wait": True}, "--no-wait returns at once"),
 ])
 def test_bad_executor_options_say_what_to_do(options: dict, message: str) -> None:
     given = {"slurm_partition": None, "gpus_per_node": None, "timeout_min": None, "slurm_options": [],
-             "slurm_array_parallelism": None, "no_wait": False, **options}
+             "slurm_array_parallelism": None, "no_wait": False, "poll_seconds": None, **options}
     with pytest.raises(KdbenchError, match=re.escape(message)):
         cluster_options(given.pop("executor"), **given)
 
 
-def test_a_bad_combination_exits_2_without_a_traceback(subprocess_env: Callable[..., dict[str, str]]) -> None:
-    completed = subprocess.run([*KDBENCH, "run", "--executor", "submitit-local", "--slurm-partition", "gpu"],
-                               capture_output=True, text=True, env=subprocess_env(), timeout=600)
+@pytest.mark.parametrize(("args", "message"), [
+    (["--executor", "submitit-local", "--slurm-partition", "gpu"], "--slurm-partition applies to --executor slurm"),
+    (["--executor", "slurm", "--poll-seconds=-5"], "--poll-seconds -5.0 is not a positive number of seconds"),
+])
+def test_a_bad_combination_exits_2_without_a_traceback(args: list[str], message: str,
+                                                       subprocess_env: Callable[..., dict[str, str]]) -> None:
+    completed = subprocess.run([*KDBENCH, "run", *args], capture_output=True, text=True, env=subprocess_env(),
+                               timeout=600)
     assert completed.returncode == 2
-    assert "--slurm-partition applies to --executor slurm" in completed.stderr.replace("\n", " ")
+    assert message in " ".join(completed.stderr.split())
     assert "Traceback" not in completed.stderr
 
 

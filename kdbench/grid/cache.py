@@ -106,6 +106,10 @@ class StageCache:
         """The folder a stage's entry is published in."""
         return self.root / kind / key
 
+    def has(self, kind: str, key: str) -> bool:
+        """Whether the entry is published (a worker may be building it now; this does not wait)."""
+        return _published(self.entry(kind, key))
+
     def lock_path(self, kind: str, key: str) -> Path:
         # Outside <root>/<kind>/, whose every folder is an entry or a staging folder.
         return self.root / ".locks" / kind / f"{key}.lock"
