@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.errors import KdbenchError
-from kdbench.objectives import GOLD, Need, ObjectiveParams, SequenceView, gold_cross_entropy, masked_loss_sum, soft_cross_entropy
+from kdbench.objectives import GOLD, ObjectiveParams, SequenceView, gold_cross_entropy, masked_loss_sum, soft_cross_entropy
 from kdbench_plugins.kd import KD, KDParams
 from kdbench_plugins.sft import SFT
 
@@ -211,13 +211,6 @@ def test_base_params_check() -> None:
     """ObjectiveParams.check flags kd_ratio outside [0, 1] only."""
     assert ObjectiveParams(0.0).check() == [] and ObjectiveParams(1.0).check() == []
     assert len(ObjectiveParams(1.01).check()) == 1
-
-
-def test_needs() -> None:
-    """KD needs the teacher's logits; SFT needs nothing."""
-    assert Need.TEACHER_LOGITS in KD.needs
-    assert SFT.needs == frozenset()
-    assert (KD.name, SFT.name) == ("kd", "sft")
 
 
 def test_nan_temperature_is_rejected() -> None:
