@@ -345,6 +345,7 @@ def test_shipped_bases_with_another_tokenizer_than_the_shipped_teacher(command: 
 
 # -- as a user runs it ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_console_script_prints_one_paragraph_and_exits_2(tmp_path: Path,
                                                          subprocess_env: Callable[..., dict[str, str]]) -> None:
     """The installed command: exit 2, the message on stderr after 'error:', no traceback, nothing written."""
@@ -442,6 +443,7 @@ def mutate(raw: dict[str, Any], kind: str, path: tuple[str, ...], value: Any) ->
     return key
 
 
+@pytest.mark.slow
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(mutations=st.lists(mutation(), min_size=1, max_size=3))

@@ -132,6 +132,7 @@ def test_a_published_entry_is_never_replaced(tmp_path: Path) -> None:
 
 # -- one builder per key ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_worker_waits_for_the_builder_then_reuses_its_entry(
         tmp_path: Path, children: list[subprocess.Popen[str]], capsys: pytest.CaptureFixture[str]) -> None:
     go = tmp_path / "go"
@@ -373,6 +374,7 @@ def test_a_worker_passes_over_what_another_is_making_and_waits_for_it_last(
     assert f"pid {holder.pid} on " in " ".join(err.split())  # it said whom it waited for
 
 
+@pytest.mark.slow
 def test_an_export_passes_over_a_stage_another_worker_is_making(
         tmp_path: Path, children: list[subprocess.Popen[str]], subprocess_env: Callable[..., dict[str, str]]) -> None:
     """`kdbench export-teachers` shares a cache with a run as the run's workers share it: while another worker holds

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the real command line, one process per case
+
 
 def kdbench(*args: str, cwd: Path, columns: int = 80) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kdbench", *args], cwd=cwd, capture_output=True, text=True,

@@ -29,6 +29,8 @@ import pytest
 from kdbench.errors import KdbenchError
 from kdbench.grid.cluster import GridJob, cluster_options
 
+pytestmark = pytest.mark.slow  # grids through submitit-local jobs
+
 EXPERIMENT = """
 name: cluster
 protocol: uniform

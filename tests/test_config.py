@@ -365,6 +365,7 @@ def test_cli_runner_validate_bad_raises_kdbench_error(tmp_path: Path) -> None:
         assert f"{path}:" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_validate_subprocess_exit_codes(tmp_path: Path, subprocess_env: Callable[..., dict[str, str]]) -> None:
     """The installed command: bad file → exit 2, paths on stderr, no traceback; tiny.yaml → exit 0."""
     bad = _write(tmp_path / "bad.yaml", MANY_MISTAKES)

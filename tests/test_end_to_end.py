@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real tiny grids end to end
+
 EXPERIMENT = """
 name: e2e
 protocol: uniform

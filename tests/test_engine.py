@@ -139,6 +139,7 @@ def test_total_steps_from_epochs_counts_accumulation_and_ranks() -> None:
     assert total_optimizer_steps(config, n_examples=100, world_size=2) == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine,zero_stage", [("accelerate", 0), ("deepspeed", 1), ("deepspeed", 3)])
 def test_kd_training_runs_and_lowers_the_loss(tiny_setup: dict, tmp_path: Path, engine: str, zero_stage: int) -> None:
     """Real training through accelerate and DeepSpeed (ZeRO 1 and 3 on CPU/gloo): the loss falls,
@@ -176,6 +177,7 @@ def test_opt_family_builds_and_trains(tiny_setup: dict, tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in stats.log])))
 
 
+@pytest.mark.slow
 def test_deepspeed_and_plain_accelerate_follow_the_same_trajectory(tiny_setup: dict) -> None:
     """ZeRO-1 in fp32 on one process is plain AdamW: the same seed must give the same losses step for
     step (clipping, LR schedule and normalisation included), so the engine choice changes no result."""
@@ -244,6 +246,7 @@ def test_dpkd_pairs_teacher_text_with_fresh_student_samples(tiny_setup: dict) ->
     assert all(math.isfinite(r["loss"]) for r in stats.log)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{}, {"teacher_mix": 0.0, "ppo_clip": 0.0, "single_step": False}])
 def test_minillm_collects_rollouts_and_reuses_them_for_inner_epochs(tiny_setup: dict, overrides: dict) -> None:
     """A real minillm run: one collection of 2 micro-batches of rollouts serves 2 inner epochs

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # installs and runs the example plugin
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "kdbench-example-plugin"
 DISTRIBUTION = "kdbench-example-plugin"
 EXPERIMENT = """

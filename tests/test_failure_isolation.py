@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real grids with failing cells
+
 EXPERIMENT = """
 name: failures
 protocol: uniform

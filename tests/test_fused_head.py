@@ -25,6 +25,8 @@ from kdbench.zoo import load_model
 from kdbench_plugins.kd import KD
 from kdbench_plugins.minillm import MiniLLM
 
+pytestmark = pytest.mark.slow  # training runs compared step by step
+
 CPU = torch.device("cpu")
 
 

@@ -12,9 +12,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
 import kdbench.hookspecs
+
+pytestmark = pytest.mark.slow  # a real tiny grid through a plugin
 
 TESTS = Path(__file__).parent
 

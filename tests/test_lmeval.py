@@ -132,6 +132,7 @@ def test_written_task_is_self_contained(tiny: dict, tmp_path: Path) -> None:
     assert len((folder / f"{HELDOUT_TASK}.jsonl").read_text().splitlines()) == len(tiny["records"])
 
 
+@pytest.mark.slow
 def test_unknown_task_names_get_did_you_mean_and_the_fix(tiny: dict, tmp_path: Path) -> None:
     lines = unknown_tasks(LmEvalConfig(tasks=["hellaswg", HELDOUT_TASK, "arc_easy"]))
     assert len(lines) == 1

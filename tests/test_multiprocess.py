@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two-process launches
+
 EXPERIMENT = """
 name: mp
 protocol: uniform

@@ -276,6 +276,7 @@ def test_unknown_data_sizes_are_said_so(registries: Registries, tmp_path: Path) 
     assert "? training examples" in console.export_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*_from_*.yaml")),
                          ids=lambda p: p.stem)
 def test_dry_run_of_every_paper_experiment_prints_a_plan_and_touches_nothing(

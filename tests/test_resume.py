@@ -30,6 +30,8 @@ from kdbench.testing.kit import TinyKit
 from kdbench.train.checkpoints import TrainStats, latest_checkpoint
 from kdbench.train.engine import TrainingData, Validation, train, validation_loss
 
+pytestmark = pytest.mark.slow  # stages killed and resumed
+
 STEPS = 8
 
 

@@ -16,6 +16,8 @@ from kdbench.data import format_prompt
 from kdbench.tinysuite import TinySuiteOptions, generate
 from kdbench.zoo import load_tokenizer
 
+pytestmark = pytest.mark.slow  # real runs
+
 EXPERIMENT = """
 name: features
 protocol: paper

@@ -19,6 +19,8 @@ from kdbench.grid.graph import StageKind
 from kdbench.grid.selection import resolve_selection
 from kdbench.registry import load_registries
 
+pytestmark = pytest.mark.slow  # exports and runs of the shipped models
+
 EXPERIMENT = """
 name: small
 protocol: uniform

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 KDBENCH = [sys.executable, "-m", "kdbench"]
 # Two families, two methods (and each family's teacher row): six cells. The teachers train 150 steps with a resume
