@@ -399,10 +399,10 @@ def test_an_export_passes_over_a_stage_another_worker_is_making(
         env=subprocess_env(KDBENCH_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1"))
     children.append(export)
     deadline = time.monotonic() + 600
-    while not (tmp_path / "cache" / "train" / teachers["opt"] / "inputs.json").is_file():
+    while not cache.has("train", teachers["opt"]):
         assert export.poll() is None and time.monotonic() < deadline, "the export queued behind the held teacher"
         time.sleep(0.5)
-    assert not (tmp_path / "cache" / "train" / teachers["gpt2"]).exists() and export.poll() is None
+    assert not cache.entry("train", teachers["gpt2"]).exists() and export.poll() is None
     holder.kill()
     holder.wait(30)
     _, err = export.communicate(timeout=600)
