@@ -220,7 +220,7 @@ def run(
             return
         summary, lost = finished.summary, finished.lost
     else:
-        distributed.init_process_group()
+        distributed.init_process_group(config.runtime)
         with trusted:
             summary = run_graph(graph, config, registries, out_dir, cache_dir or default_cache_dir())
     if distributed.is_main() and summary.results:

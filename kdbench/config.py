@@ -265,6 +265,22 @@ class EvaluationConfig(Strict):
         return self
 
 
+class RuntimeConfig(Strict):
+    """How a run watches itself (kdbench.runtime): in no stage key or config hash, since none of it changes a result."""
+
+    stall_seconds: float = Field(900.0, gt=0, description=(
+        "a stage that reports no progress (no optimizer step, evaluation or generated batch) for this long gets a "
+        "message naming what it last did, and every thread's stack in the run's log"))
+    on_stall: Literal["warn", "fail"] = Field("warn", description=(
+        "warn: say so again every stall_seconds and keep waiting; fail: end the stage as failed"))
+    collective_timeout_seconds: float = Field(600.0, gt=0, description=(
+        "how long a training or generation collective waits for the other processes of a launch before it fails "
+        "the stage on every process (torch's default is 30 minutes)"))
+    wait_timeout_seconds: float = Field(3 * 3600.0, gt=0, description=(
+        "how long the other processes of a launch wait while the main one alone works (a cache entry, lm-eval, "
+        "another worker's stage) before they give up"))
+
+
 class ControlConfig(Strict):
     """A positive control: on ``task`` a published mechanism predicts that objective ``better`` scores above
     ``worse``. The report tests the prediction from the rows' per-task scores; a control is in no stage key or config
@@ -319,6 +335,7 @@ class Experiment(Strict):
         "tests each one. In no stage key or config hash: adding or editing one re-runs nothing"))
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="accelerate trackers that log every training stage; off when empty")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     checkpoint_every: int = Field(100, ge=1, description=(
         "optimizer steps between a training stage's resume checkpoints (model, optimizer, scheduler, every RNG, "
         "data order, on-policy buffers, selection; one more after the last step): a killed `kdbench run` "

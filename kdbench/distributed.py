@@ -18,9 +18,13 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-BARRIER_TIMEOUT = timedelta(hours=3)
+from kdbench.config import RuntimeConfig
+
 T = TypeVar("T")
 R = TypeVar("R")
+# The group the processes wait on while the main one alone works (``barrier``, ``gather_objects``): gloo, with its own
+# timeout, so a long wait for lm-eval or another worker does not need a long timeout on training's collectives.
+_waits: Any = None
 
 
 def launched_world_size() -> int:
@@ -28,23 +32,27 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_process_group() -> None:
-    """Join the launcher's process group before the first stage, so the cache and result writes can be
-    fenced with barriers. gloo on CPU, nccl on GPUs, through accelerate like the engine."""
+def init_process_group(runtime: RuntimeConfig | None = None) -> None:
+    """Join the launcher's process group before the first stage (gloo on CPU, nccl on GPUs, through accelerate like
+    the engine), its collectives bounded by ``runtime.collective_timeout_seconds``; and a gloo group for waiting on
+    the main process, bounded by ``runtime.wait_timeout_seconds``."""
+    global _waits
     if launched_world_size() > 1 and not dist.is_initialized():
         from accelerate import PartialState
 
-        # The other processes wait at a barrier while the main one alone runs lm-eval or writes a cache
-        # entry; the default timeout (10-30 min) could end a healthy paper-scale run.
-        PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
+        runtime = runtime or RuntimeConfig()
+        PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=runtime.collective_timeout_seconds))
+        _waits = dist.new_group(backend="gloo", timeout=timedelta(seconds=runtime.wait_timeout_seconds))
 
 
 def destroy_process_group() -> None:
     """Leave the launcher's group once every process is done, so its communication threads are joined
     here rather than torn down mid-flight at interpreter exit (where a process then aborts)."""
+    global _waits
     if launched_world_size() > 1 and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=_waits)
         dist.destroy_process_group()
+        _waits = None
 
 
 def world_size() -> int:
@@ -67,8 +75,9 @@ def device() -> torch.device:
 
 
 def barrier() -> None:
+    """Wait until every process gets here (on the waiting group: the others may wait long for the main one)."""
     if world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=_waits)
 
 
 def map_sharded(items: Sequence[T], fn: Callable[[Sequence[T]], list[R]]) -> list[R]:
@@ -79,15 +88,17 @@ def map_sharded(items: Sequence[T], fn: Callable[[Sequence[T]], list[R]]) -> lis
         return fn(items)
     share = -(-len(items) // world)
     mine = fn(items[rank() * share:(rank() + 1) * share])
-    return [result for part in gather_objects(mine) for result in part]
+    # on the launch's group: a process that failed on its share is waited for only as long as any collective
+    return [result for part in gather_objects(mine, waiting=False) for result in part]
 
 
-def gather_objects(item: T) -> list[T]:
-    """``item`` of every process, in rank order, on every process."""
+def gather_objects(item: T, waiting: bool = True) -> list[T]:
+    """``item`` of every process, in rank order, on every process; on the waiting group unless ``waiting`` is
+    False (then bounded by ``runtime.collective_timeout_seconds``)."""
     if world_size() == 1:
         return [item]
     gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, item)
+    dist.all_gather_object(gathered, item, group=_waits if waiting else None)
     return gathered
 
 

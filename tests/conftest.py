@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,19 +16,16 @@ PRIVATE_EXTENSIONS = pytest.StashKey[Path]()
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """DeepSpeed's CPU communication op in a folder of this test run's own, built before any test runs. The suite
-    kills runs on purpose; one killed while compiling the op in the shared ``~/.cache/torch_extensions`` leaves a lock
-    there on which every later run sleeps (seen: 8 minutes). A copy of an op already built there (with no lock beside
-    it) saves the compile; whatever the run's processes build stays in its own folder."""
+    kills runs on purpose, and one killed while compiling the op leaves a lock beside it: kdbench clears such a lock
+    (kdbench.runtime.extensions), but the tests' kills stay out of the user's ``~/.cache/torch_extensions``. A copy
+    of an op already built there (with no lock beside it) saves the compile."""
     if "TORCH_EXTENSIONS_DIR" in os.environ:
         return
-    import torch
+    from kdbench.runtime.extensions import default_extensions_root
 
     private = Path(tempfile.mkdtemp(prefix="kdbench-tests-torch-extensions-"))
-    # torch's default folder for this Python and device kind; with TORCH_EXTENSIONS_DIR set, ops sit right under it
-    device = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    shared = (Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_extensions"
-              / f"py{sys.version_info.major}{sys.version_info.minor}_{device}")
-    for built in shared.glob("*/*.so"):
+    # with TORCH_EXTENSIONS_DIR set, ops sit right under it
+    for built in default_extensions_root().glob("*/*.so"):
         if not (built.parent / "lock").exists():
             shutil.copytree(built.parent, private / built.parent.name, symlinks=True)
     os.environ["TORCH_EXTENSIONS_DIR"] = str(private)

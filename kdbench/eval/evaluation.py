@@ -16,6 +16,7 @@ from kdbench import distributed
 from kdbench.config import config_hash
 from kdbench.data import Record, format_prompt
 from kdbench.eval.scoring import example_scores, mean_times_100
+from kdbench.runtime.watchdog import progress
 from kdbench.train.generation import batch_progress, generate_responses
 
 
@@ -87,6 +88,7 @@ def evaluate(model: Any, tokenizer: Any, records: Sequence[Record], metrics: Seq
             per_seed[name][seed_label] = mean_times_100(scores)
             examples["scores"][name][seed_label] = [_stored(value) for value in scores]
         per_task[seed_label] = score_by_task(records, per_example)
+        progress(f"scored sampling seed {seed_label}")
         if not samples:
             samples = [{"prompt": format_prompt(r), "response": resp, "reference": r["response"]}
                        for r, resp in zip(records[:20], responses[:20])]

@@ -4,6 +4,7 @@ results folder, the observers, this process's device, and the outputs of the sta
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from kdbench.errors import KdbenchError
 from kdbench.grid.cache import StageCache
 from kdbench.grid.graph import StageGraph, StageKind
 from kdbench.registry import Registries
+from kdbench.results.store import host
 from kdbench.train.step import PRECISION_DTYPES
 from kdbench.zoo import count_parameters, load_model
 
@@ -36,12 +38,14 @@ class RunContext:
     the results live, the observers, this process's device, and the outputs of the stages run so far."""
 
     def __init__(self, graph: StageGraph, experiment: Experiment, registries: Registries, out_dir: Path,
-                 cache_dir: Path) -> None:
+                 cache_dir: Path, log_dir: Path | None = None) -> None:
         self.graph = graph
         self.experiment = experiment
         self.registries = registries
         self.out_dir = out_dir
         self.cache = StageCache(cache_dir)
+        # where this process's watchdog writes: <out_dir>/logs unless told (an export has no results folder)
+        self.log = (log_dir or out_dir / "logs") / f"{host()}-{os.getpid()}.log"
         self.hook = registries.manager.hook if distributed.is_main() else SilentObservers()
         self.metrics = [registries.metrics.get(name) for name in experiment.evaluation.metrics]
         # The frozen teacher and evaluated models run in the training precision on this process's device.

@@ -32,6 +32,8 @@ from kdbench.grid.stages import BUILDERS, discard_resume_checkpoint, failure_of,
 from kdbench.registry import Registries
 from kdbench.results import store
 from kdbench.results.schema import CellResult, Failure, Status
+from kdbench.runtime import say
+from kdbench.runtime.watchdog import watch
 from kdbench.zoo import check_same_vocab_size, check_same_vocabulary, config_vocab_size, load_tokenizer
 
 
@@ -117,6 +119,12 @@ def run_sharing(nodes: list[Node], run_node: Callable[[Node], None], context: Ru
         pending = [node for node in pending if node.key in passed_over]
 
 
+def watched(node: Node, context: RunContext) -> AbstractContextManager[None]:
+    """``node``'s stage under the experiment's watchdog (``runtime``), its reports in this process's log."""
+    runtime = context.experiment.runtime
+    return watch(f"{node.label}: {node.kind.value}", runtime.stall_seconds, runtime.on_stall, context.log, say)
+
+
 def run_stage(node: Node, context: RunContext) -> None:
     """Build (or reuse) one stage and record its output in ``context``."""
     builder = BUILDERS[node.kind]
@@ -147,14 +155,22 @@ def run_stage(node: Node, context: RunContext) -> None:
         context.train_stats[node.key] = {**stats, "this_run": 0.0 if cached else seconds}
 
 
-def agree(failure: tuple[Status, Failure] | None) -> tuple[Status, Failure] | None:
-    """Every process of a launch takes the same view of a stage: failed if it failed anywhere. (A process
-    that raised inside a collective operation leaves the others waiting there; a non-finite loss is seen by
-    all processes at once, since it is reduced over them.)"""
+def agree(failure: tuple[Status, Failure] | None) -> tuple[tuple[Status, Failure] | None, bool]:
+    """Every process of a launch takes the same view of a stage: failed if it failed anywhere; and whether the
+    launch can go on. A non-finite loss is seen by every process at once (it is reduced over them), so all fail
+    alike and their collectives stay in step. A stage that failed on some processes but not others, or differently
+    (one raised while the others waited in a collective operation until ``runtime.collective_timeout_seconds``),
+    leaves the launch's collectives out of step or its connections closed, and nothing more can be trained."""
     if distributed.world_size() == 1:
-        return failure
+        return failure, True
     seen: list[Any] = distributed.gather_objects(failure)
-    return next((f for f in seen if f is not None), None)
+    first = next((f for f in seen if f is not None), None)
+    if all(f == first for f in seen):
+        return first, True
+    assert first is not None
+    status, details = first  # the reason names each process's own failure: which one is the cause is not known
+    reasons = "; ".join(f"process {rank}: {f[1]['reason'] if f else 'no failure'}" for rank, f in enumerate(seen))
+    return (status, {**details, "reason": reasons[:2000]}), False
 
 
 def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries, out_dir: Path,
@@ -180,22 +196,28 @@ def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries,
     readers = Counter(parent for node in graph if node.key in needed
                       for role, parent in node.deps.items() if role in FROZEN_ROLES)
     failures: dict[str, tuple[Status, Failure]] = {}
+    stopped: list[str] = []  # the stage after whose failure the processes of this launch cannot work together
 
     def run_node(node: Node) -> None:
         upstream = next((failures[parent] for parent in node.deps.values() if parent in failures), None)
         if upstream is not None:  # skipped: an ancestor failed, and the cell reports that ancestor
             failures[node.key] = upstream
+        elif stopped:
+            return  # left unfinished, for the next run
         else:
             failure = None
             try:
-                run_stage(node, context)
+                with watched(node, context):
+                    run_stage(node, context)
             except (KdbenchError, KeyboardInterrupt):
                 raise
             except Exception as error:  # noqa: BLE001  (isolated: reported in the result, the grid goes on)
                 failure = failure_of(node, error)
-            failure = agree(failure)
+            failure, in_step = agree(failure)
             if failure is not None:
                 failures[node.key] = failure
+            if not in_step:
+                stopped.append(f"{node.label}: {node.kind.value}")
         if node.kind is StageKind.EVAL:
             if node.key in failures:
                 status, reason = failures[node.key]
@@ -210,6 +232,12 @@ def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries,
                     context.release(parent)
 
     run_sharing([node for node in graph if node.key in needed], run_node, context)
+    if stopped:
+        raise KdbenchError(
+            f"stage {stopped[0]} failed on some processes of this launch and not on others (see each process's "
+            "error above), so their collective operations are out of step and the launch stops here. The cells that "
+            f"need that stage are marked failed in {out_dir}; run the same command again to go on with the rest "
+            "(finished cells are kept).")
     context.hook.kdbench_on_run_end(out_dir=str(out_dir), seconds=time.perf_counter() - started)
     return summary
 
@@ -218,8 +246,13 @@ def build_stages(graph: StageGraph, keys: list[str], experiment: Experiment, reg
                  cache_dir: Path) -> dict[str, str]:
     """Build (or reuse from the cache) the stages ``keys`` and everything they need, in graph order, with no
     cell around them (``kdbench export-teachers``); returns each key's output folder."""
-    context = RunContext(graph, experiment, registries, Path("."), cache_dir)
+    context = RunContext(graph, experiment, registries, Path("."), cache_dir, log_dir=cache_dir / "logs")
     needed = {key for target in keys for key in graph.lineage(target)}
     check_vocabularies(graph, needed)
-    run_sharing([node for node in graph if node.key in needed], lambda node: run_stage(node, context), context)
+
+    def run_node(node: Node) -> None:
+        with watched(node, context):
+            run_stage(node, context)
+
+    run_sharing([node for node in graph if node.key in needed], run_node, context)
     return {key: context.outputs[key] for key in keys}

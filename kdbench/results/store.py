@@ -19,7 +19,6 @@ import os
 import platform
 import resource
 import socket
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from typing import Any
 
 from kdbench.errors import KdbenchError
 from kdbench.results.schema import CellResult
+from kdbench.runtime import say
 
 # flock's answer on a filesystem that cannot lock (NFS mounted with nolock on some kernels, Lustre without
 # -o flock, some FUSE filesystems): the run goes on without locks, see FileLock.
@@ -110,11 +110,6 @@ def host() -> str:
     return socket.gethostname() or "localhost"
 
 
-def _say(message: str) -> None:
-    # stderr, like the progress bars (which print it above themselves): stdout carries the leaderboard
-    print(f"kdbench: {message}", file=sys.stderr, flush=True)
-
-
 class FileLock:
     """An exclusive lock on ``path``, held by the kernel (``flock``) until ``release`` or until this process
     dies, however it dies: a killed worker's lock is free at once, so there is no stale lock to take over.
@@ -148,7 +143,7 @@ class FileLock:
                                    "a filesystem with file locks. Check the folder's permissions.") from None
             if str(self.path.parent) not in _unlockable:
                 _unlockable.add(str(self.path.parent))
-                _say(f"warning: the filesystem of {self.path.parent} cannot lock files ({error.strerror}); workers "
+                say(f"warning: the filesystem of {self.path.parent} cannot lock files ({error.strerror}); workers "
                      "sharing it may build one stage or evaluate one cell twice (each copy is published whole). "
                      "To share it between workers, mount it with locks (NFS: without nolock or local_lock; "
                      "Lustre: -o flock).")
@@ -176,7 +171,7 @@ class FileLock:
             owner = lock_owner(self.path)
             if owner != announced and (owner is not None or tries > 1):
                 announced = owner
-                _say(f"waiting for {self.what}: {describe_owner(owner)} is making it (lock {self.path}); "
+                say(f"waiting for {self.what}: {describe_owner(owner)} is making it (lock {self.path}); "
                      "it is reused once published, or made here if that worker stops first.")
             time.sleep(delay)
             delay = min(delay * 1.5, _POLL_SECONDS[1])

@@ -41,6 +41,9 @@ from kdbench.objectives import (
     masked_loss_sum,
     soft_cross_entropy,
 )
+from kdbench.runtime import say
+from kdbench.runtime.extensions import clear_build_locks
+from kdbench.runtime.watchdog import progress
 from kdbench.train.checkpoints import Resumed, TrainStats, latest_checkpoint, resume_from, save_checkpoint
 from kdbench.train.guards import check_objective_gradient, logit_gradient_square
 from kdbench.train.sources import (
@@ -318,6 +321,8 @@ def train(
     needs_teacher = plan.uses_teacher(stored_logits=stored is not None)
     lm_term = LmTerm(settings, data.lm_text, plan)
     assert teacher is not None or not needs_teacher, f"{objective.name} needs a teacher"
+    if settings.engine == "deepspeed":  # it compiles an op on first use, behind a lock a killed build leaves
+        clear_build_locks(say)
     with process.training_state(settings.engine, settings.threads, seed):
         accelerator = make_accelerator(settings, tracking)
         if not isinstance(student, torch.nn.Module):
@@ -411,6 +416,7 @@ def train(
             loss_value = float(accelerator.reduce(step_loss, "sum").item())
             stats.response_tokens += gold_count
             record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0]}
+            progress(f"optimizer step {step + 1} of {total_steps}")
             stats.log.append(record)
             if not math.isfinite(loss_value):  # every process sees the same reduced value, so all stop together
                 raise Diverged(stage, step + 1, loss_value)
@@ -474,6 +480,7 @@ def validation_loss(model: torch.nn.Module, examples: Sequence[TokenizedExample]
         view = sequence_view(model, Sequences.collate(examples[start:start + batch_size], pad_id, device), None)
         total += float(gold_cross_entropy(view.student_logits, view.labels, view.mask).sum())
         count += int(view.mask.sum())
+        progress(f"validation loss of batch {start // batch_size + 1}")
     return total / max(count, 1)
 
 

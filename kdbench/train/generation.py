@@ -20,6 +20,7 @@ from transformers import GenerationConfig
 from kdbench.data import Record, TokenizedExample, format_prompt, prompt_ids
 from kdbench.losses import mixture_logp
 from kdbench.process import seeded
+from kdbench.runtime.watchdog import progress
 
 GREEDY = "greedy"  # the evaluation-seed label of greedy decoding
 
@@ -80,6 +81,7 @@ def generate_responses(model: Any, tokenizer: Any, records: Sequence[Record], se
                 if tokenizer.eos_token_id in row:
                     row = row[: row.index(tokenizer.eos_token_id)]
                 responses[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            progress(f"generated batch {start // batch_size + 1} of {-(-len(order) // batch_size)}")
             if on_batch is not None:
                 on_batch()
     return responses

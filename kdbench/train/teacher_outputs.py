@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kdbench.data import TokenizedExample
+from kdbench.runtime.watchdog import progress
 from kdbench.train.sources import Sequences, forward_logits
 
 FILE = "teacher_outputs.safetensors"
@@ -130,6 +131,7 @@ def compute_teacher_outputs(teacher: torch.nn.Module, examples: Sequence[Tokeniz
             pieces, ids = top.values.cpu().split(sizes), top.indices.to(torch.int32).cpu().split(sizes)
         for i, piece, id_piece in zip(chosen, pieces, ids):
             values[i], kept[i] = piece, id_piece
+        progress(f"teacher outputs of batch {start // batch_size + 1} of {-(-len(order) // batch_size)}")
         if on_batch is not None:
             on_batch()
     if not examples:
