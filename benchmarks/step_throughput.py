@@ -28,10 +28,11 @@ import torch
 from record import RESULTS, machine, on_device, tiny_teacher, write_result
 
 from kdbench.config import TrainingConfig
+from kdbench.contracts import PromptOrder, Sequences
 from kdbench.data import TokenizedExample
 from kdbench.objectives import gold_cross_entropy
 from kdbench.train.engine import TrainingData, lr_lambda, train
-from kdbench.train.sources import PromptOrder, Sequences, forward_logits
+from kdbench.train.sources import forward_logits
 from kdbench.zoo import load_model
 from kdbench_plugins.sft import SFT
 

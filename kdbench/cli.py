@@ -168,7 +168,7 @@ def run(
     if format != "table" and not dry_run:
         raise KdbenchError("--format applies to --dry-run; a run prints its leaderboard (use `kdbench report "
                            "--format json` for the results).")
-    from kdbench.grid.cluster import cluster_options
+    from kdbench.grid.cluster_options import cluster_options
 
     cluster = cluster_options(executor, slurm_partition=slurm_partition, gpus_per_node=gpus_per_node,
                               timeout_min=timeout_min, slurm_options=slurm_option or [],

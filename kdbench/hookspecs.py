@@ -13,10 +13,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from kdbench.contracts import Metric, Objective, SequenceSource
     from kdbench.data import DatasetSpec
-    from kdbench.eval.evaluation import Metric
-    from kdbench.objectives import Objective
-    from kdbench.train.sources import SequenceSource
     from kdbench.zoo import ModelFamily
 
 PROJECT = "kdbench"
@@ -26,7 +24,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def kdbench_register_objectives() -> list[type[Objective]]:
-    """Return objective classes (subclasses of ``kdbench.objectives.Objective``).
+    """Return objective classes (subclasses of ``kdbench.Objective``).
 
     Each class names itself (``name``) with a ``version`` (bump it when the loss changes: the cells it
     trained get new keys and re-run), declares what the runner must provide (``needs``), which
@@ -41,7 +39,7 @@ def kdbench_register_objectives() -> list[type[Objective]]:
 
 @hookspec
 def kdbench_register_sequence_sources() -> list[type[SequenceSource]]:
-    """Return sequence-source classes (subclasses of ``kdbench.train.sources.SequenceSource``).
+    """Return sequence-source classes (subclasses of ``kdbench.SequenceSource``).
 
     A source makes one kind of sequence for a micro-batch of training prompts (``sequences``): gold
     responses, stored teacher text, fresh student samples, rollouts. It names itself with a
@@ -68,7 +66,7 @@ def kdbench_register_datasets() -> list[DatasetSpec]:
 
 @hookspec
 def kdbench_register_metrics() -> list[Metric]:
-    """Return ``kdbench.eval.evaluation.Metric`` objects: name, ``higher_is_better`` and a per-example
+    """Return ``kdbench.Metric`` objects: name, ``higher_is_better`` and a per-example
     score ``fn(prediction, references) -> float`` in [0, 1]. All results are collected."""
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench import hookimpl
+from kdbench import Objective, hookimpl
 from kdbench.losses import alpha_beta_divergence
-from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, TemperatureParams
+from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, TemperatureParams
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kdbench import hookimpl
-from kdbench.objectives import LossInputs, Need, Objective, ObjectiveParams, PreferencePair, Reduction
+from kdbench import Objective, hookimpl
+from kdbench.objectives import LossInputs, Need, ObjectiveParams, PreferencePair, Reduction
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kdbench import hookimpl
-from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, ObjectiveParams
+from kdbench import Objective, hookimpl
+from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, ObjectiveParams
 
 LOGSOFTMAX_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench import hookimpl
-from kdbench.objectives import LossInputs, Need, Objective, ObjectiveParams
+from kdbench import Objective, hookimpl
+from kdbench.objectives import LossInputs, Need, ObjectiveParams
 from kdbench_plugins.jsd import JSD, JSDParams, jsd_loss
 from kdbench_plugins.sources import OnPolicy, OnPolicyOptions
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench import hookimpl
+from kdbench import Objective, hookimpl
 from kdbench.losses import generalized_jsd
-from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, SequenceView, TemperatureParams
+from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, SequenceView, TemperatureParams
 
 
 @dataclass(frozen=True)

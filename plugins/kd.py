@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench import hookimpl
+from kdbench import Objective, hookimpl
 from kdbench.losses import soft_cross_entropy
-from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, TemperatureParams
+from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, TemperatureParams
 
 
 @dataclass(frozen=True)

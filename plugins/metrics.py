@@ -3,8 +3,7 @@ references) and exact match (normalised string equality, max over references).""
 
 from __future__ import annotations
 
-from kdbench import hookimpl
-from kdbench.eval.evaluation import Metric
+from kdbench import Metric, hookimpl
 from kdbench.eval.scoring import exact_match, rouge_l
 
 ROUGE_L = Metric("rougeL", "ROUGE-L F-measure (rouge-score, stemmed), max over references", True, rouge_l)

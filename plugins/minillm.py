@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kdbench import hookimpl
-from kdbench.objectives import AtTeacher, LossInputs, Need, Objective, ObjectiveParams, SequenceView
+from kdbench import Objective, hookimpl
+from kdbench.objectives import AtTeacher, LossInputs, Need, ObjectiveParams, SequenceView
 from kdbench_plugins.sources import RolloutOptions
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench import hookimpl
-from kdbench.objectives import AtTeacher, LossInputs, Need, Objective, ObjectiveParams, SequenceView
+from kdbench import Objective, hookimpl
+from kdbench.objectives import AtTeacher, LossInputs, Need, ObjectiveParams, SequenceView
 from kdbench_plugins.sources import StudentSamples
 
 ESTIMATORS = ("k1", "k3")

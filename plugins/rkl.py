@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from kdbench import hookimpl
+from kdbench import Objective, hookimpl
 from kdbench.losses import reverse_kl
-from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, TemperatureParams
+from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, TemperatureParams
 
 
 class ReverseKL(Objective):

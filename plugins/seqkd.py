@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench import hookimpl
+from kdbench import Objective, hookimpl
 from kdbench.losses import soft_cross_entropy
-from kdbench.objectives import LossInputs, Need, Objective, ObjectiveParams, TemperatureParams, gold_cross_entropy
+from kdbench.objectives import LossInputs, Need, ObjectiveParams, TemperatureParams, gold_cross_entropy
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench import hookimpl
-from kdbench.objectives import GOLD, LossInputs, Objective, ObjectiveParams, gold_cross_entropy
+from kdbench import Objective, hookimpl
+from kdbench.objectives import GOLD, LossInputs, ObjectiveParams, gold_cross_entropy
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench import hookimpl
+from kdbench import Objective, hookimpl
 from kdbench.losses import skew_forward_kl
-from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, TemperatureParams
+from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, TemperatureParams
 
 DISTILLM = "Ko et al. 2024, DistiLLM: Towards Streamlined Distillation for Large Language Models (arXiv 2402.03898)"
 

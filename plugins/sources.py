@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from kdbench import hookimpl
+from kdbench.contracts import Sequences, SequenceSource, SourceContext, State
 from kdbench.objectives import GOLD, Need, gold_cross_entropy
 from kdbench.train.generation import mixture_logp, positions_from_mask, sample_continuations, sample_mixture
-from kdbench.train.sources import Sequences, SequenceSource, SourceContext, State, forward_logits
+from kdbench.train.sources import forward_logits
 
 
 class Gold(SequenceSource):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from kdbench import hookimpl
+from kdbench import Objective, hookimpl
 from kdbench.losses import skew_reverse_kl
-from kdbench.objectives import GOLD, LossInputs, Objective
+from kdbench.objectives import GOLD, LossInputs
 from kdbench_plugins.skl import SkewKL, SkewParams
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kdbench import hookimpl
+from kdbench import Objective, hookimpl
 from kdbench.losses import topk_forward_kl
-from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, TemperatureParams
+from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, TemperatureParams
 
 
 @dataclass(frozen=True)

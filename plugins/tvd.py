@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from kdbench import hookimpl
+from kdbench import Objective, hookimpl
 from kdbench.losses import tvd
-from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, TemperatureParams
+from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, TemperatureParams
 
 
 class TVD(Objective):

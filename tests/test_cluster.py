@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from kdbench.errors import KdbenchError
-from kdbench.grid.cluster import GridJob, cluster_options
+from kdbench.grid.cluster import GridJob
+from kdbench.grid.cluster_options import cluster_options
 
 pytestmark = pytest.mark.slow  # grids through submitit-local jobs
 

@@ -11,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kdbench.config import TrainingConfig
+from kdbench.contracts import Sequences
 from kdbench.data import TokenizedExample, collate
 from kdbench.objectives import GOLD, Objective, ObjectiveParams
 from kdbench.registry import load_registries
 from kdbench.tinysuite import TinySuiteOptions, generate
 from kdbench.train.engine import TrainingData, batch_loss_sums, loss_scale, lr_lambda, total_optimizer_steps, train
-from kdbench.train.sources import Sequences
 from kdbench.train.step import StepPlan, plan_step
 from kdbench.zoo import TinyArch, build_tiny_model, load_model
 from kdbench_plugins.families import OPT
@@ -362,8 +362,8 @@ def test_a_plugin_source_feeds_the_objective_like_a_built_in_one(tiny_setup: dic
     """A source registered by a plugin: the engine asks it for every micro-batch's sequences and the objective
     reads them. Serving the gold sequences under another name, it gives kd's exact loss trajectory (one more
     student pass per micro-batch: the engine runs each source read)."""
+    from kdbench.contracts import SequenceSource
     from kdbench.objectives import Need
-    from kdbench.train.sources import SequenceSource
     from kdbench_plugins.sources import Gold
 
     calls: list[list[int]] = []

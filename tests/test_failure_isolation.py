@@ -30,7 +30,7 @@ PLUGIN = """
 import torch
 from kdbench import hookimpl
 from kdbench.objectives import GOLD, Need
-from kdbench.train.sources import Sequences, SequenceSource
+from kdbench.contracts import SequenceSource, Sequences
 from kdbench_plugins.kd import KD
 
 

@@ -15,16 +15,16 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
 from kdbench.config import TrainingConfig
+from kdbench.contracts import Metric, PromptOrder, Sequences, SourceContext
 from kdbench.data import TEMPLATE_PIECES, Record, TokenizedExample, format_prompt, prompt_ids, tokenize_records
 from kdbench.errors import KdbenchError
-from kdbench.eval.evaluation import Metric, evaluate
+from kdbench.eval.evaluation import evaluate
 from kdbench.eval.scoring import rouge_l
 from kdbench.objectives import GOLD, LossInputs, ObjectiveParams, gold_cross_entropy
 from kdbench.process import seeded
 from kdbench.tinysuite import TinySuiteOptions, generate
 from kdbench.train.engine import TrainingData, train
 from kdbench.train.generation import generate_responses
-from kdbench.train.sources import PromptOrder, Sequences, SourceContext
 from kdbench.train.step import step_reads
 from kdbench.zoo import TinyArch, build_tiny_model, load_model, train_tokenizer
 from kdbench_plugins.dpkd_token import DPKDToken, token_preference_loss

@@ -17,10 +17,11 @@ from test_losses import CHUNKED, chunk_budget
 
 from kdbench import losses
 from kdbench.config import TrainingConfig
+from kdbench.contracts import Sequences
 from kdbench.losses import HeadLogits
 from kdbench.objectives import gold_cross_entropy
 from kdbench.train.engine import TrainingData, train
-from kdbench.train.sources import Sequences, plain_head, sequence_view
+from kdbench.train.sources import plain_head, sequence_view
 from kdbench.zoo import load_model
 from kdbench_plugins.kd import KD
 from kdbench_plugins.minillm import MiniLLM

@@ -23,9 +23,8 @@ TESTS = Path(__file__).parent
 
 PLUGIN = '''
 import dataclasses, json, os
-from kdbench import hookimpl
+from kdbench import Metric, hookimpl
 from kdbench.data import DatasetSpec
-from kdbench.eval.evaluation import Metric
 from kdbench_plugins.datasets import TINY_OPTIONS, load_tiny
 from kdbench_plugins.families import GPT2
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdbench.contracts import Sequences
 from kdbench.data import TEMPLATE_PIECES
 from kdbench.errors import KdbenchError
 from kdbench.objectives import Need, Reduction
 from kdbench.train.generation import positions_from_mask, sample_mixture
-from kdbench.train.sources import Sequences, forward_logits
+from kdbench.train.sources import forward_logits
 from kdbench.zoo import TinyArch, build_tiny_model, load_model, load_tokenizer, train_tokenizer
 from kdbench_plugins.families import GPT2, OPT
 from kdbench_plugins.minillm import MiniLLM, RolloutInputs, discounted_advantages, minillm_token_loss

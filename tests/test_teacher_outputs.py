@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from kdbench.config import TrainingConfig
+from kdbench.contracts import Sequences
 from kdbench.data import TokenizedExample
 from kdbench.train.engine import TrainingData, train
-from kdbench.train.sources import Sequences, forward_logits
+from kdbench.train.sources import forward_logits
 from kdbench.train.teacher_outputs import TeacherOutputs, compute_teacher_outputs, loss_positions, tail_mass
 from kdbench.zoo import load_model
 from kdbench_plugins.dpkd import DPKD

@@ -1,33 +1,23 @@
 """Evaluation as both papers do it: generate a response per test prompt, cut at EOS, score it.
 
 Generation samples with temperature 1, top-k 0 and top-p 1 (the model's full distribution) once
-per evaluation seed; greedy decoding is an option. Metrics are plugins (``kdbench.eval.scoring`` holds
-ROUGE-L and exact match); each is averaged over examples, ×100, per seed.
+per evaluation seed; greedy decoding is an option. Metrics are plugins (``kdbench.contracts.Metric``;
+``kdbench.eval.scoring`` holds ROUGE-L and exact match); each is averaged over examples, ×100, per seed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from kdbench import distributed
 from kdbench.config import config_hash
+from kdbench.contracts import Metric
 from kdbench.data import Record, format_prompt
 from kdbench.eval.scoring import example_scores, mean_times_100
 from kdbench.runtime.watchdog import progress
 from kdbench.train.generation import batch_progress, generate_responses
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A per-example score in [0, 1]; the harness reports its mean over examples × 100."""
-
-    name: str
-    description: str
-    higher_is_better: bool
-    fn: Callable[[str, Sequence[str]], float]
 
 
 def example_facts(records: Sequence[Record]) -> dict[str, Any]:

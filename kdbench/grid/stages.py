@@ -221,9 +221,8 @@ def build_training(node: Node, context: RunContext, folder: Path) -> None:
     probe = None if teacher is None else checked_teacher(  # a uniform or broken teacher fails the stage before step 1
         teacher, probe_batch(context.tokenized(node.deps["data"], "validation"), data.examples), tokenizer.pad_token_id,
         context.graph[node.deps["teacher"]].label, f"{node.label}: train")
-    sources = {name: context.registries.sources.get(name) for name in node.inputs["sources"]}
     _, stats = train(lambda: load_model(init), spec.objective, spec.params, data, spec.settings, spec.seed, teacher,
-                     sources=sources, plan=spec.plan, observer=context.hook, stage=f"{node.label}: train",
+                     sources=context.registries.sources, plan=spec.plan, observer=context.hook, stage=f"{node.label}: train",
                      tracking=tracking(context, node.label, spec.objective, spec.params, spec.settings),
                      save_to=folder, tokenizer=tokenizer, validation=validation(node, context, tokenizer),
                      resume_dir=resume_folder(context, node), checkpoint_every=context.experiment.checkpoint_every)

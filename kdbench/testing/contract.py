@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import torch
 
 from kdbench.config import TrainingConfig
+from kdbench.contracts import PromptOrder, SequenceSource, SourceContext
 from kdbench.objectives import (
     AtTeacher,
     LossInputs,
@@ -40,7 +41,7 @@ from kdbench.registry import load_registries
 from kdbench.testing.kit import SAMPLE_TOKENS, TinyKit, default_kit
 from kdbench.train.engine import make_sources, train
 from kdbench.train.guards import DeadObjective
-from kdbench.train.sources import MicroBatches, PromptOrder, SequenceSource, SourceContext, sequence_view
+from kdbench.train.sources import MicroBatches, sequence_view
 from kdbench.train.step import plan_step, step_reads
 
 BATCH = 4  # prompts per micro-batch

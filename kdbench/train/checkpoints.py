@@ -25,8 +25,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from kdbench.contracts import PromptOrder, State
 from kdbench.errors import KdbenchError
-from kdbench.train.sources import MicroBatches, PromptOrder, State
+from kdbench.train.sources import MicroBatches
 
 
 @dataclass

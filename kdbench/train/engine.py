@@ -28,6 +28,7 @@ from accelerate.utils import DeepSpeedPlugin
 
 from kdbench import process
 from kdbench.config import TrainingConfig
+from kdbench.contracts import PromptOrder, Sequences, SequenceSource, SourceContext
 from kdbench.data import TokenizedExample
 from kdbench.distributed import launched_world_size
 from kdbench.losses import Logits
@@ -46,16 +47,7 @@ from kdbench.runtime.extensions import clear_build_locks
 from kdbench.runtime.watchdog import progress
 from kdbench.train.checkpoints import Resumed, TrainStats, latest_checkpoint, resume_from, save_checkpoint
 from kdbench.train.guards import check_objective_gradient, logit_gradient_square
-from kdbench.train.sources import (
-    MicroBatches,
-    PromptOrder,
-    Sequences,
-    SequenceSource,
-    SourceContext,
-    StoredTeacher,
-    plain_head,
-    sequence_view,
-)
+from kdbench.train.sources import MicroBatches, StoredTeacher, plain_head, sequence_view
 from kdbench.train.step import SourceClasses, StepPlan, plan_step
 from kdbench.train.teacher_outputs import TeacherOutputs
 

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kdbench.contracts import Sequences
 from kdbench.data import TokenizedExample
 from kdbench.losses import HeadLogits, Logits
 from kdbench.objectives import Objective, gold_cross_entropy
-from kdbench.train.sources import Sequences, sequence_view
+from kdbench.train.sources import sequence_view
 
 LOG = logging.getLogger(__name__)
 PROBE_SIZE = 16  # sequences of the probe batch: the first of the validation split, the same for every stage

@@ -20,7 +20,7 @@ from kdbench.config import TrainingConfig
 from kdbench.objectives import GOLD, Need, Objective, ObjectiveParams
 
 if TYPE_CHECKING:
-    from kdbench.train.sources import SequenceSource
+    from kdbench.contracts import SequenceSource
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

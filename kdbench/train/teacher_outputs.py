@@ -23,9 +23,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kdbench.contracts import Sequences
 from kdbench.data import TokenizedExample
 from kdbench.runtime.watchdog import progress
-from kdbench.train.sources import Sequences, forward_logits
+from kdbench.train.sources import forward_logits
 
 FILE = "teacher_outputs.safetensors"
 TAIL_FLOOR = 1e-12  # least tail mass per position: the tail's log-probability stays finite for reverse KL

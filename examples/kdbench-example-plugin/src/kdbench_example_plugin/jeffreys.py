@@ -8,9 +8,9 @@ covers the teacher's modes, the reverse half keeps the student off tokens the te
 from __future__ import annotations
 
 import torch
-from kdbench import hookimpl
+from kdbench import Objective, hookimpl
 from kdbench.losses import forward_kl, reverse_kl
-from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, Objective, TemperatureParams
+from kdbench.objectives import GOLD, AtTeacher, LossInputs, Need, TemperatureParams
 
 
 class Jeffreys(Objective):
