@@ -144,6 +144,9 @@ def run(
     poll_seconds: Annotated[Optional[float], typer.Option(help=(
         "With a cluster executor: how often the waiting command looks at its jobs, in seconds (default 30 on Slurm, "
         "one sacct call a look; 1 for submitit-local)."))] = None,
+    unreported_seconds: Annotated[Optional[float], typer.Option(help=(
+        "With --executor slurm: how long the waiting command goes on while Slurm's accounting reports no state for a "
+        "job (sacct fails, or does not list it) before it stops with an error (default 600)."))] = None,
 ) -> None:
     """Train and evaluate every (family, student, method, seed) cell, then print the leaderboard.
 
@@ -173,7 +176,7 @@ def run(
     cluster = cluster_options(executor, slurm_partition=slurm_partition, gpus_per_node=gpus_per_node,
                               timeout_min=timeout_min, slurm_options=slurm_option or [],
                               slurm_array_parallelism=slurm_array_parallelism, no_wait=no_wait,
-                              poll_seconds=poll_seconds)
+                              poll_seconds=poll_seconds, unreported_seconds=unreported_seconds)
     config = _with_students(load_experiment(experiment), students)
     if engine is not None:
         if engine not in ("deepspeed", "accelerate"):

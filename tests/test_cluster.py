@@ -214,10 +214,14 @@ def test_slurm_scripts_ask_for_gpus_partition_and_account_a_stand_in_sbatch_for_
     ({"executor": "slurm", "poll_seconds": 0.0}, "--poll-seconds 0.0 is not a positive number of seconds"),
     ({"executor": "slurm", "poll_seconds": float("nan")}, "--poll-seconds nan is not a positive number"),
     ({"executor": "slurm", "poll_seconds": 5.0, "no_wait": True}, "--no-wait returns at once"),
+    ({"executor": "local", "unreported_seconds": 60.0}, "--unreported-seconds describes cluster jobs"),
+    ({"executor": "slurm", "unreported_seconds": -1.0}, "--unreported-seconds -1.0 is not a positive number of seconds"),
+    ({"executor": "slurm", "unreported_seconds": 60.0, "no_wait": True}, "--no-wait returns at once"),
 ])
 def test_bad_executor_options_say_what_to_do(options: dict, message: str) -> None:
     given = {"slurm_partition": None, "gpus_per_node": None, "timeout_min": None, "slurm_options": [],
-             "slurm_array_parallelism": None, "no_wait": False, "poll_seconds": None, **options}
+             "slurm_array_parallelism": None, "no_wait": False, "poll_seconds": None, "unreported_seconds": None,
+             **options}
     with pytest.raises(KdbenchError, match=re.escape(message)):
         cluster_options(given.pop("executor"), **given)
 

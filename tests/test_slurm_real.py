@@ -314,7 +314,8 @@ def test_a_job_state_accounting_cannot_report_ends_the_wait_with_an_error(
     env = subprocess_env(OMP_NUM_THREADS="1", KDBENCH_CACHE_DIR=str(tmp_path / "cache"),
                          SLURM_CONF=str(tmp_path / "slurm.conf"))
     run = Run([*KDBENCH, "run", "-e", str(tmp_path / "grid.yaml"), "--out", str(tmp_path / "out"), "--executor", "slurm",
-               "--poll-seconds", "0.5", "--slurm-option", "begin=now+3600"], env, tmp_path, jobs_to_cancel)
+               "--poll-seconds", "0.5", "--unreported-seconds", "12", "--slurm-option", "begin=now+3600"], env, tmp_path,
+              jobs_to_cancel)
     submitted, _ = run.wait_for_line(r"submitted 6 cell\(s\)")
     assert run.finish(timeout=300) == 2
     seconds = time.monotonic() - submitted
@@ -322,4 +323,5 @@ def test_a_job_state_accounting_cannot_report_ends_the_wait_with_an_error(
     stderr = " ".join(run.stderr.split())
     assert re.search(r"error: Slurm's accounting has reported no state for job \d+ for 1\d s \(sacct fails: ", stderr)
     assert "`squeue -j" in stderr and "Traceback" not in stderr
-    assert 10 <= seconds < 60, seconds  # 20 looks, 0.5 s apart (plus the sacct calls)
+    assert 12 <= seconds < 60, seconds  # --unreported-seconds 12, looks 0.5 s apart (plus the sacct calls)
+    assert "--unreported-seconds 12 without a state" in stderr

@@ -17,6 +17,9 @@ LOG_FOLDER = "slurm"  # under the results folder: submitit's pickles, sbatch scr
 # How often the submitting process looks at its jobs (--poll-seconds): local jobs are cheap to poll; on Slurm each look
 # is one sacct call (for every job at once), which a shared cluster's accounting daemon answers for every user.
 POLL_SECONDS = {"slurm": 30.0, "submitit-local": 1.0}
+# How long the wait goes on while Slurm's accounting reports no state for a job (--unreported-seconds) before it ends
+# with an error: without accounting a job that dies never counts as ended.
+UNREPORTED_SECONDS = 600.0
 # sbatch options that kdbench or submitit set themselves: given through --slurm-option they would unwire the jobs.
 OWN_SBATCH_OPTIONS = {
     "partition": "use --slurm-partition",
@@ -47,6 +50,7 @@ class ClusterOptions:
     array_parallelism: int | None = None
     wait: bool = True
     poll_seconds: float = POLL_SECONDS["slurm"]  # how often the waiting process looks at the jobs
+    unreported_seconds: float = UNREPORTED_SECONDS  # how long a job may go without a state before the wait ends
 
     @property
     def tasks_per_node(self) -> int:
@@ -56,14 +60,16 @@ class ClusterOptions:
 
 def cluster_options(executor: str, *, slurm_partition: str | None, gpus_per_node: int | None, timeout_min: int | None,
                     slurm_options: Sequence[str], slurm_array_parallelism: int | None,
-                    no_wait: bool, poll_seconds: float | None = None) -> ClusterOptions | None:
+                    no_wait: bool, poll_seconds: float | None = None,
+                    unreported_seconds: float | None = None) -> ClusterOptions | None:
     """The ``run`` command's executor options, checked together before anything is loaded; None for ``local``."""
     if executor not in EXECUTORS:
         raise KdbenchError(f"--executor {executor!r} is not an executor; expected local, slurm or submitit-local.")
     slurm_only = {"--slurm-partition": slurm_partition is not None, "--slurm-option": bool(slurm_options),
                   "--slurm-array-parallelism": slurm_array_parallelism is not None}
     job_options = {"--gpus-per-node": gpus_per_node is not None, "--timeout-min": timeout_min is not None,
-                   "--no-wait": no_wait, "--poll-seconds": poll_seconds is not None}
+                   "--no-wait": no_wait, "--poll-seconds": poll_seconds is not None,
+                   "--unreported-seconds": unreported_seconds is not None}
     if executor == "local":
         given = [name for name, present in {**slurm_only, **job_options}.items() if present]
         if given:
@@ -87,13 +93,19 @@ def cluster_options(executor: str, *, slurm_partition: str | None, gpus_per_node
     if poll_seconds is not None and not 0 < poll_seconds < math.inf:
         raise KdbenchError(f"--poll-seconds {poll_seconds} is not a positive number of seconds; expected how often to "
                            f"look at the jobs, such as {POLL_SECONDS['slurm']:g} (the default on Slurm).")
-    if poll_seconds is not None and no_wait:
-        raise KdbenchError("--poll-seconds says how often the waiting command looks at its jobs, and --no-wait returns "
-                           "at once. Drop one of them.")
+    if unreported_seconds is not None and not 0 < unreported_seconds < math.inf:
+        raise KdbenchError(f"--unreported-seconds {unreported_seconds} is not a positive number of seconds; expected how "
+                           f"long to wait for a job's state from Slurm's accounting, such as {UNREPORTED_SECONDS:g} (the "
+                           "default).")
+    for option, given in (("--poll-seconds", poll_seconds), ("--unreported-seconds", unreported_seconds)):
+        if given is not None and no_wait:
+            raise KdbenchError(f"{option} bounds the waiting command's looks at its jobs, and --no-wait returns at once. "
+                               "Drop one of them.")
     return ClusterOptions(executor=executor, gpus_per_node=gpus_per_node, timeout_min=timeout_min or DEFAULT_TIMEOUT_MIN,
                           partition=slurm_partition, sbatch=_sbatch_options(slurm_options),
                           array_parallelism=slurm_array_parallelism, wait=not no_wait,
-                          poll_seconds=poll_seconds or POLL_SECONDS[executor])
+                          poll_seconds=poll_seconds or POLL_SECONDS[executor],
+                          unreported_seconds=unreported_seconds or UNREPORTED_SECONDS)
 
 
 def _check_sbatch_value(option: str, value: str) -> None:

@@ -18,9 +18,6 @@ if TYPE_CHECKING:
     from kdbench.grid.cluster_options import ClusterOptions
     from kdbench.results.schema import CellResult
 
-# Looks in a row in which Slurm's accounting reports no state for a job (sacct fails, or does not list the job) before
-# the wait ends with an error: 10 minutes at the default 30 s. Without accounting a job that dies never counts as ended.
-UNREPORTED_LOOKS = 20
 # sacct states after which a job never runs again (a requeued job goes through REQUEUED and PENDING instead).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                 "REVOKED", "PREEMPTED"}
@@ -43,7 +40,8 @@ class JobWatch:
     down never counts as ended.) A job has ended when every task's result file is there, or when Slurm reports a
     final state on two looks in a row and squeue no longer shows it stopping: the second look gives a shared
     filesystem time to show a result written just before the job ended. A job for which accounting reports no state
-    for ``UNREPORTED_LOOKS`` looks ends the wait with an error instead of a wait without end."""
+    (sacct fails, or does not list it) for ``--unreported-seconds`` ends the wait with an error instead of a wait
+    without end."""
 
     def __init__(self, options: ClusterOptions, folder: Path) -> None:
         self.options = options
@@ -91,7 +89,7 @@ class JobWatch:
         state = self.states.get(job.job_id)
         if state is None:
             since = self.reported_at.setdefault(job.job_id, now)
-            if now - since >= UNREPORTED_LOOKS * self.options.poll_seconds:
+            if now - since >= self.options.unreported_seconds:
                 self._unreported(job, now - since)
             return None
         self.reported_at[job.job_id] = now
@@ -148,8 +146,8 @@ class JobWatch:
             f"cannot tell whether it runs or ended without a result. Check that accounting answers: `sacct -j {ids}` "
             f"(slurmdbd must run). The jobs are left as they are: `squeue -j {ids}` lists them while they run, "
             f"`kdbench report {self.folder.parent}` reads what they finished, and once they have ended the same "
-            "`kdbench run` command submits whatever is unfinished. (The wait gives up after "
-            f"{UNREPORTED_LOOKS} looks without a state, every --poll-seconds {self.options.poll_seconds:g}.)")
+            "`kdbench run` command submits whatever is unfinished. (The wait gives up after --unreported-seconds "
+            f"{self.options.unreported_seconds:g} without a state.)")
 
 def _reason(error: Exception) -> str:
     """One line out of submitit's error: the last line of the job's traceback (between its dashed rules), or else
