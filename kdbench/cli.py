@@ -78,6 +78,8 @@ def _report(run_dir: Path, title: str | None = None) -> Report:
         stderr.print(f"[yellow]note:[/] {len(busy)} cell{'s' * (len(busy) != 1)} in progress (a worker is evaluating "
                      f"{'them' if len(busy) != 1 else 'it'} now) and left out: {escape(', '.join(busy))}. Report again when "
                      "the run has finished.", highlight=False)
+    for cell, why in built.folder.invalid:
+        stderr.print(f"[yellow]note:[/] cell {escape(cell)} is left out: {escape(why)}", highlight=False)
     return built
 
 

@@ -167,3 +167,27 @@ def test_bumping_an_objectives_version_retrains_exactly_its_cell(root: Path, fir
     for path, stamp in stamps.items():
         rewritten = path.stat().st_mtime_ns != stamp
         assert rewritten == ("kd-v" in str(path)), path
+
+
+@pytest.mark.slow
+def test_a_cell_whose_files_a_report_cannot_read_is_run_again_to_the_same_numbers(root: Path, first: dict) -> None:
+    """One rule for "finished": a result of another schema, or a scored cell without its per-example scores, is
+    what the report leaves out, so the run scores it again (from the cached stages, to the same numbers)."""
+    before = {cell: result(root, "out", cell) for cell in ("gpt2/s1/sft/seed0", "gpt2/teacher/teacher/seed0")}
+    (root / "out/cells/gpt2/s1/sft/seed0/examples.json").unlink()
+    teacher = root / "out/cells/gpt2/teacher/teacher/seed0/result.json"
+    teacher.write_text(json.dumps({**before["gpt2/teacher/teacher/seed0"], "schema_version": 1}))
+    report = kdbench("report", str(root / "out"), "--format", "json", env=first["env"])
+    assert report.returncode == 0, report.stderr  # the readable rows, and a note for each left out
+    said = " ".join(report.stderr.split())
+    assert "cell gpt2/s1/sft/seed0 is left out" in said and "cell gpt2/teacher/teacher/seed0 is left out" in said
+    assert {row["method"] for row in json.loads(report.stdout)} >= {"kd", "boom"}
+
+    completed = run(root, first["env"], "sft", "out")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    said = " ".join(completed.stderr.split())
+    assert "gpt2/s1/sft/seed0: running it again, since its results cannot be read:" in said and "is missing" in said
+    assert "gpt2/teacher/teacher/seed0: running it again" in said and "schema_version 1" in said
+    for cell, earlier in before.items():
+        again = result(root, "out", cell)
+        assert again["schema_version"] == earlier["schema_version"] and again["metrics"] == earlier["metrics"], cell

@@ -21,9 +21,11 @@ from scipy import stats as scipy_stats
 
 from kdbench.errors import KdbenchError
 from kdbench.report.build import build_report
-from kdbench.report.folder import load_results
+from kdbench.report.folder import load_folder, load_results
 from kdbench.report.leaderboard import LeaderboardRow, build_leaderboard, leaderboard_records
 from kdbench.report.render import render, rich_table, terminal_tables
+from kdbench.results import store
+from kdbench.results.cells import cell_problem
 from kdbench.results.schema import (
     REQUIRED_KEYS,
     SCHEMA_VERSION,
@@ -393,21 +395,30 @@ def test_load_results_empty_dir_names_it_and_suggests_run(tmp_path: Path) -> Non
     assert str(tmp_path) in str(info.value)
 
 
-def test_load_results_rejects_bad_schema_version(run_dir: Path) -> None:
+def _left_out(run_dir: Path, cell: str) -> str:
+    """Why the report left ``cell`` (a path under cells/) out; the other cells are still its rows."""
+    folder = load_folder(run_dir)
+    assert {f"{r['family']}/{r['student']}/{r['method']}/seed{r['train_seed']}" for r in folder.results} and all(
+        cell != f"{r['family']}/{r['student']}/{r['method']}/seed{r['train_seed']}" for r in folder.results)
+    reasons = dict(folder.invalid)
+    assert list(reasons) == [cell], folder.invalid
+    assert cell_problem(run_dir / "cells" / cell) == reasons[cell]  # the rule the runner re-runs a cell by
+    return reasons[cell]
+
+
+def test_a_result_of_another_schema_version_is_left_out_with_the_reason(run_dir: Path) -> None:
     bad = write_result(run_dir, family="gpt2", student="s1", method="kd", train_seed=7,
                        rouge={"0": 1.0}, em={"0": 1.0}, wall_total=1.0, schema_version=1)
-    with pytest.raises(KdbenchError, match="schema_version 1") as info:
-        load_results(run_dir)
-    assert str(bad) in str(info.value)
+    why = _left_out(run_dir, "gpt2/s1/kd/seed7")
+    assert "schema_version 1" in why and str(bad) in why and "re-runs that cell" in why
 
 
-def test_load_results_rejects_invalid_json(run_dir: Path) -> None:
+def test_a_result_that_is_not_json_is_left_out_with_the_reason(run_dir: Path) -> None:
     broken = run_dir / "cells" / "gpt2" / "s1" / "kd" / "seed9" / "result.json"
     broken.parent.mkdir(parents=True)
     broken.write_text("{not json", encoding="utf-8")
-    with pytest.raises(KdbenchError, match="not valid JSON") as info:
-        load_results(run_dir)
-    assert str(broken) in str(info.value)
+    why = _left_out(run_dir, "gpt2/s1/kd/seed9")
+    assert "not valid JSON" in why and str(broken) in why
 
 
 def test_a_result_of_the_wrong_shape_is_named_with_its_field(run_dir: Path) -> None:
@@ -415,21 +426,29 @@ def test_a_result_of_the_wrong_shape_is_named_with_its_field(run_dir: Path) -> N
     result = json.loads(path.read_text())
     result["metrics"]["rougeL"]["10"] = "high"
     path.write_text(json.dumps(result))
-    with pytest.raises(KdbenchError, match=r"metrics\.rougeL\.10") as info:
-        load_results(run_dir)
-    assert str(path) in str(info.value)
+    why = _left_out(run_dir, "gpt2/s1/sft/seed0")
+    assert re.search(r"metrics\.rougeL\.10", why) and str(path) in why
+    assert store.finished_result(path.parent, result["key"]) is None  # so a run scores it again
 
 
-def test_a_scored_cell_without_its_per_example_scores_is_an_error(run_dir: Path) -> None:
+def test_a_scored_cell_without_its_per_example_scores_is_left_out(run_dir: Path) -> None:
     missing = run_dir / "cells" / "gpt2" / "s1" / "sft" / "seed0" / "examples.json"
     missing.unlink()
-    with pytest.raises(KdbenchError, match="is missing") as info:
-        build_report(run_dir)
-    assert str(missing) in str(info.value)
+    why = _left_out(run_dir, "gpt2/s1/sft/seed0")
+    assert "is missing" in why and str(missing) in why
+    assert build_report(run_dir).rows  # the other cells still make a leaderboard
     missing.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "sets": {"": {
         "fingerprint": "x", "task": ["a", "b"], "gold_words": [1], "scores": {}}}}))
-    with pytest.raises(KdbenchError, match="2 examples but lists of \\[1\\] entries"):
-        build_report(run_dir)
+    assert "2 examples but lists of [1] entries" in _left_out(run_dir, "gpt2/s1/sft/seed0")
+
+
+def test_a_folder_of_unreadable_cells_only_is_an_error_that_names_one(tmp_path: Path) -> None:
+    broken = tmp_path / "cells" / "gpt2" / "s1" / "kd" / "seed0" / "result.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("[]", encoding="utf-8")
+    with pytest.raises(KdbenchError, match="1 cannot be read") as info:
+        load_results(tmp_path)
+    assert str(broken) in str(info.value)
 
 
 def test_settings_mismatches_flag_families_whose_cells_ran_with_different_shared_settings() -> None:

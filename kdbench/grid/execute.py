@@ -31,6 +31,7 @@ from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.stages import BUILDERS, discard_resume_checkpoint, failure_of, write_unscored_cell
 from kdbench.registry import Registries
 from kdbench.results import store
+from kdbench.results.cells import cell_problem
 from kdbench.results.schema import CellResult, Failure, Status
 from kdbench.runtime import say
 from kdbench.runtime.watchdog import watch
@@ -54,12 +55,16 @@ def cell_folder(out_dir: Path, node: Node) -> Path:
 
 
 def finished_cells(graph: StageGraph, out_dir: Path) -> dict[str, CellResult]:
-    """Cells an earlier run scored with exactly this key, by key."""
+    """Cells an earlier run scored with exactly this key, by key; says why of each cell whose files are there but
+    cannot be read as a report reads them (it is run again)."""
     found = {}
     for node in graph.cells():
-        result = store.finished_result(cell_folder(out_dir, node), node.key)
+        folder = cell_folder(out_dir, node)
+        result = store.finished_result(folder, node.key)
         if result is not None:
             found[node.key] = result
+        elif distributed.is_main() and (problem := cell_problem(folder)) is not None:
+            say(f"{node.label}: running it again, since its results cannot be read: {problem}")
     return found
 
 

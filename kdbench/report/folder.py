@@ -3,8 +3,10 @@
 
 Each cell writes ``<run_dir>/cells/<family>/<student>/<method>/seed<k>/`` (``kdbench.results.store``). Reading
 nothing but those files means a report can be rebuilt at any time, from a partial run, or on another machine,
-without re-running anything. Nothing is skipped silently: a file that is not valid JSON, of another schema
-version or of the wrong shape raises KdbenchError naming it, so a leaderboard never quietly drops a cell.
+without re-running anything. Nothing is skipped silently: a cell whose files are not valid JSON, of another schema
+version or of the wrong shape (``kdbench.results.cells.read_cell``, the rule by which the runner counts a cell as
+finished) is left out of the rows and listed in ``ResultsFolder.invalid`` with the reason, and ``kdbench run`` re-runs
+it.
 
 A report may be read while runs write the folder: it reads finished cells only. A cell without ``result.json``
 has not finished (every file is written atomically, ``result.json`` last); a cell a worker is evaluating now (it
@@ -14,13 +16,13 @@ there, since its other files are being replaced, and is listed in ``ResultsFolde
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdbench.errors import KdbenchError
-from kdbench.results.schema import SCHEMA_VERSION, CellExamples, check_examples, check_result
+from kdbench.results.cells import CellFiles, read_cell, read_json
+from kdbench.results.schema import CellExamples
 from kdbench.results.store import cell_dir, cell_locks, lock_is_held
 
 _RESULT_GLOB = "cells/**/result.json"
@@ -40,30 +42,14 @@ class ResultsFolder:
     examples: dict[CellId, CellExamples]  # every scored cell's per-example scores
     configs: dict[CellId, dict[str, Any]]  # each cell's resolved settings (only published numbers read them)
     in_progress: tuple[str, ...] = ()  # cells a worker is evaluating now, as paths under cells/: not read
+    invalid: tuple[tuple[str, str], ...] = ()  # (cell path under cells/, why) of cells whose files cannot be read
 
     def cell_path(self, result: dict[str, Any]) -> Path:
         return cell_dir(self.path, *cell_id(result))
 
 
 def load_folder(run_dir: Path) -> ResultsFolder:
-    """Every cell's result and settings, and every scored cell's per-example scores (which it must have)."""
-    run_dir = Path(run_dir)
-    results, busy = _finished_results(run_dir)
-    cells = {cell_id(r): (r, cell_dir(run_dir, *cell_id(r))) for r in results}
-    examples = {key: _read_examples(path / "examples.json") for key, (r, path) in cells.items() if r["status"] == "ok"}
-    configs = {key: _read_json_object(path / "config.json", "the cell's settings") for key, (_, path) in cells.items()
-               if (path / "config.json").is_file()}
-    return ResultsFolder(run_dir, results, examples, configs, tuple(p.relative_to(run_dir / "cells").as_posix()
-                                                                     for p in busy))
-
-
-def load_results(run_dir: Path) -> list[dict[str, Any]]:
-    """Read every ``cells/**/result.json`` under ``run_dir``, sorted by path, but those of cells in progress."""
-    return _finished_results(run_dir)[0]
-
-
-def _finished_results(run_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
-    """The results of the finished cells, and the cells in progress (whose results, if any, are left out)."""
+    """Every readable cell's result and settings, and every scored cell's per-example scores (which it must have)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise KdbenchError(
@@ -71,14 +57,31 @@ def _finished_results(run_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
             "`kdbench run`. Run `kdbench run` first or pass the right run directory."
         )
     busy = cells_in_progress(run_dir)
-    result_paths = sorted(path for path in run_dir.glob(_RESULT_GLOB) if path.parent not in busy)
-    if not result_paths:
+    folders = sorted(path.parent for path in run_dir.glob(_RESULT_GLOB) if path.parent not in busy)
+    cells: list[CellFiles] = []
+    invalid: list[tuple[str, str]] = []
+    for folder in folders:
+        try:
+            cells.append(read_cell(folder))
+        except KdbenchError as error:
+            invalid.append((folder.relative_to(run_dir / "cells").as_posix(), str(error)))
+    if not cells:
         running = f" {len(busy)} cells are being evaluated now; run the report again when one has finished." if busy else ""
+        unreadable = f" {len(invalid)} cannot be read: {invalid[0][1]}" if invalid else ""
         raise KdbenchError(
-            f"No results found: searched {str(run_dir / _RESULT_GLOB)!r} and found no finished "
-            f"result.json files. Run `kdbench run` first (each finished cell writes one).{running}"
+            f"No results found: searched {str(run_dir / _RESULT_GLOB)!r} and found no finished, readable "
+            f"result.json files. Run `kdbench run` first (each finished cell writes one).{running}{unreadable}"
         )
-    return [_read_result(path) for path in result_paths], busy
+    results = [dict(cell.result) for cell in cells]
+    examples = {cell_id(r): cell.examples for r, cell in zip(results, cells) if cell.examples is not None}
+    configs = {cell_id(r): cell.config for r, cell in zip(results, cells) if cell.config is not None}
+    return ResultsFolder(run_dir, results, examples, configs,
+                         tuple(p.relative_to(run_dir / "cells").as_posix() for p in busy), tuple(invalid))
+
+
+def load_results(run_dir: Path) -> list[dict[str, Any]]:
+    """The readable results under ``run_dir``, sorted by path, but those of cells in progress."""
+    return load_folder(run_dir).results
 
 
 def cells_in_progress(run_dir: Path) -> list[Path]:
@@ -90,48 +93,7 @@ def load_samples(path: Path) -> list[dict[str, Any]]:
     """A cell's ``samples.json`` (prompt, response, reference per entry); [] when the cell has none."""
     if not path.is_file():
         return []
-    samples = _read_json(path, "a list of samples")
+    samples = read_json(path, "a list of samples")
     if not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples):
         raise KdbenchError(f"{str(path)!r} holds no list of samples; expected [{{prompt, response, reference}}, ...].")
     return samples
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise KdbenchError(f"{str(path)!r} is missing; expected {what} beside the cell's result.json (schema "
-                           f"{SCHEMA_VERSION}). Re-run that cell.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise KdbenchError(
-            f"{str(path)!r} is not valid JSON ({error}); expected {what} (schema_version {SCHEMA_VERSION}). "
-            "Delete it and re-run that cell."
-        ) from error
-
-
-def _read_json_object(path: Path, what: str) -> dict[str, Any]:
-    payload = _read_json(path, what)
-    if not isinstance(payload, dict):
-        raise KdbenchError(f"{str(path)!r} holds a JSON {type(payload).__name__}; expected a JSON object ({what}).")
-    return payload
-
-
-def _check_version(path: Path, payload: dict[str, Any]) -> None:
-    if payload.get("schema_version") != SCHEMA_VERSION:
-        raise KdbenchError(
-            f"{str(path)!r} has schema_version {payload.get('schema_version')!r}; expected "
-            f"{SCHEMA_VERSION}. It was written by an incompatible kdbench; re-run that cell."
-        )
-
-
-def _read_result(path: Path) -> dict[str, Any]:
-    result = _read_json_object(path, "a result file")
-    _check_version(path, result)
-    return dict(check_result(result, repr(str(path))))
-
-
-def _read_examples(path: Path) -> CellExamples:
-    examples = _read_json_object(path, "the cell's per-example scores")
-    _check_version(path, examples)
-    return check_examples(examples, repr(str(path)))
-

@@ -166,7 +166,8 @@ def _checked(adapter: TypeAdapter[Any], payload: Any, where: str, what: str) -> 
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top)'}: {e['msg']}" for e in error.errors()[:5])
         raise KdbenchError(f"{where} is not a valid {what} ({error.error_count()} problem(s): {problems}); expected "
-                           f"the shape of kdbench.results.schema.{what}. Delete it and re-run that cell.") from None
+                           f"the shape of kdbench.results.schema.{what}. `kdbench run` with the same experiment re-runs "
+                           "that cell.") from None
     return payload
 
 
@@ -186,5 +187,5 @@ def check_examples(payload: Any, where: str) -> CellExamples:
         wrong = sorted({len(values) for values in lists if len(values) != count})
         if wrong:
             raise KdbenchError(f"{where}: set {label!r} has {count} examples but lists of {wrong} entries; expected "
-                               "one entry per example in every list. Delete it and re-run that cell.")
+                               "one entry per example in every list. `kdbench run` with the same experiment re-runs that cell.")
     return examples

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench.errors import KdbenchError
+from kdbench.results.cells import read_cell
 from kdbench.results.schema import CellResult
 from kdbench.runtime import say
 
@@ -95,15 +96,15 @@ def cell_locks(out_dir: Path) -> dict[Path, Path]:
 
 def finished_result(directory: Path, key: str) -> CellResult | None:
     """The cell's result if it was scored by exactly this stage (same key, so the same settings, parents and
-    code versions); None means (re)run it: absent, unreadable, stale, failed or diverged."""
-    path = directory / "result.json"
-    if not path.is_file():
+    code versions) and its files read as a report reads them (``kdbench.results.cells.read_cell``); None means
+    (re)run it: absent, unreadable, incomplete, stale, failed or diverged."""
+    if not (directory / "result.json").is_file():
         return None
     try:
-        result = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        result = read_cell(directory).result
+    except KdbenchError:
         return None
-    return result if isinstance(result, dict) and result.get("key") == key and result.get("status") == "ok" else None
+    return result if result.get("key") == key and result.get("status") == "ok" else None
 
 
 def host() -> str:
