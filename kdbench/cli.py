@@ -240,8 +240,12 @@ def run(
                 f"{result['family']}/{result['student']}/{result['method']}/seed{result['train_seed']} — "
                 f"{failure.get('reason', '')} (stage {failure.get('stage', '?')})"),
                          highlight=False)
+    if distributed.is_main() and summary.unrecorded:
+        stderr.print(f"[bold red]unfinished:[/] {len(summary.unrecorded)} cell(s) whose results could not be written "
+                     f"(why is said above): {escape(', '.join(summary.unrecorded))}. Run the same command again once "
+                     "that is fixed.", highlight=False)
     distributed.destroy_process_group()
-    if summary.unscored or lost:
+    if summary.unscored or summary.unrecorded or lost:
         raise typer.Exit(1)
 
 
@@ -488,6 +492,7 @@ for _command in app.registered_commands:
 
 def main() -> None:
     from kdbench.process import command_environment, environment, quiet_libraries
+    from kdbench.results.store import StorageFull
 
     _take_local_rank_argument()
     quiet_libraries()
@@ -497,6 +502,9 @@ def main() -> None:
     except KdbenchError as error:
         stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
         sys.exit(2)
+    except StorageFull as error:  # a write outside any stage (the leaderboard, a report file)
+        stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+        sys.exit(1)
     except KeyboardInterrupt:
         stderr.print("interrupted: finished cells are kept; run the same command again to resume the rest.")
         sys.exit(130)

@@ -43,6 +43,7 @@ class RunSummary:
     """What a run left: the result of every cell of the graph (from this run or an earlier one)."""
 
     results: dict[str, CellResult] = field(default_factory=dict)  # cell label → result
+    unrecorded: list[str] = field(default_factory=list)  # cells whose result, even a failure, could not be written
 
     @property
     def unscored(self) -> list[CellResult]:
@@ -224,12 +225,16 @@ def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries,
             if not in_step:
                 stopped.append(f"{node.label}: {node.kind.value}")
         if node.kind is StageKind.EVAL:
-            if node.key in failures:
-                status, reason = failures[node.key]
-                with claim_cell(cell_folder(out_dir, node), node) as unscored:  # never over another worker's score
-                    if unscored:
-                        write_unscored_cell(context, node, status, reason)
-            summary.results[node.label] = json.loads((cell_folder(out_dir, node) / "result.json").read_text())
+            try:
+                if node.key in failures:
+                    status, reason = failures[node.key]
+                    with claim_cell(cell_folder(out_dir, node), node) as unscored:  # never over another worker's score
+                        if unscored:
+                            write_unscored_cell(context, node, status, reason)
+                summary.results[node.label] = json.loads((cell_folder(out_dir, node) / "result.json").read_text())
+            except OSError as error:  # a full disk, say: the cell stays unfinished and the grid goes on
+                summary.unrecorded.append(node.label)
+                say(f"{node.label}: its result could not be written ({error}); it stays unfinished.")
         for role, parent in node.deps.items():
             if role in FROZEN_ROLES:
                 readers[parent] -= 1

@@ -439,6 +439,8 @@ def failure_of(node: Node, error: BaseException) -> tuple[Status, Failure]:
     if isinstance(error, Diverged):
         return "diverged", {"reason": str(error), "stage": stage, "stage_key": node.key, "step": error.step}
     frames = "".join(traceback.format_exception(type(error), error, error.__traceback__)[-6:])
+    if isinstance(error, OSError) and error.filename and not isinstance(error, store.StorageFull):
+        error = store.storage_full(error, Path(error.filename))  # a full disk: which folder, and how much is free
     return "failed", {"reason": f"{type(error).__name__}: {error}".splitlines()[0][:500], "stage": stage,
                       "stage_key": node.key, "step": None, "traceback": frames[-4000:]}
 

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import socket
 import tempfile
 import time
@@ -39,8 +40,33 @@ _NOT_YET = object()  # no holder announced yet
 _unlockable: set[str] = set()  # filesystems (lock folders) already warned about, so the warning is said once
 
 
+class StorageFull(OSError):
+    """A write that found its filesystem full (or the user's quota spent); the message names the folder, its free
+    space and the size of the write. An OSError, so a stage that runs into it fails like any other."""
+
+
+def storage_full(error: OSError, path: Path, needed: int | None = None) -> OSError:
+    """``error`` as a ``StorageFull`` when the disk was full, else ``error`` itself."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("/"))
+    free = shutil.disk_usage(folder).free
+    size = f" of {needed:,} bytes" if needed is not None else ""
+    return StorageFull(error.errno, f"no space left for a write{size} to {path}: {free:,} bytes free on the filesystem "
+                       f"of {folder}. Free some space there (or point --out / KDBENCH_CACHE_DIR at a larger disk) and "
+                       "run the same command again; finished cells are kept")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
+    """Write to a temporary file in the same folder, then rename: readers see all or nothing. A full disk raises
+    ``StorageFull``."""
+    try:
+        _atomic_write_text(path, text)
+    except OSError as error:
+        raise storage_full(error, path, len(text.encode("utf-8"))) from None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
