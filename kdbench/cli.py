@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kdbench.cli_cache import cache_app
 from kdbench.errors import KdbenchError
 
 if TYPE_CHECKING:
@@ -479,7 +480,8 @@ def _reflowed(docstring: str) -> str:
     return "\n\n".join(" ".join(line.strip() for line in paragraph.splitlines()) for paragraph in paragraphs)
 
 
-for _command in app.registered_commands:
+app.add_typer(cache_app, name="cache")
+for _command in (*app.registered_commands, *cache_app.registered_commands):
     if _command.help is None and _command.callback is not None and _command.callback.__doc__:
         _command.help = _reflowed(_command.callback.__doc__)
 
