@@ -125,3 +125,108 @@ def test_cache_verify_refuses_a_missing_folder(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"the cache folder {tmp_path / 'no'} does not exist" in " ".join(result.stderr.split())
+
+
+# -- real runs ---------------------------------------------------------------------------------------
+
+EXPERIMENT = {
+    "name": "verified",
+    "protocol": "uniform",
+    "data": {"dataset": "tiny", "options": {"n_train": 120, "n_validation": 8, "n_test": 8, "list_towns": [3, 5]},
+             "max_length": 64, "max_prompt_length": 48},
+    "models": {"scale": "tiny", "families": ["gpt2"]},
+    "init": {"start": "base"},
+    "teacher": {"training": {"engine": "accelerate", "lr": 3.0e-3, "batch_size": 8, "max_steps": 2}},
+    "training": {"engine": "accelerate", "lr": 5.0e-3, "batch_size": 8, "max_steps": 3},
+    "selection": {"every": 3, "metric": "loss"},
+    "methods": {"sft": {}},
+    "evaluation": {"seeds": [10], "max_new_tokens": 8, "batch_size": 8},
+}
+
+
+def kdbench(root: Path, env: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kdbench", *arguments], capture_output=True, text=True, timeout=900,
+                          cwd=root, env={**env, "KDBENCH_CACHE_DIR": str(root / "cache"), "OMP_NUM_THREADS": "1"})
+
+
+def run_grid(root: Path, env: dict[str, str], out: str) -> subprocess.CompletedProcess[str]:
+    return kdbench(root, env, "run", "-e", str(root / "verified.yaml"), "--out", str(root / out))
+
+
+def cell_result(root: Path, out: str) -> dict[str, Any]:
+    return json.loads((root / out / "cells/gpt2/s1/sft/seed0/result.json").read_text())
+
+
+def stage_entry(root: Path, env: dict[str, str], cell: str, role: str) -> tuple[Path, str]:
+    """The cache entry of the stage that ``cell`` reads as ``role``, found from the dry run's graph, and its kind."""
+    plan = json.loads(kdbench(root, env, "run", "-e", str(root / "verified.yaml"), "--dry-run", "--format",
+                              "json").stdout)
+    stages = {stage["key"]: stage for stage in plan["stages"]}
+    key = next(stage for stage in plan["stages"] if stage["label"] == cell and stage["kind"] == "eval")["roles"][role]
+    return StageCache(root / "cache").entry(stages[key]["kind"], key), stages[key]["kind"]
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())  # rich wraps its lines at the terminal's width
+
+
+@pytest.mark.slow
+def test_a_damaged_cache_heals_and_scores_as_before(tmp_path: Path,
+                                                    subprocess_env: Callable[..., dict[str, str]]) -> None:
+    (tmp_path / "verified.yaml").write_text(yaml.safe_dump(EXPERIMENT, sort_keys=False))
+    env = subprocess_env()
+    first = run_grid(tmp_path, env, "out-a")
+    assert first.returncode == 0, first.stderr[-3000:]
+    untouched = cell_result(tmp_path, "out-a")["metrics"]
+    student, kind = stage_entry(tmp_path, env, "gpt2/s1/sft/seed0", "model")
+    assert kind == "train" and (student / "model.safetensors").is_file()
+    verified = kdbench(tmp_path, env, "cache", "verify")
+    entries = len(list(StageCache(tmp_path / "cache").entries()))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.startswith(f"{entries} cache entries in {tmp_path / 'cache'}: {entries} ok, 0 corrupt, 0 "
+                                      "without a manifest")
+
+    # A truncated model (a crashed copy, a full disk): moved aside, trained again, the same scores.
+    size = (student / "model.safetensors").stat().st_size
+    with (student / "model.safetensors").open("r+b") as handle:
+        handle.truncate(1000)
+    healed = run_grid(tmp_path, env, "out-b")
+    assert healed.returncode == 0, healed.stderr[-3000:]
+    said = one_line(healed.stderr)
+    assert (f"the cache entry {student} is corrupt (model.safetensors has 1000 bytes, {size} when it was published): "
+            f"moved aside to {tmp_path / 'cache' / '.corrupt' / 'train' / student.name}-") in said
+    assert cell_result(tmp_path, "out-b")["metrics"] == untouched
+
+    # A garbled tokenizer.json (same size: only its hash tells) and a garbled tokenised split.
+    tokenizer = (student / "tokenizer.json").read_bytes()
+    (student / "tokenizer.json").write_bytes(b"#" * 64 + tokenizer[64:])
+    tokenize = next(entry for entry in (tmp_path / "cache" / "tokenize").iterdir() if not entry.name.startswith("."))
+    (tokenize / "train.json").write_text("[{not json")
+    checked = kdbench(tmp_path, env, "cache", "verify")
+    assert checked.returncode == 1
+    assert (f"corrupt: {student}: tokenizer.json differs from the file published (sha256 mismatch, same size)"
+            in checked.stdout)
+    assert f"corrupt: {tokenize}: train.json has 10 bytes" in checked.stdout
+    healed = run_grid(tmp_path, env, "out-c")
+    assert healed.returncode == 0, healed.stderr[-3000:]
+    said = one_line(healed.stderr)
+    assert f"the cache entry {student} is corrupt (tokenizer.json differs from the file published" in said
+    assert f"the cache entry {tokenize} is corrupt (train.json has 10 bytes" in said
+    assert cell_result(tmp_path, "out-c")["metrics"] == untouched
+    assert kdbench(tmp_path, env, "cache", "verify").returncode == 0
+    assert len(list((tmp_path / "cache" / ".corrupt").glob("*/*"))) == 3  # kept for a person to look at
+
+    # An entry from before manifests cannot be checked: a file of it that fails to load names the entry and folder.
+    (student / MANIFEST).unlink()
+    (student / "inputs.json").write_text(json.dumps({"label": "gpt2/s1/sft/seed0"}))
+    with (student / "model.safetensors").open("r+b") as handle:
+        handle.truncate(1000)
+    failed = run_grid(tmp_path, env, "out-d")
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    reason = cell_result(tmp_path, "out-d")["failure"]["reason"]
+    assert reason.startswith(f"UnreadableEntry: the cache entry train/{student.name} (gpt2/s1/sft/seed0) at "
+                             f"{student} could not be read (the model: "), reason
+    shutil.rmtree(student)  # as the message advises
+    healed = run_grid(tmp_path, env, "out-d")
+    assert healed.returncode == 0, healed.stderr[-3000:]
+    assert cell_result(tmp_path, "out-d")["metrics"] == untouched
