@@ -263,6 +263,7 @@ def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], pl
     from kdbench.grid.cache import default_cache_dir
     from kdbench.grid.collect import collect
     from kdbench.grid.execute import build_stages
+    from kdbench.grid.manifest import MANIFEST
     from kdbench.grid.selection import resolve_selection
     from kdbench.preflight import check_writable
     from kdbench.registry import load_registries
@@ -284,7 +285,7 @@ def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], pl
     for target, key in chosen.items():
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(built[key], target)
+        shutil.copytree(built[key], target, ignore=shutil.ignore_patterns(MANIFEST))  # a model folder, not an entry
         stdout.print(f"{graph[key].label}: written to {target} (stage key {key})", highlight=False, markup=False)
 
 

@@ -47,7 +47,8 @@ def test_a_published_entry_lists_every_file_with_its_size_and_hash(tmp_path: Pat
 
 @pytest.mark.parametrize(("damage", "problem"), [
     (lambda e: (e / "model.safetensors").write_bytes(b"x" * 100), "model.safetensors has 100 bytes, 10240 when"),
-    (lambda e: (e / "sub" / "tokenizer.json").write_text('{"model": "bpX"}'), "sub/tokenizer.json differs"),
+    (lambda e: (e / "sub" / "tokenizer.json").write_text('{"model": "bpX"}'), "sub/tokenizer.json has the size it was"
+     " published with but another sha256"),
     (lambda e: (e / "model.safetensors").unlink(), "model.safetensors is missing"),
     (lambda e: (e / MANIFEST).unlink(), "manifest.json is missing"),
     (lambda e: (e / MANIFEST).write_text("{not json"), "manifest.json is unreadable (JSONDecodeError"),
@@ -186,8 +187,9 @@ def test_a_damaged_cache_heals_and_scores_as_before(tmp_path: Path,
     assert verified.stdout.startswith(f"{entries} cache entries in {tmp_path / 'cache'}: {entries} ok, 0 corrupt, 0 "
                                       "without a manifest")
 
-    # A truncated model (a crashed copy, a full disk): moved aside, trained again, the same scores.
+    # A truncated model (a crashed copy, a full disk): moved aside, trained again to the same weights and scores.
     size = (student / "model.safetensors").stat().st_size
+    weights = json.loads((student / MANIFEST).read_text())["files"]["model.safetensors"]["sha256"]
     with (student / "model.safetensors").open("r+b") as handle:
         handle.truncate(1000)
     healed = run_grid(tmp_path, env, "out-b")
@@ -196,6 +198,8 @@ def test_a_damaged_cache_heals_and_scores_as_before(tmp_path: Path,
     assert (f"the cache entry {student} is corrupt (model.safetensors has 1000 bytes, {size} when it was published): "
             f"moved aside to {tmp_path / 'cache' / '.corrupt' / 'train' / student.name}-") in said
     assert cell_result(tmp_path, "out-b")["metrics"] == untouched
+    assert json.loads((student / MANIFEST).read_text())["files"]["model.safetensors"]["sha256"] == weights
+    assert cell_result(tmp_path, "out-b")["validation"] == cell_result(tmp_path, "out-a")["validation"]
 
     # A garbled tokenizer.json (same size: only its hash tells) and a garbled tokenised split.
     tokenizer = (student / "tokenizer.json").read_bytes()
@@ -204,13 +208,12 @@ def test_a_damaged_cache_heals_and_scores_as_before(tmp_path: Path,
     (tokenize / "train.json").write_text("[{not json")
     checked = kdbench(tmp_path, env, "cache", "verify")
     assert checked.returncode == 1
-    assert (f"corrupt: {student}: tokenizer.json differs from the file published (sha256 mismatch, same size)"
-            in checked.stdout)
+    assert f"corrupt: {student}: tokenizer.json has the size it was published with but another sha256" in checked.stdout
     assert f"corrupt: {tokenize}: train.json has 10 bytes" in checked.stdout
     healed = run_grid(tmp_path, env, "out-c")
     assert healed.returncode == 0, healed.stderr[-3000:]
     said = one_line(healed.stderr)
-    assert f"the cache entry {student} is corrupt (tokenizer.json differs from the file published" in said
+    assert f"the cache entry {student} is corrupt (tokenizer.json has the size it was published with but" in said
     assert f"the cache entry {tokenize} is corrupt (train.json has 10 bytes" in said
     assert cell_result(tmp_path, "out-c")["metrics"] == untouched
     assert kdbench(tmp_path, env, "cache", "verify").returncode == 0
@@ -219,13 +222,20 @@ def test_a_damaged_cache_heals_and_scores_as_before(tmp_path: Path,
     # An entry from before manifests cannot be checked: a file of it that fails to load names the entry and folder.
     (student / MANIFEST).unlink()
     (student / "inputs.json").write_text(json.dumps({"label": "gpt2/s1/sft/seed0"}))
+    tokenizer = (student / "tokenizer.json").read_bytes()
+    (student / "tokenizer.json").write_bytes(b"#" * 64 + tokenizer[64:])
+    entry = f"UnreadableEntry: the cache entry train/{student.name} (gpt2/s1/sft/seed0) at {student} could not be read"
+    failed = run_grid(tmp_path, env, "out-d")  # once a run-wide stop (rc 2) advising to log in to the hub
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    reason = cell_result(tmp_path, "out-d")["failure"]["reason"]
+    assert reason.startswith(f"{entry} (the tokenizer: JSONDecodeError: ") and "log in" not in reason, reason
+    (student / "tokenizer.json").write_bytes(tokenizer)
     with (student / "model.safetensors").open("r+b") as handle:
         handle.truncate(1000)
     failed = run_grid(tmp_path, env, "out-d")
     assert failed.returncode == 1, failed.stderr[-3000:]
     reason = cell_result(tmp_path, "out-d")["failure"]["reason"]
-    assert reason.startswith(f"UnreadableEntry: the cache entry train/{student.name} (gpt2/s1/sft/seed0) at "
-                             f"{student} could not be read (the model: "), reason
+    assert reason.startswith(f"{entry} (the model: SafetensorError: "), reason
     shutil.rmtree(student)  # as the message advises
     healed = run_grid(tmp_path, env, "out-d")
     assert healed.returncode == 0, healed.stderr[-3000:]

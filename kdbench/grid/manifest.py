@@ -88,5 +88,5 @@ def check_entry(folder: Path) -> Verdict:
             return Verdict("corrupt", f"{name} has {size} bytes, {recorded['size']} when it was published")
     for name, recorded in files.items():
         if file_digest(folder / name) != recorded[HASH]:
-            return Verdict("corrupt", f"{name} differs from the file published ({HASH} mismatch, same size)")
+            return Verdict("corrupt", f"{name} has the size it was published with but another {HASH}")
     return Verdict("ok")
