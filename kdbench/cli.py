@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from kdbench.cli_cache import cache_app
 from kdbench.errors import KdbenchError
 
 if TYPE_CHECKING:
@@ -268,6 +269,7 @@ def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], pl
     from kdbench.grid.cache import default_cache_dir
     from kdbench.grid.collect import collect
     from kdbench.grid.execute import build_stages
+    from kdbench.grid.manifest import MANIFEST
     from kdbench.grid.selection import resolve_selection
     from kdbench.preflight import check_writable
     from kdbench.registry import load_registries
@@ -289,7 +291,7 @@ def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], pl
     for target, key in chosen.items():
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(built[key], target)
+        shutil.copytree(built[key], target, ignore=shutil.ignore_patterns(MANIFEST))  # a model folder, not an entry
         stdout.print(f"{graph[key].label}: written to {target} (stage key {key})", highlight=False, markup=False)
 
 
@@ -485,7 +487,8 @@ def _reflowed(docstring: str) -> str:
     return "\n\n".join(" ".join(line.strip() for line in paragraph.splitlines()) for paragraph in paragraphs)
 
 
-for _command in app.registered_commands:
+app.add_typer(cache_app, name="cache")
+for _command in (*app.registered_commands, *cache_app.registered_commands):
     if _command.help is None and _command.callback is not None and _command.callback.__doc__:
         _command.help = _reflowed(_command.callback.__doc__)
 

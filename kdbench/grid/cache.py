@@ -8,10 +8,10 @@ Many workers may share one cache: two ``kdbench run``s, cluster jobs, on one mac
 machines sharing a filesystem. What they get:
 
 - **Atomic publication.** An entry is built in a staging folder ``<root>/<kind>/.building-<key>-<host>-<pid>``
-  and renamed into place in one step, ``inputs.json`` written last before it: a reader sees a whole entry
-  or none, and a killed worker leaves at most its staging folder (removed by the next worker that builds
-  that key). A published entry is never replaced: if two workers publish one key anyway, the first entry
-  stays and the second is discarded.
+  and renamed into place in one step, ``inputs.json`` and ``manifest.json`` written last before it: a reader
+  sees a whole entry or none, and a killed worker leaves at most its staging folder (removed by the next worker
+  that builds that key). A published entry is never replaced unless it is found corrupt (below): if two workers
+  publish one key anyway, the first entry stays and the second is discarded.
 - **One builder per key.** A worker holds the lock ``<root>/.locks/<kind>/<key>.lock`` (``flock``) from its
   check for the entry until the entry is published. Another worker that needs the key waits, saying whom it
   waits for (the lock file names the holder's host and pid), then reuses the entry; if the holder stopped
@@ -40,6 +40,12 @@ and the main process's folder becomes the entry; the others are discarded. The o
 decision, and for the entry, at collective operations, so a launch waits for another worker's stage at most
 the launch's barrier timeout (``kdbench.distributed.BARRIER_TIMEOUT``).
 
+Every entry is checked before its first use in a run: ``manifest.json``, written at publication, holds the size and
+sha256 of each of its files (``kdbench.grid.manifest``). The main process checks an entry once per run (reading
+every byte: about a second per GB); an entry that no longer matches (a crashed copy, a full disk, a bad network
+write) is moved aside whole to ``<root>/.corrupt/<kind>/<key>-<time>/``, with a message naming both folders, and
+built again as if it had never been published. ``kdbench cache verify`` checks every entry of a cache.
+
 ``claim`` is the same protocol for anything one worker should do once: the executor claims a cell's
 evaluation with the cell's own lock (``kdbench.results.store.cell_lock``).
 """
@@ -50,14 +56,20 @@ import errno
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdbench import distributed
 from kdbench.errors import KdbenchError
+from kdbench.grid.manifest import MANIFEST, RECORD, Verdict, check_entry, write_manifest
 from kdbench.results.store import FileLock, host
+from kdbench.runtime import say
+
+CORRUPT = ".corrupt"  # where corrupt entries are moved, <root>/.corrupt/<kind>/<key>-<time>: kept for a person to look at
 
 
 def default_cache_dir() -> Path:
@@ -95,12 +107,15 @@ def claim(lock_path: Path, done: Callable[[], bool], what: str,
 
 
 def _published(entry: Path) -> bool:
-    return (entry / "inputs.json").is_file()
+    return (entry / RECORD).is_file()
 
 
 class StageCache:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # (folder, device, inode) → what checking it found: each entry is read whole once per run. The inode tells a
+        # folder that another worker has since moved aside and built again from the one checked.
+        self._verdicts: dict[tuple[str, int, int], Verdict] = {}
 
     def entry(self, kind: str, key: str) -> Path:
         """The folder a stage's entry is published in."""
@@ -114,15 +129,65 @@ class StageCache:
         # Outside <root>/<kind>/, whose every folder is an entry or a staging folder.
         return self.root / ".locks" / kind / f"{key}.lock"
 
+    def entries(self) -> Iterator[tuple[str, str]]:
+        """(kind, key) of every published entry, by kind and key."""
+        for kind_folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
+            if kind_folder.is_dir() and not kind_folder.name.startswith("."):
+                for folder in sorted(kind_folder.iterdir()):
+                    if not folder.name.startswith(".") and _published(folder):
+                        yield kind_folder.name, folder.name
+
+    def verdict(self, kind: str, key: str) -> Verdict:
+        """What checking the published entry against its manifest finds; checked once per run and folder."""
+        final = self.entry(kind, key)
+        status = final.stat()
+        identity = (str(final), status.st_dev, status.st_ino)
+        if identity not in self._verdicts:
+            self._verdicts[identity] = check_entry(final)
+        return self._verdicts[identity]
+
+    def _usable(self, kind: str, key: str) -> bool:
+        """Published and not corrupt (an entry without a manifest is used unchecked)."""
+        try:
+            return _published(self.entry(kind, key)) and self.verdict(kind, key).state != "corrupt"
+        except FileNotFoundError:  # moved aside by another worker between the two looks
+            return False
+
+    def set_aside(self, kind: str, key: str, problem: str) -> Path:
+        """Move a corrupt entry whole to ``<root>/.corrupt/<kind>/``, out of every reader's way; returns where."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.root / CORRUPT / kind / f"{key}-{stamp}"
+        if aside.exists():  # set aside twice in one second
+            aside = aside.with_name(f"{aside.name}-{host()}-{os.getpid()}")
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.entry(kind, key), aside)
+        (aside / "problem.txt").write_text(problem + "\n")
+        return aside
+
+    def _set_aside_if_corrupt(self, kind: str, key: str) -> None:
+        """Before building an entry: the corrupt one it replaces is moved aside, with a message."""
+        final = self.entry(kind, key)
+        if not _published(final):
+            return
+        verdict = self.verdict(kind, key)
+        if verdict.state == "corrupt":
+            try:
+                aside = self.set_aside(kind, key, verdict.problem)
+            except FileNotFoundError:
+                return  # another worker (on a filesystem without locks) moved it first
+            say(f"the cache entry {final} is corrupt ({verdict.problem}): moved aside to {aside}; building it again.")
+
     def get_or_build(self, kind: str, key: str, record: dict[str, Any], build: Callable[[Path], None],
                      collective: bool = False) -> tuple[Path, bool]:
         """The entry's folder and whether it was reused; ``build(folder)`` fills a new one and ``record`` is
         written beside it as ``inputs.json``. ``collective`` stages are built by every process (see the module
-        docstring); others by the main process only."""
+        docstring); others by the main process only. A corrupt entry is moved aside and built again."""
         final = self.entry(kind, key)
-        with claim(self.lock_path(kind, key), lambda: _published(final), f"the {kind} stage {key}",
+        with claim(self.lock_path(kind, key), lambda: self._usable(kind, key), f"the {kind} stage {key}",
                    on_claim=lambda: self._discard_leftovers(kind, key)) as make:
             if make:
+                if distributed.is_main():
+                    self._set_aside_if_corrupt(kind, key)  # under the key's lock where the filesystem has locks
                 if collective or distributed.is_main():
                     self._build(final, record, build)
                 distributed.barrier()  # every process sees the published entry before any moves on
@@ -141,7 +206,9 @@ class StageCache:
         try:
             build(staging)
             if distributed.is_main():
-                (staging / "inputs.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+                (staging / RECORD).write_text(json.dumps({**record, "manifest": MANIFEST}, indent=2, sort_keys=True,
+                                                         default=str))
+                write_manifest(staging)
                 self._publish(staging, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -168,3 +235,30 @@ class StageCache:
         the key's lock, and the processes of its own launch have not started yet."""
         for leftover in (self.root / kind).glob(f".building-{key}-*"):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class EntryCheck:
+    """One entry as ``kdbench cache verify`` found it."""
+
+    kind: str
+    key: str
+    folder: Path
+    verdict: Verdict
+    moved_to: Path | None = None  # where a corrupt entry went, when asked to move it aside
+
+
+def verify_cache(cache: StageCache, repair: bool = False) -> list[EntryCheck]:
+    """Every published entry of ``cache`` checked against its manifest; with ``repair`` the corrupt ones are moved
+    aside (``StageCache.set_aside``), so the next run builds them again."""
+    checks = []
+    for kind, key in cache.entries():
+        verdict = cache.verdict(kind, key)
+        moved_to = None
+        if repair and verdict.state == "corrupt":
+            try:
+                moved_to = cache.set_aside(kind, key, verdict.problem)
+            except FileNotFoundError:
+                continue  # a run found it corrupt first and moved it aside itself
+        checks.append(EntryCheck(kind, key, cache.entry(kind, key), verdict, moved_to))
+    return checks

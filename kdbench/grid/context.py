@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,11 +20,17 @@ from kdbench.grid.graph import StageGraph, StageKind
 from kdbench.registry import Registries
 from kdbench.results.store import host
 from kdbench.train.step import PRECISION_DTYPES
-from kdbench.zoo import count_parameters, load_model
+from kdbench.zoo import count_parameters, load_model, load_tokenizer
 
 FROZEN_ROLES = ("teacher", "model")  # parents a node runs without training them: loaded once, kept while needed
 # What a stage cost, for the cells built on it (``cell_cost``): its steps, examples, tokens and seconds.
 STATS_FILES = {StageKind.TRAIN: "train_stats.json", StageKind.TEACHER_OUTPUTS: "stats.json"}
+Loaded = TypeVar("Loaded")
+
+
+class UnreadableEntry(Exception):
+    """A cache entry that passed its check but whose file still fails to load: the failure names the entry and its
+    folder, not only the stage that read it. Not a ``KdbenchError``: the cells built on it fail, the grid goes on."""
 
 
 class SilentObservers:
@@ -62,11 +69,32 @@ class RunContext:
     def path(self, key: str) -> str:
         return self.outputs[key]
 
+    def read(self, key: str, what: str, load: Callable[[str], Loaded]) -> Loaded:
+        """``load(path)`` of node ``key``'s output. When that output is a cache entry and ``what`` (a file, or the
+        model) fails to load, the error names the entry, its folder and the file."""
+        path = self.path(key)
+        node = self.graph[key]
+        if node.kind is StageKind.CHECKPOINT:
+            return load(path)  # a checkpoint of the user's: its own loader's message says what to fix
+        try:
+            return load(path)
+        except Exception as error:  # noqa: BLE001  (any failure to parse the file: safetensors, json, tokenizers)
+            # load_tokenizer and load_model word theirs for a checkpoint (log in to the hub): the cause is what matters
+            cause = error.__context__ if isinstance(error, KdbenchError) and error.__context__ else error
+            detail = (str(cause).splitlines() or [""])[0][:300]
+            raise UnreadableEntry(
+                f"the cache entry {node.kind.value}/{key} ({node.label}) at {path} could not be read ({what}: "
+                f"{type(cause).__name__}: {detail}). Move that folder away or delete it, and run again to build it "
+                "anew.") from error
+
+    def tokenizer(self, key: str) -> Any:
+        return self.read(key, "the tokenizer", load_tokenizer)
+
     def frozen(self, key: str) -> torch.nn.Module:
         """The model node ``key`` produced, loaded once for running (teacher, evaluated model) in the training
         precision on this process's device, and kept until ``release``."""
         if key not in self._frozen:
-            self._frozen[key] = load_model(self.path(key), self.dtype, self.device)
+            self._frozen[key] = self.read(key, "the model", lambda path: load_model(path, self.dtype, self.device))
         return self._frozen[key]
 
     def release(self, key: str) -> None:
@@ -81,12 +109,16 @@ class RunContext:
     def train_records(self) -> list[Record]:
         return self.splits(self.experiment.data.dataset, self.experiment.data.options)["train"]
 
+    def read_json(self, key: str, name: str) -> Any:
+        """The JSON file ``name`` of node ``key``'s cache entry."""
+        return self.read(key, name, lambda path: json.loads((Path(path) / name).read_text()))
+
     def tokenized(self, key: str, split: str = "train") -> list[TokenizedExample]:
-        return [TokenizedExample(**e) for e in json.loads((Path(self.path(key)) / f"{split}.json").read_text())]
+        return [TokenizedExample(**e) for e in self.read_json(key, f"{split}.json")]
 
     def teacher_texts(self, key: str, tokenizer: Any) -> list[TokenizedExample]:
         """The stored teacher samples of ``key``, tokenised in the order of the tokenised training split."""
-        responses = json.loads((Path(self.path(key)) / "generations.json").read_text())
+        responses = self.read_json(key, "generations.json")
         records = [{**record, "response": response} for record, response in zip(self.train_records(), responses)]
         data = self.experiment.data
         # Prompts are the gold ones, so the same records survive the prompt-length filter: index i of

@@ -157,7 +157,7 @@ def run_stage(node: Node, context: RunContext) -> None:
     if node.kind is StageKind.TRAIN:
         discard_resume_checkpoint(context, node)
     if node.kind in STATS_FILES:
-        stats = json.loads((path / STATS_FILES[node.kind]).read_text())
+        stats = context.read_json(node.key, STATS_FILES[node.kind])
         context.train_stats[node.key] = {**stats, "this_run": 0.0 if cached else seconds}
 
 

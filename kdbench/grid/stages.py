@@ -58,8 +58,9 @@ from kdbench.results.schema import (
 from kdbench.train.engine import Diverged, Tracking, TrainingData, Validation, train, validation_loss
 from kdbench.train.generation import GREEDY, batch_progress, generate_responses
 from kdbench.train.guards import PROBE_SIZE, checked_teacher, probe_batch
+from kdbench.train.teacher_outputs import FILE as OUTPUTS_FILE
 from kdbench.train.teacher_outputs import TeacherOutputs, compute_teacher_outputs, tail_mass
-from kdbench.zoo import build_tiny_model, count_parameters, load_model, load_tokenizer, train_tokenizer
+from kdbench.zoo import build_tiny_model, count_parameters, load_model, train_tokenizer
 
 if TYPE_CHECKING:
     from kdbench.grid.specs import Cell, GenerateSpec, InitSpec, SelectSpec, TrainSpec
@@ -99,7 +100,7 @@ def corpus_text(context: RunContext, corpus: dict[str, Any]) -> list[str]:
 
 def build_init(node: Node, context: RunContext, folder: Path) -> None:
     spec: InitSpec = node.spec
-    tokenizer = load_tokenizer(context.path(node.deps["tokenizer"]))
+    tokenizer = context.tokenizer(node.deps["tokenizer"])
     build_tiny_model(spec.family, spec.arch, tokenizer, context.experiment.data.max_length, spec.seed, folder)
 
 
@@ -111,7 +112,7 @@ def build_tokenize(node: Node, context: RunContext, folder: Path) -> None:
     """An instruction set's training and validation splits (``data``), or a pretraining corpus (``corpus``: its
     chunks, the last ``validation_chunks`` held out as the validation split)."""
     data = context.experiment.data
-    tokenizer = load_tokenizer(context.path(node.deps["tokenizer"]))
+    tokenizer = context.tokenizer(node.deps["tokenizer"])
     if "corpus" in node.inputs:
         corpus = node.inputs["corpus"]
         chunks = tokenize_corpus(corpus_text(context, corpus), tokenizer, data.max_length, corpus["max_chunks"])
@@ -162,7 +163,7 @@ def build_generations(node: Node, context: RunContext, folder: Path) -> None:
     spec: GenerateSpec = node.spec
     settings = spec.settings
     teacher = context.frozen(node.deps["teacher"])
-    tokenizer = load_tokenizer(context.path(node.deps["teacher"]))
+    tokenizer = context.tokenizer(node.deps["teacher"])
     records = context.train_records()
     data = context.experiment.data  # samples of a uniform or broken teacher would train students on noise
     probe = probe_batch(*(tokenize_records(split, tokenizer, data.max_length, data.max_prompt_length) for split in
@@ -183,7 +184,7 @@ def build_teacher_outputs(node: Node, context: RunContext, folder: Path) -> None
     settings = context.experiment.teacher_outputs
     teacher_key = node.deps["teacher"]
     teacher = context.frozen(teacher_key)
-    tokenizer = load_tokenizer(context.path(teacher_key))
+    tokenizer = context.tokenizer(teacher_key)
     examples = context.tokenized(node.deps["data"])
     probe = checked_teacher(teacher, probe_batch(context.tokenized(node.deps["data"], "validation"), examples),
                             tokenizer.pad_token_id, context.graph[teacher_key].label, f"{node.label}: teacher_outputs")
@@ -210,18 +211,20 @@ def build_training(node: Node, context: RunContext, folder: Path) -> None:
     """Provide what the objective and its sources declared (teacher, stored generations or outputs), then train, continuing
     from the stage's resume checkpoint when a killed run left one."""
     spec: TrainSpec = node.spec
-    init = context.path(node.deps["init"])
-    tokenizer = load_tokenizer(init)
+    init = node.deps["init"]
+    tokenizer = context.tokenizer(init)
     texts = context.teacher_texts(node.deps["texts"], tokenizer) if "texts" in node.deps else None
     teacher = context.frozen(node.deps["teacher"]) if "teacher" in node.deps else None
     lm_text = context.tokenized(node.deps["data"], "lm") if spec.settings.lm_coef > 0 else None
-    outputs = TeacherOutputs.load(Path(context.path(node.deps["outputs"]))) if "outputs" in node.deps else None
+    outputs = (context.read(node.deps["outputs"], OUTPUTS_FILE, lambda path: TeacherOutputs.load(Path(path)))
+               if "outputs" in node.deps else None)
     data = TrainingData(context.tokenized(node.deps["data"]), tokenizer.pad_token_id, tokenizer.eos_token_id, texts,
                         context.experiment.teacher_generations.max_new_tokens, lm_text, outputs)
     probe = None if teacher is None else checked_teacher(  # a uniform or broken teacher fails the stage before step 1
         teacher, probe_batch(context.tokenized(node.deps["data"], "validation"), data.examples), tokenizer.pad_token_id,
         context.graph[node.deps["teacher"]].label, f"{node.label}: train")
-    _, stats = train(lambda: load_model(init), spec.objective, spec.params, data, spec.settings, spec.seed, teacher,
+    _, stats = train(lambda: context.read(init, "the model", load_model), spec.objective, spec.params, data,
+                     spec.settings, spec.seed, teacher,
                      sources=context.registries.sources, plan=spec.plan, observer=context.hook, stage=f"{node.label}: train",
                      tracking=tracking(context, node.label, spec.objective, spec.params, spec.settings),
                      save_to=folder, tokenizer=tokenizer, validation=validation(node, context, tokenizer),
@@ -279,7 +282,7 @@ def build_cell(node: Node, context: RunContext, folder: Path) -> None:
     evaluation = context.experiment.evaluation
     model_key = node.deps["model"]
     model_path = context.path(model_key)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = context.tokenizer(model_key)
     network = context.frozen(model_key)
     records = context.eval_records(tokenizer)
     scores = evaluate(network, tokenizer, records, context.metrics, cell.eval_seeds, evaluation.max_new_tokens,
