@@ -28,6 +28,10 @@ def folder_problem(path: Path, create: bool) -> str | None:
     """Why ``path`` cannot serve as a folder to write in, or None. With ``create`` the folder is made (parents
     too) and a probe file is written and removed in it: that also catches read-only mounts and full disks."""
     path = path.expanduser()
+    if path.is_symlink() and not path.exists():  # mkdir would say only "File exists"
+        target = os.readlink(path)
+        return (f"{path} is a symbolic link to {target}, which does not exist; create that folder "
+                f"(mkdir -p {path.parent / target}) or remove the link")
     if path.exists() and not path.is_dir():
         return f"{path} is a file"
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
