@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import shutil
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -348,8 +349,9 @@ def score_lm_eval(context: RunContext, model: Any, tokenizer: Any, heldout: list
     if distributed.is_main():
         # A folder of this process's own: workers scoring cells on one cache at once would otherwise rewrite the
         # task files (and clear the datasets cache) under each other's lm-eval. It is only scratch: the scores are
-        # kept in the cell's result.
-        work_dir = (context.cache.root / "lm_eval" / config_hash([format_prompt(r) for r in heldout])
+        # kept in the cell's result. A cache shared read-only holds no scratch: the system's temporary folder does.
+        scratch = context.cache.root if os.access(context.cache.root, os.W_OK) else Path(tempfile.gettempdir()) / "kdbench"
+        work_dir = (scratch / "lm_eval" / config_hash([format_prompt(r) for r in heldout])
                     / f"{store.host()}-{os.getpid()}")
         try:
             scores = lm_eval_scores(model, tokenizer, context.experiment.evaluation.lm_eval, heldout, work_dir)
