@@ -131,6 +131,7 @@ def build_tokenize(node: Node, context: RunContext, folder: Path) -> None:
         if not examples:
             raise KdbenchError(prompts_too_long(splits[split], tokenizer, source["dataset"], split,
                                                 data.max_prompt_length, data.max_length))
+        context.note_dropped(node.family, source["dataset"], source["options"], split, len(splits[split]), len(examples))
         write_examples(folder, split, examples)
     evaluated = context.splits(data.dataset, data.options)[context.experiment.evaluation.split]
     # Refused now rather than after every cell has trained.
@@ -251,7 +252,7 @@ def validation(node: Node, context: RunContext, tokenizer: Any) -> Validation:
         examples = context.tokenized(node.deps["data"], "validation")[: select.max_examples]
         return Validation(lambda model: validation_loss(model, examples, tokenizer.pad_token_id, batch_size),
                           select.every, higher_is_better=False, keep_best=select.keep_best)
-    records = context.eval_records(tokenizer, validation=True)[: select.max_examples]
+    records = context.eval_records(tokenizer, node.family, validation=True)[: select.max_examples]
     metric = context.registries.metrics.get(select.metric)
     seed = GREEDY if select.greedy else "0"
 
@@ -282,13 +283,13 @@ def build_cell(node: Node, context: RunContext, folder: Path) -> None:
     model_path = context.path(model_key)
     tokenizer = load_tokenizer(model_path)
     network = context.frozen(model_key)
-    records = context.eval_records(tokenizer)
+    records = context.eval_records(tokenizer, cell.family)
     scores = evaluate(network, tokenizer, records, context.metrics, cell.eval_seeds, evaluation.max_new_tokens,
                       evaluation.batch_size, context.hook, f"{cell.label}: eval")
     eval_examples = {"": len(records)}
     example_sets = {"": scores["examples"]}
     for label, extra in evaluation.datasets.items():  # extra sets: "<label>/<metric>" columns
-        extra_records = context.eval_records(tokenizer, extra)
+        extra_records = context.eval_records(tokenizer, cell.family, extra)
         extra_scores = evaluate(network, tokenizer, extra_records, context.metrics, cell.eval_seeds,
                                 evaluation.max_new_tokens, evaluation.batch_size, context.hook,
                                 f"{cell.label}: eval {label}")
