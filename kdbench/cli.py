@@ -1,7 +1,8 @@
 """The ``kdbench`` command: thin wrappers over library functions.
 
 A mistake the user can fix (``KdbenchError``) prints one paragraph and exits with code 2, never a
-traceback; results already written stay where they are.
+traceback; results already written stay where they are. SIGINT and SIGTERM stop any command cleanly
+(``kdbench.runtime.signals``): one line says how to go on, and the exit code is 130 or 143.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from rich.table import Table
 
 from kdbench.cli_cache import cache_app
 from kdbench.errors import KdbenchError
+from kdbench.runtime import say
+from kdbench.runtime.signals import Stopped, stopping_on_signals
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -500,7 +503,7 @@ def main() -> None:
     _take_local_rank_argument()
     quiet_libraries()
     try:
-        with environment(command_environment()):
+        with environment(command_environment()), stopping_on_signals():
             app(standalone_mode=True)
     except KdbenchError as error:
         stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
@@ -508,6 +511,8 @@ def main() -> None:
     except StorageFull as error:  # a write outside any stage (the leaderboard, a report file)
         stderr.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
         sys.exit(1)
-    except KeyboardInterrupt:
-        stderr.print("interrupted: finished cells are kept; run the same command again to resume the rest.")
-        sys.exit(130)
+    except Stopped as stop:
+        if os.environ.get("RANK", "0") == "0":  # a launch's processes all stop; its main process says so once
+            say(f"stopped by {stop.describe()}. What finished is kept (scored cells, cached stages, the interrupted "
+                "training stage's resume checkpoints): run the same command again to go on from there.")
+        sys.exit(stop.exit_code)

@@ -108,8 +108,16 @@ def read_jsonl(path: Path) -> list[Record]:
     if not path.is_file():
         raise KdbenchError(f"data file {path} does not exist; expected a JSONL file with one record per line.")
     records: list[Record] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes, decoded a line at a time: a decoding error then has its line number
+        for line_number, raw_line in enumerate(handle, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise KdbenchError(
+                    f"{path}:{line_number}: not UTF-8 (byte {raw_line[error.start]:#04x} at column {error.start + 1}); "
+                    f"expected UTF-8 text. Convert the file, e.g. iconv -f latin1 -t utf-8 {path} > utf8.jsonl (with its "
+                    "real encoding after -f)."
+                ) from None
             if not line.strip():
                 continue
             try:

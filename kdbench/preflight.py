@@ -1,10 +1,12 @@
 """Checks a run makes before it builds anything, so that a mistake costs seconds, not a training stage.
 
-What a schema cannot see and a run would otherwise meet hours in: a results or cache folder that cannot be
-written, a teacher or student path that is not a model folder, a hub checkpoint that is not available offline,
-model overrides for families or students the experiment does not have, a ``trust_remote_code`` entry that names
-no model of the run, and data splits with no record. Every problem is reported at once, as one ``KdbenchError``
-(exit code 2); nothing is written but the results and cache folders themselves (and a probe file, removed).
+What a schema cannot see and a run would otherwise meet hours in: a results folder that cannot be written, a
+cache folder that cannot be written although the run must build stages in it (a read-only cache that holds every
+stage the run needs is only read), a teacher or student path that is not a model folder, a hub checkpoint that is
+not available offline, model overrides for families or students the experiment does not have, a
+``trust_remote_code`` entry that names no model of the run, and data splits with no record. Every problem is
+reported at once, as one ``KdbenchError`` (exit code 2); nothing is written but the results and cache folders
+themselves (and a probe file, removed).
 """
 
 from __future__ import annotations
@@ -28,12 +30,18 @@ def folder_problem(path: Path, create: bool) -> str | None:
     """Why ``path`` cannot serve as a folder to write in, or None. With ``create`` the folder is made (parents
     too) and a probe file is written and removed in it: that also catches read-only mounts and full disks."""
     path = path.expanduser()
+    if path.is_symlink() and not path.exists():  # mkdir would say only "File exists"
+        target = os.readlink(path)
+        return (f"{path} is a symbolic link to {target}, which does not exist; create that folder "
+                f"(mkdir -p {path.parent / target}) or remove the link")
     if path.exists() and not path.is_dir():
         return f"{path} is a file"
     existing = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
     if not existing.is_dir():
         return f"{existing} is a file, so no folder can be made under it"
     if not os.access(existing, os.W_OK | os.X_OK):
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            return f"{existing} is on a read-only filesystem"
         return f"{existing} is not writable by this user"
     if create:
         try:
@@ -162,13 +170,25 @@ def check_before_run(experiment: Experiment, registries: Registries, graph: Stag
     """Every check above, reported together. A dry run loads nothing and creates nothing: it checks that the
     folders could be made and that local checkpoints exist."""
     errors = model_errors(experiment, registries) + checkpoint_errors(graph, loads=not dry_run)
-    for path, what, fix in ((out_dir, "--out", "Pass another --out."),
-                            (cache_dir, "the cache folder", "Pass another --cache-dir or set KDBENCH_CACHE_DIR.")):
-        if path is not None:
-            problem = folder_problem(path, create=not dry_run)
-            if problem is not None:
-                errors.append(f"{what} {path}: {problem}; expected a folder this user can write to (made if missing). "
-                              f"{fix}")
+    if out_dir is not None:
+        problem = folder_problem(out_dir, create=not dry_run)
+        if problem is not None:
+            errors.append(f"--out {out_dir}: {problem}; expected a folder this user can write to (made if missing). "
+                          "Pass another --out.")
+    if cache_dir is not None:
+        from kdbench.grid.execute import unbuilt_stages  # the executor's imports (torch) only where a run goes on
+
+        problem = folder_problem(cache_dir, create=not dry_run)
+        # A cache shared read-only (a team's, a published one) serves a run that builds nothing in it: reading a
+        # published entry takes no lock.
+        unbuilt = [] if problem is None else unbuilt_stages(graph, out_dir or Path("results") / experiment.name,
+                                                            cache_dir)
+        if unbuilt:
+            named = ", ".join(f"{node.label} ({node.kind.value})" for node in unbuilt[:3])
+            errors.append(f"the cache folder {cache_dir}: {problem}, and {len(unbuilt)} stage(s) this run needs are "
+                          f"not built there ({named}{', ...' if len(unbuilt) > 3 else ''}); expected a folder this user "
+                          "can write to (made if missing), or a cache that already holds every stage the run needs "
+                          "(then it is only read). Pass another --cache-dir or set KDBENCH_CACHE_DIR.")
     if not errors and not dry_run:  # data is loaded only when everything else is right
         errors += data_errors(experiment, registries)
     if errors:

@@ -197,6 +197,19 @@ def test_bad_options(args: list[str], fragments: tuple[str, ...], work: Path) ->
     expect_error(["run", "--dry-run", "-e", str(experiment), *args], *fragments)
 
 
+@pytest.mark.parametrize("option", ["--out", "--cache-dir"])
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry run", "run"])
+def test_a_symlink_to_a_missing_folder_names_the_link_and_its_target(option: str, dry_run: bool, work: Path) -> None:
+    """A link into scratch space that was wiped: not "File exists" from mkdir, but the link, where it points and
+    how to fix it; nothing is created at the target."""
+    (work / "results").symlink_to(work / "wiped-scratch" / "results")
+    experiment = write(work / "ok.yaml", BASE)
+    expect_error(["run", *(["--dry-run"] if dry_run else []), "-e", str(experiment), option, "results"],
+                 f"results is a symbolic link to {work / 'wiped-scratch' / 'results'}, which does not exist",
+                 f"mkdir -p {work / 'wiped-scratch' / 'results'}", "or remove the link")
+    assert not (work / "wiped-scratch").exists()
+
+
 def test_export_bases_needs_a_pretrain_block(work: Path) -> None:
     """Bases are what a pretrain block trains: an experiment without one has none to export, said before anything."""
     expect_error(["export-bases", "--out", "bases", "-e", str(write(work / "no-pretrain.yaml", BASE))],

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -408,3 +408,73 @@ def test_an_export_passes_over_a_stage_another_worker_is_making(
     _, err = export.communicate(timeout=600)
     assert export.returncode == 0, err[-4000:]
     assert all((tmp_path / "teachers" / family / "config.json").is_file() for family in ("gpt2", "opt"))
+
+
+# -- a cache shared read-only ----------------------------------------------------------------------------------
+
+READ_ONLY_EXPERIMENT = """
+name: read-only
+protocol: uniform
+data: {dataset: tiny, options: {n_train: 120, n_validation: 8, n_test: 8}, max_length: 64, max_prompt_length: 48}
+models: {scale: tiny, families: [gpt2]}
+init: {start: base}
+teacher: {training: {engine: accelerate, lr: 3.0e-3, batch_size: 8, max_steps: 2}}
+training: {engine: accelerate, lr: 5.0e-3, batch_size: 8, max_steps: 2}
+selection: {every: 2, metric: loss}
+methods: {sft: {}, kd: {}}
+evaluation: {seeds: [10], max_new_tokens: 8, batch_size: 8}
+"""
+# Runs its arguments with the folder "$0" mounted read-only, in a mount namespace of their own (gone when they
+# end): the kernel refuses every write there (EROFS), even root's, whom permission bits do not stop.
+READ_ONLY_MOUNT = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+
+
+def read_only_prefix(folder: Path) -> list[str]:
+    """A command prefix under which ``folder`` cannot be written: a read-only bind mount where this machine lets an
+    unprivileged user namespace mount; else, for a user other than root, the folder's write bits taken away."""
+    prefix = ["unshare", "--mount", "--map-root-user", "sh", "-c", READ_ONLY_MOUNT, str(folder)]
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=30)
+    except FileNotFoundError:  # no unshare
+        probe = None
+    if probe is not None and probe.returncode == 0:
+        return prefix
+    if os.geteuid() == 0:
+        pytest.skip("root writes to any folder whatever its mode, and this machine gives no mount namespace to "
+                    "mount the cache read-only in")
+    subprocess.run(["chmod", "-R", "a-w", str(folder)], check=True)
+    return []
+
+
+@pytest.mark.slow
+def test_a_read_only_cache_that_holds_every_stage_serves_a_run_and_one_that_lacks_a_stage_is_refused(
+        tmp_path: Path, subprocess_env: Callable[..., dict[str, str]]) -> None:
+    """A team's shared cache that nobody may write to: a run whose every stage is published there scores its cells
+    from it (reading an entry takes no lock) with the leaderboard a writable cache gives; a run that would have to
+    build a stage there stops before anything with the folder and the first stages to build named."""
+    (tmp_path / "read-only.yaml").write_text(READ_ONLY_EXPERIMENT)
+    cache = tmp_path / "cache"
+    env = {**subprocess_env(KDBENCH_CACHE_DIR=str(cache)), "OMP_NUM_THREADS": "1"}
+
+    def kdbench_run(out: str, *extra: str, prefix: Iterable[str] = ()) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "kdbench", "run", "-e", str(tmp_path / "read-only.yaml"), "--out",
+                   str(tmp_path / out), *extra]
+        return subprocess.run([*prefix, *command], env=env, capture_output=True, text=True, timeout=900)
+
+    built = kdbench_run("built", "--methods", "sft")
+    assert built.returncode == 0, built.stderr[-3000:]
+    before = sorted(str(path.relative_to(cache)) for path in cache.rglob("*"))
+    read_only = read_only_prefix(cache)
+    try:
+        reused = kdbench_run("reused", "--methods", "sft", prefix=read_only)
+        assert reused.returncode == 0, reused.stderr[-3000:]
+        assert leaderboard(tmp_path / "reused") == leaderboard(tmp_path / "built")
+        refused = kdbench_run("refused", prefix=read_only)  # kd: its training stage is not in the cache
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(cache)], check=True)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    message = " ".join(refused.stderr.split())  # as one line, whatever the console's width
+    assert f"the cache folder {cache}: {cache} is " in message
+    assert "1 stage(s) this run needs are not built there (gpt2/s1/kd/seed0 (train))" in message
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused" / "cells").exists()
+    assert sorted(str(path.relative_to(cache)) for path in cache.rglob("*")) == before  # nothing written to it

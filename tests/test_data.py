@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
+import string
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +122,22 @@ def test_read_jsonl_bad_json_and_bad_references(tmp_path: Path) -> None:
         read_jsonl(empty)
     with pytest.raises(KdbenchError, match="does not exist"):
         read_jsonl(tmp_path / "absent.jsonl")
+
+
+def test_read_jsonl_a_line_that_is_not_utf8_names_file_line_and_byte(tmp_path: Path) -> None:
+    """A record saved in Latin-1 among UTF-8 ones (non-ASCII UTF-8 and CRLF line ends read fine): its file, line,
+    byte and column, not a bare UnicodeDecodeError."""
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps({"instruction": "Dis bonjour", "response": "Salut, ça va ?"}, ensure_ascii=False).encode(),
+             b"",
+             json.dumps({"instruction": "Name a drink", "response": "caf\u00e9"}, ensure_ascii=False).encode("latin-1")]
+    path.write_bytes(b"\r\n".join(lines) + b"\r\n")
+    column = lines[2].index(b"\xe9") + 1
+    with pytest.raises(KdbenchError, match=re.escape(f"{path}:3: not UTF-8 (byte 0xe9 at column {column})")) as info:
+        read_jsonl(path)
+    assert "iconv" in str(info.value)
+    path.write_bytes(b"\r\n".join(lines[:2]) + b"\r\n")
+    assert read_jsonl(path)[0]["response"] == "Salut, ça va ?"
 
 
 def test_load_jsonl_splits_dir_and_paths(tmp_path: Path) -> None:
@@ -238,3 +259,51 @@ def test_options_dataclass_matches_dataset_plugin() -> None:
     assert [r["response"] for r in splits["train"]] == [r["response"] for r in raw["train"]]
     with pytest.raises(KdbenchError, match="seeed"):
         load_tiny({"seeed": 1})
+
+
+# -- prompts over data.max_prompt_length, in a real run ---------------------------------------------------------
+
+DROP_EXPERIMENT = """
+name: drop
+protocol: uniform
+data: {dataset: jsonl, options: {dir: data}, max_length: 64, max_prompt_length: 48}
+models: {scale: tiny, families: [gpt2]}
+init: {start: base}
+teacher: {training: {engine: accelerate, lr: 3.0e-3, batch_size: 8, max_steps: 2}}
+training: {engine: accelerate, lr: 5.0e-3, batch_size: 8, max_steps: 2}
+selection: {every: 2, metric: loss}
+methods: {sft: {}}
+evaluation: {seeds: [10], max_new_tokens: 8, batch_size: 8}
+"""
+
+
+def write_split(path: Path, n_records: int, n_long: int, rng: random.Random) -> None:
+    """``n_records`` short instructions, the first ``n_long`` of them replaced by 60 random words: at least 60
+    tokens whatever the tokenizer learnt from them, over the experiment's max_prompt_length of 48."""
+    short = ["Name a colour.", "Say hello.", "Count to three.", "Name a fruit.", "Name an animal."]
+    with path.open("w", encoding="utf-8") as handle:
+        for index in range(n_records):
+            words = (("".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8))) for _ in range(60)))
+            instruction = " ".join(words) if index < n_long else short[index % len(short)]
+            handle.write(json.dumps({"instruction": instruction, "response": f"answer {index % 5}"}) + "\n")
+
+
+@pytest.mark.slow
+def test_a_run_says_once_per_split_how_many_prompts_were_too_long(
+        tmp_path: Path, subprocess_env: Callable[..., dict[str, str]]) -> None:
+    """3 of 40 training and 1 of 8 validation prompts are too long, none of the test split's: one line each for the
+    first two, in the run's output (stderr), none for the third."""
+    (tmp_path / "data").mkdir()
+    rng = random.Random(0)
+    for split, n_records, n_long in (("train", 40, 3), ("validation", 8, 1), ("test", 8, 0)):
+        write_split(tmp_path / "data" / f"{split}.jsonl", n_records, n_long, rng)
+    (tmp_path / "drop.yaml").write_text(DROP_EXPERIMENT)
+    run = subprocess.run([sys.executable, "-m", "kdbench", "run", "-e", "drop.yaml", "--out", "out"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900,
+                         env={**subprocess_env(KDBENCH_CACHE_DIR=str(tmp_path / "cache")), "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    notes = [line for line in run.stderr.splitlines() if "longer than data.max_prompt_length" in line]
+    assert notes == [
+        f"kdbench: {dropped} of {total} {split} prompts of dataset 'jsonl' are longer than data.max_prompt_length=48 "
+        "tokens and are left out (dropped, not cut, as both papers do); raise data.max_prompt_length to keep them."
+        for dropped, total, split in ((3, 40, "train"), (1, 8, "validation"))]

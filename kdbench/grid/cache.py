@@ -18,6 +18,9 @@ machines sharing a filesystem. What they get:
   without publishing (its stage failed, or it was killed), the waiter builds the entry itself. The kernel
   drops a dead process's lock with its open files, so a killed worker's lock is taken over at once: no
   timeout to guess, no heartbeat to miss, no lock file to delete.
+- **Reading needs no write access.** A published entry is used without taking its lock (``claim`` asks ``done()``
+  first), so a cache shared read-only serves every run that builds nothing in it; ``kdbench.preflight`` refuses
+  a run that would have to build there before any stage starts.
 
 Which filesystem gives what (atomic publication holds on all of them; the lock only saves repeated work):
 

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from kdbench.errors import KdbenchError
 from kdbench.grid.cluster_options import LOG_FOLDER, ClusterOptions
 from kdbench.grid.cluster_watch import EndedJob, JobWatch, job_ids
+from kdbench.runtime.signals import Stopped
 
 if TYPE_CHECKING:
     import submitit
@@ -253,7 +254,7 @@ def run_on_cluster(graph: StageGraph, request: GridRequest, options: ClusterOpti
         for job in cell_jobs:  # Slurm cancels them too (kill-on-invalid-dep), where its version honours that
             job.cancel(check=False)
         return _shared_job_failed(graph, request, failed.ended, len(cells))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):  # the waiting stops; the jobs are the scheduler's
         running = [job.job_id for job in (shared_job, *cell_jobs) if job is not None]
         if running:
             unsent = "" if cell_jobs else " (the cells were not submitted yet)"

@@ -19,6 +19,7 @@ from kdbench.grid.cache import StageCache
 from kdbench.grid.graph import StageGraph, StageKind
 from kdbench.registry import Registries
 from kdbench.results.store import host
+from kdbench.runtime import say
 from kdbench.train.step import PRECISION_DTYPES
 from kdbench.zoo import count_parameters, load_model, load_tokenizer
 
@@ -64,6 +65,7 @@ class RunContext:
         self.train_stats: dict[str, dict[str, Any]] = {}
         self._frozen: dict[str, torch.nn.Module] = {}
         self._splits: dict[str, dict[str, list[Record]]] = {}
+        self._noted_drops: set[tuple[str | None, str, str, str]] = set()  # (family, dataset, options hash, split)
 
     # -- parents' outputs --------------------------------------------------------------------------
     def path(self, key: str) -> str:
@@ -106,6 +108,19 @@ class RunContext:
             self._splits[key] = self.registries.datasets.get(dataset).load(dict(options))
         return self._splits[key]
 
+    def note_dropped(self, family: str | None, dataset: str, options: dict[str, Any], split: str, total: int,
+                     kept: int) -> None:
+        """Say, once per run and family, how many prompts of a split ``data.max_prompt_length`` left out; nothing
+        when it left out none. (The count depends on the family's tokenizer.)"""
+        noted = (family, dataset, config_hash(options), split)
+        if kept == total or noted in self._noted_drops or not distributed.is_main():
+            return
+        self._noted_drops.add(noted)
+        limit = self.experiment.data.max_prompt_length
+        say(f"{family + ': ' if family else ''}{total - kept} of {total} {split} prompts of dataset {dataset!r} are "
+            f"longer than data.max_prompt_length={limit} tokens and are left out (dropped, not cut, as both papers "
+            "do); raise data.max_prompt_length to keep them.")
+
     def train_records(self) -> list[Record]:
         return self.splits(self.experiment.data.dataset, self.experiment.data.options)["train"]
 
@@ -136,27 +151,29 @@ class RunContext:
         except KdbenchError:
             return None
 
-    def eval_records(self, tokenizer: Any, extra: EvalDatasetConfig | None = None,
+    def eval_records(self, tokenizer: Any, family: str | None, extra: EvalDatasetConfig | None = None,
                      validation: bool = False) -> list[Record]:
         """The evaluation split (of the experiment's data, or of an extra evaluation set; the validation split of
         the experiment's data with ``validation``) without prompts over ``data.max_prompt_length`` tokens (as both
         papers drop them), without gold responses under the set's ``min_response_tokens``, cut to
-        ``max_examples`` (the validation split whole)."""
-        evaluation = self.experiment.evaluation
+        ``max_examples`` (the validation split whole). How many prompts were too long is said once per run
+        (``note_dropped``)."""
+        evaluation, data = self.experiment.evaluation, self.experiment.data
         if validation:
-            records = self.splits(self.experiment.data.dataset, self.experiment.data.options)["validation"]
+            dataset, options, split = data.dataset, data.options, "validation"
             min_response, max_examples = 0, None  # the stage's selection cuts it (kdbench.grid.stages.validation)
         elif extra is None:
-            records = self.splits(self.experiment.data.dataset, self.experiment.data.options)[evaluation.split]
+            dataset, options, split = data.dataset, data.options, evaluation.split
             min_response, max_examples = 0, evaluation.max_examples
         else:
-            records = self.splits(extra.dataset, extra.options)[extra.split]
+            dataset, options, split = extra.dataset, extra.options, extra.split
             min_response, max_examples = extra.min_response_tokens, extra.max_examples
+        records = self.splits(dataset, options)[split]
 
         def n_tokens(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-        limit = self.experiment.data.max_prompt_length
-        kept = [r for r in records if prompt_fits(r, tokenizer, limit)
-                and (min_response == 0 or n_tokens(r["response"]) >= min_response)]
+        fitting = [r for r in records if prompt_fits(r, tokenizer, data.max_prompt_length)]
+        self.note_dropped(family, dataset, options, split, len(records), len(fitting))
+        kept = [r for r in fitting if min_response == 0 or n_tokens(r["response"]) >= min_response]
         return kept[:max_examples] if max_examples else kept

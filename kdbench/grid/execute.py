@@ -25,7 +25,7 @@ from typing import Any
 from kdbench import distributed
 from kdbench.config import Experiment
 from kdbench.errors import KdbenchError
-from kdbench.grid.cache import claim
+from kdbench.grid.cache import StageCache, claim
 from kdbench.grid.context import FROZEN_ROLES, STATS_FILES, RunContext
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.stages import BUILDERS, discard_resume_checkpoint, failure_of, write_unscored_cell
@@ -67,6 +67,19 @@ def finished_cells(graph: StageGraph, out_dir: Path) -> dict[str, CellResult]:
         elif distributed.is_main() and (problem := cell_problem(folder)) is not None:
             say(f"{node.label}: running it again, since its results cannot be read: {problem}")
     return found
+
+
+def needed_stages(graph: StageGraph, wanted: list[Node], finished: Collection[str]) -> set[str]:
+    """The keys of every stage the cells of ``wanted`` not in ``finished`` are built from, themselves included."""
+    return {key for node in wanted if node.key not in finished for key in graph.lineage(node.key)}
+
+
+def unbuilt_stages(graph: StageGraph, out_dir: Path, cache_dir: Path) -> list[Node]:
+    """The stages a run of ``graph`` into ``out_dir`` would build in the cache (in run order): those its unfinished
+    cells need that are not published there. None means the run only reads the cache."""
+    needed, cache = needed_stages(graph, graph.cells(), finished_cells(graph, out_dir)), StageCache(cache_dir)
+    return [node for node in graph if node.key in needed and node.kind not in (StageKind.CHECKPOINT, StageKind.EVAL)
+            and not cache.has(node.kind.value, node.key)]
 
 
 def claim_cell(folder: Path, node: Node) -> AbstractContextManager[bool]:
@@ -190,7 +203,7 @@ def run_graph(graph: StageGraph, experiment: Experiment, registries: Registries,
     finished = finished_cells(graph, out_dir)
     wanted = graph.cells() if targets is None else [node for node in graph if node.key in targets]
     to_run = [node for node in wanted if node.key not in finished]
-    needed = {key for node in to_run for key in graph.lineage(node.key)}
+    needed = needed_stages(graph, wanted, finished)
     check_vocabularies(graph, needed)
     context.hook.kdbench_on_run_start(plan={
         "experiment": experiment.name, "out_dir": str(out_dir), "cells": [n.label for n in wanted if n.kind is StageKind.EVAL],

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import shutil
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -131,6 +132,7 @@ def build_tokenize(node: Node, context: RunContext, folder: Path) -> None:
         if not examples:
             raise KdbenchError(prompts_too_long(splits[split], tokenizer, source["dataset"], split,
                                                 data.max_prompt_length, data.max_length))
+        context.note_dropped(node.family, source["dataset"], source["options"], split, len(splits[split]), len(examples))
         write_examples(folder, split, examples)
     evaluated = context.splits(data.dataset, data.options)[context.experiment.evaluation.split]
     # Refused now rather than after every cell has trained.
@@ -253,7 +255,7 @@ def validation(node: Node, context: RunContext, tokenizer: Any) -> Validation:
         examples = context.tokenized(node.deps["data"], "validation")[: select.max_examples]
         return Validation(lambda model: validation_loss(model, examples, tokenizer.pad_token_id, batch_size),
                           select.every, higher_is_better=False, keep_best=select.keep_best)
-    records = context.eval_records(tokenizer, validation=True)[: select.max_examples]
+    records = context.eval_records(tokenizer, node.family, validation=True)[: select.max_examples]
     metric = context.registries.metrics.get(select.metric)
     seed = GREEDY if select.greedy else "0"
 
@@ -284,13 +286,13 @@ def build_cell(node: Node, context: RunContext, folder: Path) -> None:
     model_path = context.path(model_key)
     tokenizer = context.tokenizer(model_key)
     network = context.frozen(model_key)
-    records = context.eval_records(tokenizer)
+    records = context.eval_records(tokenizer, cell.family)
     scores = evaluate(network, tokenizer, records, context.metrics, cell.eval_seeds, evaluation.max_new_tokens,
                       evaluation.batch_size, context.hook, f"{cell.label}: eval")
     eval_examples = {"": len(records)}
     example_sets = {"": scores["examples"]}
     for label, extra in evaluation.datasets.items():  # extra sets: "<label>/<metric>" columns
-        extra_records = context.eval_records(tokenizer, extra)
+        extra_records = context.eval_records(tokenizer, cell.family, extra)
         extra_scores = evaluate(network, tokenizer, extra_records, context.metrics, cell.eval_seeds,
                                 evaluation.max_new_tokens, evaluation.batch_size, context.hook,
                                 f"{cell.label}: eval {label}")
@@ -351,8 +353,9 @@ def score_lm_eval(context: RunContext, model: Any, tokenizer: Any, heldout: list
     if distributed.is_main():
         # A folder of this process's own: workers scoring cells on one cache at once would otherwise rewrite the
         # task files (and clear the datasets cache) under each other's lm-eval. It is only scratch: the scores are
-        # kept in the cell's result.
-        work_dir = (context.cache.root / "lm_eval" / config_hash([format_prompt(r) for r in heldout])
+        # kept in the cell's result. A cache shared read-only holds no scratch: the system's temporary folder does.
+        scratch = context.cache.root if os.access(context.cache.root, os.W_OK) else Path(tempfile.gettempdir()) / "kdbench"
+        work_dir = (scratch / "lm_eval" / config_hash([format_prompt(r) for r in heldout])
                     / f"{store.host()}-{os.getpid()}")
         try:
             scores = lm_eval_scores(model, tokenizer, context.experiment.evaluation.lm_eval, heldout, work_dir)

@@ -1,5 +1,5 @@
-"""How a run stays audible: op build locks that cannot strand it (``extensions``) and a watchdog on every stage
-(``watchdog``)."""
+"""How a run stays audible: op build locks that cannot strand it (``extensions``), a watchdog on every stage
+(``watchdog``), and SIGINT and SIGTERM that stop it cleanly and say how to go on (``signals``)."""
 
 import sys
 
