@@ -454,8 +454,8 @@ def validate(
     plugins_dir: PluginsDir = None,
 ) -> None:
     """Check experiment files and report every error at once, one line per field."""
-    from kdbench.config import parse_experiment, read_experiment_yaml
-    from kdbench.grid.selection import semantic_errors
+    from kdbench.config import SchemaErrors, parse_experiment, read_experiment_yaml
+    from kdbench.grid.selection import method_errors, semantic_errors
     from kdbench.preflight import model_errors
     from kdbench.registry import load_registries
 
@@ -464,8 +464,11 @@ def validate(
     for path in files:
         try:
             raw, source = read_experiment_yaml(path)
-            parsed = parse_experiment(raw, source)
-            errors = semantic_errors(parsed, registries) + model_errors(parsed, registries)
+            try:
+                parsed = parse_experiment(raw, source)
+                errors = semantic_errors(parsed, registries) + model_errors(parsed, registries)
+            except SchemaErrors as schema:  # the methods block is checked on its own, so every error shows at once
+                errors = [line.strip() for line in schema.lines] + method_errors(raw.get("methods"), registries)
             if errors:
                 raise KdbenchError(f"{source} has {len(errors)} error(s):\n" + "\n".join(f"  {e}" for e in errors))
             stdout.print(f"[green]ok[/] {escape(str(path))}")

@@ -444,7 +444,15 @@ def _unknown_field(loc: tuple[int | str, ...]) -> str:
     return f"not a field of {where}; {hint}expected some of {fields}"
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
+class SchemaErrors(KdbenchError):
+    """An experiment file that does not fit the schema; ``lines`` has one problem per field."""
+
+    def __init__(self, source: str, lines: list[str]) -> None:
+        super().__init__(f"{source} has {len(lines)} error(s):\n" + "\n".join(lines))
+        self.lines = lines
+
+
+def _error_lines(error: ValidationError) -> list[str]:
     lines = []
     for item in error.errors():
         if not item["loc"]:  # a check across fields: its message names the fields itself, one per "; "
@@ -455,7 +463,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
         message = (_unknown_field(item["loc"]) if item["type"] == "extra_forbidden"
                    else item["msg"].removeprefix("Value error, "))
         lines.append(f"  {path}: {message}{given}")
-    return f"{source} has {len(lines)} error(s):\n" + "\n".join(lines)
+    return lines
 
 
 def parse_experiment(raw: Any, source: str) -> Experiment:
@@ -472,7 +480,7 @@ def parse_experiment(raw: Any, source: str) -> Experiment:
     try:
         return Experiment.model_validate(raw)
     except ValidationError as error:
-        raise KdbenchError(_format_errors(error, source)) from None
+        raise SchemaErrors(source, _error_lines(error)) from None
 
 
 def embedded_experiments() -> Path:

@@ -365,6 +365,18 @@ def test_cli_runner_validate_bad_raises_kdbench_error(tmp_path: Path) -> None:
         assert f"{path}:" in str(result.exception)
 
 
+def test_validate_lists_a_bad_method_parameter_beside_the_schemas_errors(tmp_path: Path) -> None:
+    """A method's parameters are checked from the raw block, so a file with schema errors elsewhere still shows them
+    (a temperature of 0 used to appear only once the rest was fixed)."""
+    bad = _write(tmp_path / "bad.yaml", {**MANY_MISTAKES, "methods": {"kd": {"temperature": 0}, "kdd": {}}})
+    result = CliRunner().invoke(app, ["validate", str(bad)])
+    message = str(result.exception)
+    assert isinstance(result.exception, KdbenchError) and f"{len(MISTAKE_PATHS) + 2} error(s)" in message, message
+    for path in (*MISTAKE_PATHS, "methods.kdd"):
+        assert f"{path}:" in message, (path, message)
+    assert "methods.kd.temperature must be > 0, got 0.0" in message
+
+
 @pytest.mark.slow
 def test_validate_subprocess_exit_codes(tmp_path: Path, subprocess_env: Callable[..., dict[str, str]]) -> None:
     """The installed command: bad file → exit 2, paths on stderr, no traceback; tiny.yaml → exit 0."""

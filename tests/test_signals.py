@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,19 @@ import yaml
 from kdbench.runtime.signals import Stopped, stopping_on_signals
 
 
+@pytest.fixture
+def heard() -> Iterator[None]:
+    """Both signals at Python's defaults, as in a terminal: a background job of a non-interactive shell (`pytest &`
+    in a script) starts with SIGINT ignored, which stopping_on_signals rightly leaves alone."""
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for number, handler in previous.items():
+        signal.signal(number, handler)
+
+
+@pytest.mark.usefixtures("heard")
 def test_a_stop_signal_raises_stopped_with_the_shells_exit_code_and_the_handlers_come_back() -> None:
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     for number, exit_code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
@@ -29,6 +42,7 @@ def test_a_stop_signal_raises_stopped_with_the_shells_exit_code_and_the_handlers
     assert {number: signal.getsignal(number) for number in before} == before
 
 
+@pytest.mark.usefixtures("heard")
 def test_a_second_signal_does_not_cut_the_first_ones_cleanup_short() -> None:
     cleaned: list[bool] = []
     with pytest.raises(Stopped) as stopped, stopping_on_signals():

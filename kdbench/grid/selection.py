@@ -80,18 +80,26 @@ def semantic_errors(experiment: Experiment, registries: Registries) -> list[str]
     if chosen_on != "loss" and chosen_on not in experiment.evaluation.metrics:
         errors.append(f"selection.metric: {chosen_on!r} is not one of evaluation.metrics {experiment.evaluation.metrics}; "
                       "pick one of them, or 'loss' (validation cross-entropy)")
-    for method, values in experiment.methods.items():
+    errors += method_errors(experiment.methods, registries)
+    errors += control_errors(experiment, registries)
+    return errors
+
+
+def method_errors(methods: Any, registries: Registries) -> list[str]:
+    """Unknown objectives and bad parameters in an experiment's ``methods`` block; checked from the raw block too, so
+    ``kdbench validate`` lists them beside the schema's errors of the rest of the file."""
+    errors: list[str] = []
+    for method, values in (methods.items() if isinstance(methods, dict) else ()):
         if method not in registries.objectives:
             errors.append(f"methods.{method}: {registries.objectives.unknown_message(method)}")
             continue
         objective = registries.objectives.get(method)
         params = None
         try:
-            params = objective.make_params(values or {}, where=f"methods.{method}.")
+            params = objective.make_params(values if isinstance(values, dict) else {}, where=f"methods.{method}.")
         except KdbenchError as error:
             errors.append(str(error))
         errors += source_errors(objective, registries, params)
-    errors += control_errors(experiment, registries)
     return errors
 
 
