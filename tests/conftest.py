@@ -5,6 +5,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,6 +40,32 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     private = session.config.stash.get(PRIVATE_EXTENSIONS, None)
     if private is not None:
         shutil.rmtree(private, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def small_experiment() -> Callable[..., dict[str, Any]]:
+    """``small_experiment(name, methods, engine="accelerate", **blocks)``: the smallest real grid as an experiment
+    mapping (GPT-2 family, 120 training records, a two-step teacher, three student steps, one evaluation seed) that
+    the tests of whole runs share; ``blocks`` add top-level blocks (``runtime``, ...)."""
+
+    def make(name: str, methods: dict[str, dict[str, Any]], engine: str = "accelerate",
+             **blocks: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "protocol": "uniform",
+            "data": {"dataset": "tiny", "options": {"n_train": 120, "n_validation": 8, "n_test": 8,
+                                                    "list_towns": [3, 5]}, "max_length": 64, "max_prompt_length": 48},
+            "models": {"scale": "tiny", "families": ["gpt2"]},
+            "init": {"start": "base"},
+            "teacher": {"training": {"engine": engine, "lr": 3.0e-3, "batch_size": 8, "max_steps": 2}},
+            "training": {"engine": engine, "lr": 5.0e-3, "batch_size": 8, "max_steps": 3},
+            "selection": {"every": 3, "metric": "loss"},
+            "methods": methods,
+            "evaluation": {"seeds": [10], "max_new_tokens": 8, "batch_size": 8},
+            **blocks,
+        }
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -130,21 +130,6 @@ def test_cache_verify_refuses_a_missing_folder(tmp_path: Path) -> None:
 
 # -- real runs ---------------------------------------------------------------------------------------
 
-EXPERIMENT = {
-    "name": "verified",
-    "protocol": "uniform",
-    "data": {"dataset": "tiny", "options": {"n_train": 120, "n_validation": 8, "n_test": 8, "list_towns": [3, 5]},
-             "max_length": 64, "max_prompt_length": 48},
-    "models": {"scale": "tiny", "families": ["gpt2"]},
-    "init": {"start": "base"},
-    "teacher": {"training": {"engine": "accelerate", "lr": 3.0e-3, "batch_size": 8, "max_steps": 2}},
-    "training": {"engine": "accelerate", "lr": 5.0e-3, "batch_size": 8, "max_steps": 3},
-    "selection": {"every": 3, "metric": "loss"},
-    "methods": {"sft": {}},
-    "evaluation": {"seeds": [10], "max_new_tokens": 8, "batch_size": 8},
-}
-
-
 def kdbench(root: Path, env: dict[str, str], *arguments: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kdbench", *arguments], capture_output=True, text=True, timeout=900,
                           cwd=root, env={**env, "KDBENCH_CACHE_DIR": str(root / "cache"), "OMP_NUM_THREADS": "1"})
@@ -172,9 +157,9 @@ def one_line(text: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_damaged_cache_heals_and_scores_as_before(tmp_path: Path,
-                                                    subprocess_env: Callable[..., dict[str, str]]) -> None:
-    (tmp_path / "verified.yaml").write_text(yaml.safe_dump(EXPERIMENT, sort_keys=False))
+def test_a_damaged_cache_heals_and_scores_as_before(tmp_path: Path, subprocess_env: Callable[..., dict[str, str]],
+                                                    small_experiment: Callable[..., dict]) -> None:
+    (tmp_path / "verified.yaml").write_text(yaml.safe_dump(small_experiment("verified", {"sft": {}}), sort_keys=False))
     env = subprocess_env()
     first = run_grid(tmp_path, env, "out-a")
     assert first.returncode == 0, first.stderr[-3000:]

@@ -184,23 +184,6 @@ def kdbench_register_objectives():
 '''
 
 
-def experiment(engine: str, methods: dict, runtime: dict | None = None) -> dict:
-    return {
-        "name": "runtime",
-        "protocol": "uniform",
-        "data": {"dataset": "tiny", "options": {"n_train": 120, "n_validation": 8, "n_test": 8, "list_towns": [3, 5]},
-                 "max_length": 64, "max_prompt_length": 48},
-        "models": {"scale": "tiny", "families": ["gpt2"]},
-        "init": {"start": "base"},
-        "teacher": {"training": {"engine": engine, "lr": 3.0e-3, "batch_size": 8, "max_steps": 2}},
-        "training": {"engine": engine, "lr": 5.0e-3, "batch_size": 8, "max_steps": 3},
-        "selection": {"every": 3, "metric": "loss"},
-        "methods": methods,
-        "evaluation": {"seeds": [10], "max_new_tokens": 8, "batch_size": 8},
-        **({"runtime": runtime} if runtime else {}),
-    }
-
-
 def write_run(tmp_path: Path, config: dict) -> Path:
     (tmp_path / "plugins").mkdir(exist_ok=True)
     (tmp_path / "plugins" / "stall.py").write_text(PLUGIN)
@@ -229,7 +212,7 @@ def result(tmp_path: Path, method: str) -> dict:
 
 @pytest.mark.slow
 def test_a_run_removes_a_stale_lock_beside_a_built_op_and_waits_for_a_held_one(
-        tmp_path: Path, subprocess_env: Callable[..., dict[str, str]],
+        tmp_path: Path, subprocess_env: Callable[..., dict[str, str]], small_experiment: Callable[..., dict],
         holder: Callable[[Path], tuple[subprocess.Popen[bytes], Path]]) -> None:
     built = sorted(extensions_root().glob("*/*.so"))  # this test run's private folder (conftest), op built
     assert built, f"no built op under {extensions_root()}"
@@ -240,7 +223,7 @@ def test_a_run_removes_a_stale_lock_beside_a_built_op_and_waits_for_a_held_one(
     (extensions / "other_op").mkdir()
     held = extensions / "other_op" / "lock"
     process, release = holder(held)
-    write_run(tmp_path, experiment("deepspeed", {"sft": {}}))
+    write_run(tmp_path, small_experiment("runtime", {"sft": {}}, "deepspeed"))
     stderr = tmp_path / "stderr.txt"
     with stderr.open("w") as sink:
         run = subprocess.Popen(kdbench_command(tmp_path), stdout=subprocess.DEVNULL, stderr=sink, cwd=tmp_path,
@@ -264,8 +247,9 @@ def test_a_run_removes_a_stale_lock_beside_a_built_op_and_waits_for_a_held_one(
 
 @pytest.mark.slow
 def test_a_stage_that_stops_making_progress_is_reported_and_failed(
-        tmp_path: Path, subprocess_env: Callable[..., dict[str, str]]) -> None:
-    write_run(tmp_path, experiment("accelerate", {"stall": {}, "sft": {}}, {"stall_seconds": 20, "on_stall": "fail"}))
+        tmp_path: Path, subprocess_env: Callable[..., dict[str, str]], small_experiment: Callable[..., dict]) -> None:
+    write_run(tmp_path, small_experiment("runtime", {"stall": {}, "sft": {}},
+                                         runtime={"stall_seconds": 20, "on_stall": "fail"}))
     started = time.monotonic()
     run = kdbench_run(tmp_path, subprocess_env(KDBENCH_TEST_STALL="600"))
     assert time.monotonic() - started < 300
@@ -287,8 +271,9 @@ def _free_port() -> str:
 
 @pytest.mark.slow
 def test_a_rank_that_raises_mid_step_ends_both_processes_within_the_collective_timeout(
-        tmp_path: Path, subprocess_env: Callable[..., dict[str, str]]) -> None:
-    write_run(tmp_path, experiment("deepspeed", {"stall": {}, "sft": {}}, {"collective_timeout_seconds": 20}))
+        tmp_path: Path, subprocess_env: Callable[..., dict[str, str]], small_experiment: Callable[..., dict]) -> None:
+    write_run(tmp_path, small_experiment("runtime", {"stall": {}, "sft": {}}, "deepspeed",
+                                         runtime={"collective_timeout_seconds": 20}))
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                 _free_port(), "-m", "kdbench"]

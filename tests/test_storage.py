@@ -61,26 +61,12 @@ def test_a_write_to_a_full_disk_names_the_folder_its_free_space_and_the_write(
     assert (disk / "small.txt").read_text() == "fits"
 
 
-EXPERIMENT = {
-    "name": "full",
-    "protocol": "uniform",
-    "data": {"dataset": "tiny", "options": {"n_train": 120, "n_validation": 8, "n_test": 8, "list_towns": [3, 5]},
-             "max_length": 64, "max_prompt_length": 48},
-    "models": {"scale": "tiny", "families": ["gpt2"]},
-    "init": {"start": "base"},
-    "teacher": {"training": {"engine": "accelerate", "lr": 3.0e-3, "batch_size": 8, "max_steps": 2}},
-    "training": {"engine": "accelerate", "lr": 5.0e-3, "batch_size": 8, "max_steps": 2},
-    "selection": {"every": 2, "metric": "loss"},
-    "methods": {"sft": {}, "kd": {}},
-    "evaluation": {"seeds": [10], "max_new_tokens": 8, "batch_size": 8},
-}
-
-
 @pytest.mark.slow
 def test_a_run_whose_results_folder_is_full_goes_on_says_why_and_finishes_once_there_is_space(
-        tmp_path: Path, small_disk: Callable[[str], Path], subprocess_env: Callable[..., dict[str, str]]) -> None:
+        tmp_path: Path, small_disk: Callable[[str], Path], subprocess_env: Callable[..., dict[str, str]],
+        small_experiment: Callable[..., dict]) -> None:
     out = small_disk("8k")  # two pages: not even one cell's files fit
-    (tmp_path / "full.yaml").write_text(yaml.safe_dump(EXPERIMENT, sort_keys=False))
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump(small_experiment("full", {"sft": {}, "kd": {}}), sort_keys=False))
     command = [sys.executable, "-m", "kdbench", "run", "-e", str(tmp_path / "full.yaml"), "--out", str(out)]
     env = subprocess_env(KDBENCH_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     full = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
