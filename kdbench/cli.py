@@ -278,7 +278,7 @@ def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], pl
     model folder to its path under ``out``: how the tiny suite's shipped teachers and SFT inits are made."""
     import shutil
 
-    from kdbench.config import load_experiment
+    from kdbench.config import DEFAULT_EXPERIMENT, embedded_experiments, load_experiment
     from kdbench.grid.cache import default_cache_dir
     from kdbench.grid.collect import collect
     from kdbench.grid.execute import build_stages
@@ -288,6 +288,9 @@ def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], pl
     from kdbench.registry import load_registries
 
     config = _with_students(load_experiment(experiment), students)
+    # which file: an installed kdbench's embedded default is not the tiny.yaml of the checkout one stands in
+    source = experiment or f"the embedded default {embedded_experiments() / DEFAULT_EXPERIMENT}"
+    stderr.print(f"export-{what}: experiment {escape(str(source))}", highlight=False)
     if config.models.scale != "tiny":
         raise KdbenchError(f"export-{what} trains tiny models; experiment {config.name!r} has models.scale "
                            f"{config.models.scale!r}. Give a tiny-scale experiment (such as the default).")
