@@ -84,6 +84,11 @@ def _report(run_dir: Path, title: str | None = None) -> Report:
                      "the run has finished.", highlight=False)
     for cell, why in built.folder.invalid:
         stderr.print(f"[yellow]note:[/] cell {escape(cell)} is left out: {escape(why)}", highlight=False)
+    waiting = built.folder.unfinished
+    if waiting:
+        shown = ", ".join(waiting[:5]) + (f" and {len(waiting) - 5} more" if len(waiting) > 5 else "")
+        stderr.print(f"[yellow]note:[/] {len(waiting)} cell{'s' * (len(waiting) != 1)} of the grid have no result yet "
+                     f"(training, queued, or stopped before finishing): {escape(shown)}.", highlight=False)
     return built
 
 
@@ -218,6 +223,11 @@ def run(
             print_plan(plan, stdout)
         return
     out_dir = out or Path("results") / config.name
+    if distributed.is_main():  # before any cell: a report taken meanwhile counts those without a result
+        from kdbench.results.store import record_grid
+
+        record_grid(out_dir, [f"{c.spec.family}/{c.spec.student}/{c.spec.method}/seed{c.spec.seed}"
+                              for c in graph.cells()])
     lost: list[str] = []  # cluster cells whose job ended without a result (it printed why)
     if cluster is not None:
         from kdbench.grid.cluster import GridRequest, run_on_cluster
@@ -268,7 +278,7 @@ def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], pl
     model folder to its path under ``out``: how the tiny suite's shipped teachers and SFT inits are made."""
     import shutil
 
-    from kdbench.config import load_experiment
+    from kdbench.config import DEFAULT_EXPERIMENT, embedded_experiments, load_experiment
     from kdbench.grid.cache import default_cache_dir
     from kdbench.grid.collect import collect
     from kdbench.grid.execute import build_stages
@@ -278,6 +288,9 @@ def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], pl
     from kdbench.registry import load_registries
 
     config = _with_students(load_experiment(experiment), students)
+    # which file: an installed kdbench's embedded default is not the tiny.yaml of the checkout one stands in
+    source = experiment or f"the embedded default {embedded_experiments() / DEFAULT_EXPERIMENT}"
+    stderr.print(f"export-{what}: experiment {escape(str(source))}", highlight=False)
     if config.models.scale != "tiny":
         raise KdbenchError(f"export-{what} trains tiny models; experiment {config.name!r} has models.scale "
                            f"{config.models.scale!r}. Give a tiny-scale experiment (such as the default).")

@@ -174,6 +174,8 @@ def test_a_cell_whose_files_a_report_cannot_read_is_run_again_to_the_same_number
     """One rule for "finished": a result of another schema, or a scored cell without its per-example scores, is
     what the report leaves out, so the run scores it again (from the cached stages, to the same numbers)."""
     before = {cell: result(root, "out", cell) for cell in ("gpt2/s1/sft/seed0", "gpt2/teacher/teacher/seed0")}
+    grid = json.loads((root / "out" / "grid.json").read_text())["cells"]  # recorded as the first run started
+    assert {"gpt2/s1/sft/seed0", "gpt2/s1/boom/seed0", "gpt2/teacher/teacher/seed0"} <= set(grid)
     (root / "out/cells/gpt2/s1/sft/seed0/examples.json").unlink()
     teacher = root / "out/cells/gpt2/teacher/teacher/seed0/result.json"
     teacher.write_text(json.dumps({**before["gpt2/teacher/teacher/seed0"], "schema_version": 1}))

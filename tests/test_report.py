@@ -442,6 +442,20 @@ def test_a_scored_cell_without_its_per_example_scores_is_left_out(run_dir: Path)
     assert "2 examples but lists of [1] entries" in _left_out(run_dir, "gpt2/s1/sft/seed0")
 
 
+def test_a_report_during_a_run_counts_the_grids_cells_without_a_result(run_dir: Path) -> None:
+    """The cells a run set out to make (recorded as it starts) that have no result yet are counted, apart from the
+    cells a worker is evaluating and those whose files cannot be read."""
+    assert load_folder(run_dir).unfinished == ()  # a folder from before grid.json: nothing to compare with
+    have = [f"{r['family']}/{r['student']}/{r['method']}/seed{r['train_seed']}" for r in load_results(run_dir)]
+    store.record_grid(run_dir, [*have, "gpt2/s1/rkl/seed0", "gpt2/s1/rkl/seed1"])
+    store.record_grid(run_dir, ["opt/s1/rkl/seed0"])  # a second run on the folder adds its cells
+    assert load_folder(run_dir).unfinished == ("gpt2/s1/rkl/seed0", "gpt2/s1/rkl/seed1", "opt/s1/rkl/seed0")
+    (run_dir / "cells/gpt2/s1/rkl/seed1").mkdir(parents=True)
+    (run_dir / "cells/gpt2/s1/rkl/seed1/result.json").write_text("{")  # written, but unreadable: listed as such
+    folder = load_folder(run_dir)
+    assert folder.unfinished == ("gpt2/s1/rkl/seed0", "opt/s1/rkl/seed0") and len(folder.invalid) == 1
+
+
 def test_a_folder_of_unreadable_cells_only_is_an_error_that_names_one(tmp_path: Path) -> None:
     broken = tmp_path / "cells" / "gpt2" / "s1" / "kd" / "seed0" / "result.json"
     broken.parent.mkdir(parents=True)

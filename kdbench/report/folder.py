@@ -11,7 +11,9 @@ it.
 A report may be read while runs write the folder: it reads finished cells only. A cell without ``result.json``
 has not finished (every file is written atomically, ``result.json`` last); a cell a worker is evaluating now (it
 holds the cell's lock, ``kdbench.results.store.cell_lock``) is left out even if an earlier ``result.json`` is
-there, since its other files are being replaced, and is listed in ``ResultsFolder.in_progress``.
+there, since its other files are being replaced, and is listed in ``ResultsFolder.in_progress``. The cells of the
+grid a run set out to make (``grid.json``, written as it starts) that have no result yet are counted in
+``ResultsFolder.unfinished``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 from kdbench.errors import KdbenchError
 from kdbench.results.cells import CellFiles, read_cell, read_json
 from kdbench.results.schema import CellExamples
-from kdbench.results.store import cell_dir, cell_locks, lock_is_held
+from kdbench.results.store import cell_dir, cell_locks, grid_cells, lock_is_held
 
 _RESULT_GLOB = "cells/**/result.json"
 CellId = tuple[str, str, str, int]  # family, student, method, training seed
@@ -43,6 +45,7 @@ class ResultsFolder:
     configs: dict[CellId, dict[str, Any]]  # each cell's resolved settings (only published numbers read them)
     in_progress: tuple[str, ...] = ()  # cells a worker is evaluating now, as paths under cells/: not read
     invalid: tuple[tuple[str, str], ...] = ()  # (cell path under cells/, why) of cells whose files cannot be read
+    unfinished: tuple[str, ...] = ()  # cells of the recorded grid with no result yet (training, queued or stopped)
 
     def cell_path(self, result: dict[str, Any]) -> Path:
         return cell_dir(self.path, *cell_id(result))
@@ -75,8 +78,11 @@ def load_folder(run_dir: Path) -> ResultsFolder:
     results = [dict(cell.result) for cell in cells]
     examples = {cell_id(r): cell.examples for r, cell in zip(results, cells) if cell.examples is not None}
     configs = {cell_id(r): cell.config for r, cell in zip(results, cells) if cell.config is not None}
-    return ResultsFolder(run_dir, results, examples, configs,
-                         tuple(p.relative_to(run_dir / "cells").as_posix() for p in busy), tuple(invalid))
+    in_progress = tuple(p.relative_to(run_dir / "cells").as_posix() for p in busy)
+    have = {f"{family}/{student}/{method}/seed{seed}" for family, student, method, seed in map(cell_id, results)}
+    unfinished = tuple(cell for cell in grid_cells(run_dir)
+                       if cell not in have and cell not in in_progress and cell not in dict(invalid))
+    return ResultsFolder(run_dir, results, examples, configs, in_progress, tuple(invalid), unfinished)
 
 
 def load_results(run_dir: Path) -> list[dict[str, Any]]:

@@ -114,6 +114,27 @@ def cell_lock(directory: Path) -> Path:
     return out / _LOCKS / directory.relative_to(out).with_suffix(".lock")
 
 
+GRID_FILE = "grid.json"  # every cell the runs on this results folder set out to make (paths under cells/)
+
+
+def record_grid(out_dir: Path, cells: list[str]) -> None:
+    """Add ``cells`` (paths under ``cells/``) to the grid this results folder is for, before a run starts, so that a
+    report taken meanwhile counts the cells that have no result yet."""
+    known = set(grid_cells(out_dir))
+    if not set(cells) <= known:
+        atomic_write_json(out_dir / GRID_FILE, {"cells": sorted(known | set(cells))})
+
+
+def grid_cells(out_dir: Path) -> list[str]:
+    """The cells the runs on ``out_dir`` set out to make; [] when none said (a folder from an older kdbench)."""
+    try:
+        recorded = json.loads((out_dir / GRID_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    cells = recorded.get("cells") if isinstance(recorded, dict) else None
+    return [cell for cell in cells if isinstance(cell, str)] if isinstance(cells, list) else []
+
+
 def cell_locks(out_dir: Path) -> dict[Path, Path]:
     """Every cell folder under ``out_dir`` that has a lock file (held or not), with that file."""
     locks = sorted((out_dir / _LOCKS / "cells").glob("**/*.lock"))
