@@ -15,60 +15,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from kdbench.cli_cache import cache_app
+from kdbench.cli_export import export_bases, export_inits, export_teachers
+from kdbench.cli_options import (
+    CacheOption,
+    ExperimentOption,
+    MethodsOption,
+    ModelsOption,
+    PluginsDir,
+    SeedsOption,
+    StudentsOption,
+    split_names,
+    stderr,
+    stdout,
+    with_students,
+)
 from kdbench.errors import KdbenchError
 from kdbench.runtime import say
 from kdbench.runtime.signals import Stopped, stopping_on_signals
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
 
-    from kdbench.config import Experiment
-    from kdbench.grid.graph import StageGraph
     from kdbench.report.build import Report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark knowledge-distillation objectives for causal language models under one protocol.")
-# Messages quote the user's input (paths, names, file contents): no emoji codes (`:x:`), and markup only where
-# kdbench writes it, the quoted parts escaped.
-stdout = Console(emoji=False)
-stderr = Console(stderr=True, emoji=False)
-
-PluginsDir = Annotated[Optional[Path], typer.Option("--plugins-dir", help="Folder of extra .py plugin files.")]
-
-
-def _split(value: str | None, option: str = "--methods") -> list[str] | None:
-    """The names of a comma-separated option; None when it was not given. Given but naming nothing (``--methods ""``)
-    is a mistake: running the experiment's whole grid instead would surprise."""
-    if value is None:
-        return None
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    if not names:
-        example = "gpt2,opt" if option == "--models" else "sft,kd"
-        raise KdbenchError(f"{option} {value!r} names nothing; expected a comma-separated list such as {example}. "
-                           f"Leave {option} out to use the experiment's.")
-    return names
-
-
-MethodsOption = Annotated[Optional[str], typer.Option(
-    help="Comma-separated objectives, e.g. sft,kd (default: the experiment's).")]
-ModelsOption = Annotated[Optional[str], typer.Option(
-    help="Comma-separated model families, e.g. gpt2,opt (default: the experiment's).")]
-ExperimentOption = Annotated[Optional[Path], typer.Option(
-    "--experiment", "-e", help="Experiment YAML (default: embedded experiments/tiny.yaml).")]
-SeedsOption = Annotated[Optional[int], typer.Option(
-    min=1, help="Number of training seeds per cell (0..N-1; default: the experiment's).")]
-StudentsOption = Annotated[Optional[str], typer.Option(
-    help="Comma-separated student labels, e.g. s1,s2 (default: the experiment's models.students, else every "
-    "paper-scale student or the first tiny one).")]
-CacheOption = Annotated[Optional[Path], typer.Option(
-    help="Stage cache (default: $KDBENCH_CACHE_DIR or ~/.cache/kdbench).")]
-
-
 def _report(run_dir: Path, title: str | None = None) -> Report:
     """The report of a results folder; warns (on stderr, so stdout stays machine-readable) when one family's cells
     ran with different shared settings."""
@@ -188,7 +162,7 @@ def run(
                               timeout_min=timeout_min, slurm_options=slurm_option or [],
                               slurm_array_parallelism=slurm_array_parallelism, no_wait=no_wait,
                               poll_seconds=poll_seconds, unreported_seconds=unreported_seconds)
-    config = _with_students(load_experiment(experiment), students)
+    config = with_students(load_experiment(experiment), students)
     if engine is not None:
         if engine not in ("deepspeed", "accelerate"):
             raise KdbenchError(f"--engine {engine!r} is not an engine; expected deepspeed or accelerate.")
@@ -202,7 +176,7 @@ def run(
                 "training": pretrain.training.model_copy(update={"engine": engine})}),
         })
     registries = load_registries(plugins_dir)
-    selection = resolve_selection(config, registries, _split(methods), _split(models, "--models"), seeds)
+    selection = resolve_selection(config, registries, split_names(methods), split_names(models, "--models"), seeds)
     graph = collect(config, registries, selection)
     from kdbench.grid.security import remote_code_scope
     from kdbench.preflight import check_before_run
@@ -261,147 +235,6 @@ def run(
     distributed.destroy_process_group()
     if summary.unscored or summary.unrecorded or lost:
         raise typer.Exit(1)
-
-
-def _with_students(config: Experiment, students: Optional[str]) -> Experiment:
-    """``config`` with ``--students`` as its ``models.students`` when given."""
-    if students is None:
-        return config
-    return config.model_copy(update={"models": config.models.model_copy(update={
-        "students": _split(students, "--students")})})
-
-
-def _export(out: Path, experiment: Optional[Path], cache_dir: Optional[Path], plugins_dir: Optional[Path], what: str,
-            prepare: Callable[[Experiment], Experiment], models: Optional[str], seeds: Optional[int],
-            targets: Callable[[StageGraph], dict[Path, str]], students: Optional[str] = None) -> None:
-    """Train the stages ``targets`` picks from the graph of ``prepare(experiment)`` (sft cells) and copy each one's
-    model folder to its path under ``out``: how the tiny suite's shipped teachers and SFT inits are made."""
-    import shutil
-
-    from kdbench.config import DEFAULT_EXPERIMENT, embedded_experiments, load_experiment
-    from kdbench.grid.cache import default_cache_dir
-    from kdbench.grid.collect import collect
-    from kdbench.grid.execute import build_stages
-    from kdbench.grid.manifest import MANIFEST
-    from kdbench.grid.selection import resolve_selection
-    from kdbench.preflight import check_writable
-    from kdbench.registry import load_registries
-
-    config = _with_students(load_experiment(experiment), students)
-    # which file: an installed kdbench's embedded default is not the tiny.yaml of the checkout one stands in
-    source = experiment or f"the embedded default {embedded_experiments() / DEFAULT_EXPERIMENT}"
-    stderr.print(f"export-{what}: experiment {escape(str(source))}", highlight=False)
-    if config.models.scale != "tiny":
-        raise KdbenchError(f"export-{what} trains tiny models; experiment {config.name!r} has models.scale "
-                           f"{config.models.scale!r}. Give a tiny-scale experiment (such as the default).")
-    config = prepare(config)
-    if out.exists() and not out.is_dir():
-        raise KdbenchError(f"--out {out} is a file; expected a folder to write the model folders into.")
-    check_writable(out, "--out", "Pass another --out.", create=True)  # before hours of training, not after
-    check_writable(cache_dir or default_cache_dir(), "the cache folder", "Pass another --cache-dir or set "
-                   "KDBENCH_CACHE_DIR.", create=True)
-    registries = load_registries(plugins_dir)
-    graph = collect(config, registries, resolve_selection(config, registries, ["sft"], _split(models, "--models"), seeds))
-    chosen = targets(graph)
-    built = build_stages(graph, list(chosen.values()), config, registries, cache_dir or default_cache_dir())
-    for target, key in chosen.items():
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(built[key], target, ignore=shutil.ignore_patterns(MANIFEST))  # a model folder, not an entry
-        stdout.print(f"{graph[key].label}: written to {target} (stage key {key})", highlight=False, markup=False)
-
-
-@app.command("export-bases")
-def export_bases(
-    out: Annotated[Path, typer.Option(help="Folder to write the bases into (<out>/<family>/<label>).")],
-    models: ModelsOption = None,
-    students: StudentsOption = None,
-    experiment: ExperimentOption = None,
-    cache_dir: CacheOption = None,
-    plugins_dir: PluginsDir = None,
-) -> None:
-    """Pretrain each family's tiny teacher and students on the experiment's corpus (its `pretrain` block) and save
-    each as an ordinary model folder.
-
-    How the tiny suite's shipped bases (experiments/bases/) are made: every architecture is initialised with
-    `pretrain.seed`, trained on the corpus as the block says and selected by the loss on its held-out chunks, and
-    written with its tokenizer, training statistics and log (any `models.bases`, `models.teachers` or
-    `models.sft_inits` the experiment names is ignored). Name `<out>/<family>` in `models.bases` and every run starts
-    the teacher's SFT and the students from them; their recorded training counts in every row's cost."""
-
-    def pretrained(config: Experiment) -> Experiment:
-        if config.pretrain is None:
-            raise KdbenchError(f"experiment {config.name!r} has no pretrain block, so there are no bases to train; add "
-                               "pretrain: {corpus: ..., training: ...} (experiments/tiny.yaml has one).")
-        return config.model_copy(update={
-            "teacher": config.teacher.model_copy(update={"train": True}),
-            "protocol": "uniform", "init": config.init.model_copy(update={"start": "base"}),
-            "models": config.models.model_copy(update={"bases": {}, "teachers": {}, "sft_inits": {}})})
-
-    def bases(graph: StageGraph) -> dict[Path, str]:
-        from kdbench.grid.graph import StageKind
-
-        return {out / str(node.family) / node.label.split("/")[1]: node.key for node in graph
-                if node.kind is StageKind.TRAIN and node.label.endswith("/base")}
-
-    _export(out, experiment, cache_dir, plugins_dir, "bases", pretrained, models, 1, bases, students)
-
-
-@app.command("export-teachers")
-def export_teachers(
-    out: Annotated[Path, typer.Option(help="Folder to write one model folder per family into (<out>/<family>).")],
-    models: ModelsOption = None,
-    experiment: ExperimentOption = None,
-    cache_dir: CacheOption = None,
-    plugins_dir: PluginsDir = None,
-) -> None:
-    """Train each family's tiny teacher with the experiment's teacher stage and save it as an ordinary model folder.
-
-    How the tiny suite's shipped teachers (experiments/teachers/) are made: the experiment's `teacher` block is run
-    from a random initialisation (any `models.teachers` folder it names is ignored), selected on validation as
-    every training stage is, and written with its tokenizer, training statistics and log. An experiment that
-    names the folders in `models.teachers` (with `teacher.train: false`) then starts every run from them."""
-    from kdbench.grid.collect import TEACHER_METHOD
-
-    def from_scratch(config: Experiment) -> Experiment:
-        return config.model_copy(update={"teacher": config.teacher.model_copy(update={"train": True}),
-                                         "models": config.models.model_copy(update={"teachers": {}})})
-
-    def teachers(graph: StageGraph) -> dict[Path, str]:
-        return {out / str(node.family): node.deps["model"] for node in graph.cells() if node.spec.method == TEACHER_METHOD}
-
-    _export(out, experiment, cache_dir, plugins_dir, "teachers", from_scratch, models, 1, teachers)
-
-
-@app.command("export-inits")
-def export_inits(
-    out: Annotated[Path, typer.Option(help="Folder to write the SFT inits into (<out>/<family>/<student>/seed<k>).")],
-    models: ModelsOption = None,
-    students: StudentsOption = None,
-    seeds: SeedsOption = None,
-    experiment: ExperimentOption = None,
-    cache_dir: CacheOption = None,
-    plugins_dir: PluginsDir = None,
-) -> None:
-    """Train the SFT init of every family, student and training seed with the experiment's `init` block and save each
-    as an ordinary model folder.
-
-    How shipped SFT inits are made: each student is initialised with its training seed, trained with SFT as the
-    `init` block says, kept by its `rule` (the best validation loss, or the final step), and written with its
-    tokenizer, training statistics and log (any `models.sft_inits` the experiment names is ignored). Name
-    `<out>/<family>` in `models.sft_inits` and every method that starts from the SFT student reads them instead of
-    training them; their recorded training counts in every row's cost."""
-
-    def trained_inits(config: Experiment) -> Experiment:
-        return config.model_copy(update={
-            "protocol": "uniform", "init": config.init.model_copy(update={"start": "sft"}),
-            "models": config.models.model_copy(update={"sft_inits": {}})})
-
-    def inits(graph: StageGraph) -> dict[Path, str]:
-        return {out / cell.spec.family / cell.spec.student / f"seed{cell.spec.seed}":
-                graph[cell.deps["model"]].deps["init"] for cell in graph.cells() if cell.spec.kind == "student"}
-
-    _export(out, experiment, cache_dir, plugins_dir, "inits", trained_inits, models, seeds, inits, students)
 
 
 @app.command()
@@ -506,6 +339,9 @@ def _reflowed(docstring: str) -> str:
     return "\n\n".join(" ".join(line.strip() for line in paragraph.splitlines()) for paragraph in paragraphs)
 
 
+app.command("export-bases")(export_bases)
+app.command("export-teachers")(export_teachers)
+app.command("export-inits")(export_inits)
 app.add_typer(cache_app, name="cache")
 for _command in (*app.registered_commands, *cache_app.registered_commands):
     if _command.help is None and _command.callback is not None and _command.callback.__doc__:
