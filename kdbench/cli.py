@@ -200,8 +200,7 @@ def run(
     if distributed.is_main():  # before any cell: a report taken meanwhile counts those without a result
         from kdbench.results.store import record_grid
 
-        record_grid(out_dir, [f"{c.spec.family}/{c.spec.student}/{c.spec.method}/seed{c.spec.seed}"
-                              for c in graph.cells()])
+        record_grid(out_dir, [cell.spec.label for cell in graph.cells()])  # family/student/method/seed<k>
     lost: list[str] = []  # cluster cells whose job ended without a result (it printed why)
     if cluster is not None:
         from kdbench.grid.cluster import GridRequest, run_on_cluster

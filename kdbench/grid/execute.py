@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,6 @@ from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.stages import BUILDERS, discard_resume_checkpoint, failure_of, write_unscored_cell
 from kdbench.registry import Registries
 from kdbench.results import store
-from kdbench.results.cells import cell_problem
 from kdbench.results.schema import CellResult, Failure, Status
 from kdbench.runtime import say
 from kdbench.runtime.watchdog import watch
@@ -60,13 +60,15 @@ def finished_cells(graph: StageGraph, out_dir: Path) -> dict[str, CellResult]:
     cannot be read as a report reads them (it is run again)."""
     found = {}
     for node in graph.cells():
-        folder = cell_folder(out_dir, node)
-        result = store.finished_result(folder, node.key)
+        note = partial(_running_again, node.label) if distributed.is_main() else None
+        result = store.finished_result(cell_folder(out_dir, node), node.key, note)
         if result is not None:
             found[node.key] = result
-        elif distributed.is_main() and (problem := cell_problem(folder)) is not None:
-            say(f"{node.label}: running it again, since its results cannot be read: {problem}")
     return found
+
+
+def _running_again(label: str, problem: str) -> None:
+    say(f"{label}: running it again, since its results cannot be read: {problem}")
 
 
 def needed_stages(graph: StageGraph, wanted: list[Node], finished: Collection[str]) -> set[str]:

@@ -79,9 +79,8 @@ def load_folder(run_dir: Path) -> ResultsFolder:
     examples = {cell_id(r): cell.examples for r, cell in zip(results, cells) if cell.examples is not None}
     configs = {cell_id(r): cell.config for r, cell in zip(results, cells) if cell.config is not None}
     in_progress = tuple(p.relative_to(run_dir / "cells").as_posix() for p in busy)
-    have = {f"{family}/{student}/{method}/seed{seed}" for family, student, method, seed in map(cell_id, results)}
-    unfinished = tuple(cell for cell in grid_cells(run_dir)
-                       if cell not in have and cell not in in_progress and cell not in dict(invalid))
+    written = {folder.relative_to(run_dir / "cells").as_posix() for folder in folders}  # readable or not
+    unfinished = tuple(cell for cell in grid_cells(run_dir) if cell not in written and cell not in in_progress)
     return ResultsFolder(run_dir, results, examples, configs, in_progress, tuple(invalid), unfinished)
 
 

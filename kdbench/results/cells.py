@@ -34,17 +34,6 @@ def read_cell(folder: Path) -> CellFiles:
     return CellFiles(result, examples, config)
 
 
-def cell_problem(folder: Path) -> str | None:
-    """Why the cell in ``folder`` cannot be read as a report reads it; None when it can (or has no result yet)."""
-    if not (folder / "result.json").is_file():
-        return None
-    try:
-        read_cell(folder)
-    except KdbenchError as error:
-        return str(error)
-    return None
-
-
 def read_result(path: Path) -> CellResult:
     result = read_json_object(path, "a result file")
     _check_version(path, result)

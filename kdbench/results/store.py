@@ -22,6 +22,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -141,15 +142,18 @@ def cell_locks(out_dir: Path) -> dict[Path, Path]:
     return {out_dir / lock.relative_to(out_dir / _LOCKS).with_suffix(""): lock for lock in locks}
 
 
-def finished_result(directory: Path, key: str) -> CellResult | None:
+def finished_result(directory: Path, key: str, unreadable: Callable[[str], None] | None = None) -> CellResult | None:
     """The cell's result if it was scored by exactly this stage (same key, so the same settings, parents and
     code versions) and its files read as a report reads them (``kdbench.results.cells.read_cell``); None means
-    (re)run it: absent, unreadable, incomplete, stale, failed or diverged."""
+    (re)run it: absent, unreadable, incomplete, stale, failed or diverged. ``unreadable`` is told why, when the
+    files are there but cannot be read so."""
     if not (directory / "result.json").is_file():
         return None
     try:
         result = read_cell(directory).result
-    except KdbenchError:
+    except KdbenchError as error:
+        if unreadable is not None:
+            unreadable(str(error))
         return None
     return result if result.get("key") == key and result.get("status") == "ok" else None
 
