@@ -144,9 +144,8 @@ def run(
     from kdbench import distributed
     from kdbench.config import load_experiment
     from kdbench.grid.cache import default_cache_dir
-    from kdbench.grid.collect import collect
-    from kdbench.grid.execute import run_graph
     from kdbench.grid.selection import resolve_selection
+    from kdbench.grid.session import GridRequest, prepare, run_prepared
     from kdbench.registry import load_registries
     from kdbench.report.render import render
     from kdbench.results.store import atomic_write_json, atomic_write_text
@@ -177,44 +176,39 @@ def run(
         })
     registries = load_registries(plugins_dir)
     selection = resolve_selection(config, registries, split_names(methods), split_names(models, "--models"), seeds)
-    graph = collect(config, registries, selection)
-    from kdbench.grid.security import remote_code_scope
+    out_dir, cache = out or Path("results") / config.name, cache_dir or default_cache_dir()
+    prepared = prepare(GridRequest(config, selection, plugins_dir, out_dir, cache), registries)
+    graph = prepared.graph
     from kdbench.preflight import check_before_run
 
     # Unwritable folders, missing checkpoints, empty data: found now, before any stage (a dry run creates nothing).
-    check_before_run(config, registries, graph, out or Path("results") / config.name, cache_dir or default_cache_dir(),
-                     dry_run)
-    trusted = remote_code_scope(config, graph, cache_dir or default_cache_dir())  # the checkpoints named in the experiment
+    check_before_run(config, registries, graph, out_dir, cache, dry_run)
     if dry_run:
         from kdbench.grid.plan import build_plan, print_plan
+        from kdbench.grid.security import remote_code_scope
 
         job_gpus = cluster.gpus_per_node if cluster is not None else None
-        with trusted:
+        with remote_code_scope(config, graph, cache):  # the checkpoints named in the experiment
             plan = build_plan(graph, config, registries, selection, gpus or job_gpus or distributed.launched_world_size())
         if format == "json":
             sys.stdout.write(json.dumps(plan.to_json(), indent=2, default=str) + "\n")
         else:
             print_plan(plan, stdout)
         return
-    out_dir = out or Path("results") / config.name
     if distributed.is_main():  # before any cell: a report taken meanwhile counts those without a result
         from kdbench.results.store import record_grid
 
         record_grid(out_dir, [cell.spec.label for cell in graph.cells()])  # family/student/method/seed<k>
     lost: list[str] = []  # cluster cells whose job ended without a result (it printed why)
     if cluster is not None:
-        from kdbench.grid.cluster import GridRequest, run_on_cluster
+        from kdbench.grid.cluster import run_on_cluster
 
-        request = GridRequest(config, selection, plugins_dir.resolve() if plugins_dir else None, out_dir.resolve(),
-                              (cache_dir or default_cache_dir()).resolve())
-        finished = run_on_cluster(graph, request, cluster, registries)
+        finished = run_on_cluster(prepared, cluster)
         if finished is None:  # --no-wait: the jobs run on
             return
         summary, lost = finished.summary, finished.lost
     else:
-        distributed.init_process_group(config.runtime)
-        with trusted:
-            summary = run_graph(graph, config, registries, out_dir, cache_dir or default_cache_dir())
+        summary = run_prepared(prepared)
     if distributed.is_main() and summary.results:
         built = _report(out_dir, f"kdbench leaderboard: {config.name}")
         atomic_write_json(out_dir / "experiment.json", config.model_dump())

@@ -308,7 +308,8 @@ def test_controls_enter_no_stage_key_cell_config_or_hash(registries: Registries)
     from kdbench.config import ControlConfig
     from kdbench.grid.collect import collect
     from kdbench.grid.selection import resolve_selection
-    from kdbench.grid.stages import cell_result
+    from kdbench.grid.stages import cell_identity
+    from kdbench.results.record import new_result
     from kdbench.results.schema import check_result
 
     plain = parse_experiment(_minimal(methods={"sft": {}, "kd": {}}, models={"families": ["gpt2"]}), "t")
@@ -320,7 +321,8 @@ def test_controls_enter_no_stage_key_cell_config_or_hash(registries: Registries)
     assert [node.spec.config for node in graphs[0].cells()] == [node.spec.config for node in graphs[1].cells()]
     node = next(iter(graphs[1].cells()))
     failure = {"reason": "r", "stage": "s", "stage_key": "k", "step": None}
-    result = cell_result(SimpleNamespace(experiment=declared, graph=graphs[1]), node, "failed", failure)  # type: ignore[arg-type]
+    identity = cell_identity(SimpleNamespace(experiment=declared, graph=graphs[1]), node)  # type: ignore[arg-type]
+    result = new_result(identity, "failed", failure)
     assert result["controls"] == [{"task": "modes", "better": "kd", "worse": "sft", "mechanism": "m", "source": "s"}]
     check_result(json.loads(json.dumps(result)), "the cell's result")
 

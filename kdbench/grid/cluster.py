@@ -38,11 +38,10 @@ from kdbench.runtime.signals import Stopped
 if TYPE_CHECKING:
     import submitit
 
-    from kdbench.config import Experiment
     from kdbench.grid.cache import StageCache
     from kdbench.grid.execute import RunSummary
     from kdbench.grid.graph import Node, StageGraph
-    from kdbench.grid.selection import Selection
+    from kdbench.grid.session import GridRequest, PreparedGrid
     from kdbench.registry import Registries
     from kdbench.results.schema import CellResult
 
@@ -56,18 +55,6 @@ def _check_slurm_is_here() -> None:
 
 
 # -- the jobs ------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GridRequest:
-    """What every job needs to collect the very graph the submitting process collected (absolute paths: a job may
-    start in another folder, on another node)."""
-
-    experiment: Experiment
-    selection: Selection
-    plugins_dir: Path | None
-    out_dir: Path
-    cache_dir: Path
-
 
 class GridJob:
     """One job: the in-process executor narrowed to ``targets`` (stage or cell keys) and what they need.
@@ -83,27 +70,19 @@ class GridJob:
 
     def __call__(self) -> dict[str, CellResult]:
         from kdbench import distributed
-        from kdbench.grid.collect import collect
-        from kdbench.grid.execute import run_graph
-        from kdbench.grid.security import remote_code_scope
+        from kdbench.grid.session import prepare, run_prepared
         from kdbench.process import command_environment, environment, quiet_libraries
-        from kdbench.registry import load_registries
 
-        request = self.request
         with environment(command_environment()), environment(_process_group_environment(), override=True):
             quiet_libraries()
-            registries = load_registries(request.plugins_dir)
-            graph = collect(request.experiment, registries, request.selection)
-            missing = [key for key in self.targets if key not in graph.nodes]
+            prepared = prepare(self.request)
+            missing = [key for key in self.targets if key not in prepared.graph.nodes]
             if missing:
                 raise KdbenchError(
                     f"job {self.name!r}: {len(missing)} of its stages are not in the grid this job collected (keys "
                     f"{', '.join(missing[:3])}): kdbench or a plugin changed after the jobs were submitted. Run the same "
                     "`kdbench run --executor ...` again to submit jobs for the grid as it is now.")
-            distributed.init_process_group(request.experiment.runtime)
-            with remote_code_scope(request.experiment, graph, request.cache_dir):  # as `kdbench run` trusts
-                summary = run_graph(graph, request.experiment, registries, request.out_dir, request.cache_dir,
-                                    targets=set(self.targets))
+            summary = run_prepared(prepared, self.targets)
             main = distributed.is_main()
             distributed.destroy_process_group()
         return summary.results if main else {}
@@ -190,16 +169,17 @@ def _submission_environment() -> Iterator[None]:
         yield
 
 
-def run_on_cluster(graph: StageGraph, request: GridRequest, options: ClusterOptions,
-                   registries: Registries) -> ClusterRun | None:
-    """Submit the unfinished part of ``graph`` as the shared job and the cell array, wait for them, and return what
-    they left in the results folder; None when ``options.wait`` is off (the jobs run on, their ids printed)."""
+def run_on_cluster(prepared: PreparedGrid, options: ClusterOptions) -> ClusterRun | None:
+    """Submit the unfinished part of the prepared graph as the shared job and the cell array, wait for them, and
+    return what they left in the results folder; None when ``options.wait`` is off (the jobs run on, their ids
+    printed). Each job prepares the same graph again from the request (``GridJob``)."""
     import submitit
 
     from kdbench.grid.cache import StageCache
     from kdbench.grid.execute import check_vocabularies, finished_cells
     from kdbench.grid.security import remote_code_scope
 
+    graph, request, registries = prepared.graph, prepared.request.absolute(), prepared.registries
     if options.executor == "slurm":
         _check_slurm_is_here()
     cells = [node for node in graph.cells() if node.key not in finished_cells(graph, request.out_dir)]

@@ -44,7 +44,8 @@ from kdbench.grid.context import STATS_FILES, RunContext
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.objectives import Objective, ObjectiveParams
 from kdbench.report.card import protocol_card
-from kdbench.results import store
+from kdbench.results import record, store
+from kdbench.results.record import CellIdentity, stage_cost
 from kdbench.results.schema import (
     SCHEMA_VERSION,
     CellExamples,
@@ -53,7 +54,6 @@ from kdbench.results.schema import (
     ControlRecord,
     Cost,
     Failure,
-    StageCost,
     Status,
 )
 from kdbench.train.engine import Diverged, Tracking, TrainingData, Validation, train, validation_loss
@@ -305,31 +305,15 @@ def build_cell(node: Node, context: RunContext, folder: Path) -> None:
                         if name.rsplit("/", 1)[-1] == m.name}
     if evaluation.lm_eval.tasks:
         scores["seconds"] += score_lm_eval(context, network, tokenizer, records, scores["metrics"], higher_is_better)
-    # The cell's own training: the stats of the stage that made its model (none for an untrained teacher).
-    stats = context.train_stats.get(model_key, {})
-    train_seconds = float(stats.get("seconds", 0.0))
-    cost = cell_cost(context, node)
     teacher_params = context.model_parameters(cell.teacher)
     params = ({"teacher": teacher_params} if cell.kind == "teacher"
               else {"student": count_parameters(network), "teacher": teacher_params})
-    result = cell_result(context, node, "ok")
-    result.update(
-        metrics=scores["metrics"],
-        higher_is_better=higher_is_better,
-        per_task=scores["per_task"],
-        eval_examples=eval_examples[""],
-        eval_examples_by_dataset=eval_examples,
-        wall_seconds={"train": train_seconds, "eval": scores["seconds"], "total": train_seconds + scores["seconds"],
-                      "this_run": time.perf_counter() - started + stats.get("this_run", 0.0)},
-        tokens={"train": stats.get("tokens", 0), "response": stats.get("response_tokens", 0)},
-        optimizer_steps=cost["own"]["optimizer_steps"],
-        optimizer_steps_total=cost["total"]["optimizer_steps"],
-        cost=cost,
-        selected_step=int(stats.get("selected_step", stats.get("steps", 0))),
-        validation={"metric": stats.get("selection", {}).get("metric"), "curve": stats.get("validation", [])},
-        forward_passes={"student": stats.get("student_forwards", 0), "teacher": stats.get("teacher_forwards", 0)},
-        params={role: count for role, count in params.items() if count is not None},
-    )
+    result = record.scored(
+        cell_identity(context, node), metrics=scores["metrics"], higher_is_better=higher_is_better,
+        per_task=scores["per_task"], eval_examples=eval_examples, eval_seconds=scores["seconds"],
+        this_run_seconds=time.perf_counter() - started,
+        train_stats=context.train_stats.get(model_key, {}),  # the stage that made the model; none for a teacher
+        cost=cell_cost(context, node), params=params)
     if distributed.is_main():
         store.atomic_write_json(folder / "config.json", cell.config)
         store.atomic_write_json(folder / "samples.json", scores["samples"])
@@ -367,11 +351,6 @@ def score_lm_eval(context: RunContext, model: Any, tokenizer: Any, heldout: list
     return time.perf_counter() - started
 
 
-def stage_cost(stats: dict[str, Any]) -> StageCost:
-    return {"optimizer_steps": int(stats.get("steps", 0)), "examples": int(stats.get("examples", 0)),
-            "tokens": int(stats.get("tokens", 0)), "seconds": float(stats.get("seconds", 0.0))}
-
-
 def cell_cost(context: RunContext, node: Node) -> Cost:
     """The cell's own training stage and every costed stage before it (SFT init, teacher, stored teacher outputs),
     each by label, and their sum: what it took, from the base models, to produce the row (a base's pretraining is
@@ -396,47 +375,21 @@ def code_versions(graph: StageGraph, key: str) -> CodeVersions:
             "libraries": store.library_versions()}
 
 
-def cell_result(context: RunContext, node: Node, status: Status, failure: Failure | None = None) -> CellResult:
-    """The fields every result has, scored or not; a scored cell fills in its measurements."""
+def cell_identity(context: RunContext, node: Node) -> CellIdentity:
     cell: Cell = node.spec
     graph = context.graph
-    result: CellResult = {
-        "schema_version": SCHEMA_VERSION,
-        "status": status,
-        "experiment": context.experiment.name,
-        "key": node.key,
-        "lineage": graph.lineage(node.key),
-        "versions": code_versions(graph, node.key),
-        "config_hash": config_hash(cell.config),
-        "shared_config_hash": cell.shared_hash,
-        "family": cell.family, "student": cell.student, "method": cell.method,
-        "kind": "teacher" if cell.kind == "teacher" else "student",
-        "train_seed": cell.seed,
-        "primary_metric": context.experiment.evaluation.primary,
-        "metrics": {}, "higher_is_better": {}, "per_task": {},
-        "eval_examples": 0, "eval_examples_by_dataset": {},
-        "wall_seconds": {"train": 0.0, "eval": 0.0, "total": 0.0, "this_run": 0.0},
-        "protocol": context.experiment.protocol,
-        "protocol_card": protocol_card(context.experiment, sorted({n.spec.seed for n in graph.cells()
-                                                                   if n.spec.kind == "student"})),
-        "tokens": {"train": 0, "response": 0},
-        "optimizer_steps": 0,
-        "optimizer_steps_total": 0,
-        "cost": {"own": stage_cost({}), "ancestors": {}, "total": stage_cost({})},
-        "selected_step": 0,
-        "validation": {"metric": None, "curve": []},
-        "processes": distributed.world_size(),
-        "forward_passes": {"student": 0, "teacher": 0},
-        "params": {},
-        "peak_memory_mb": store.peak_memory_mb(),
-        "finished_at": store.now_iso(),
-        # The report reads controls from result files alone; they are in no key, so a changed one re-runs nothing.
-        "controls": [ControlRecord(task=c.task, better=c.better, worse=c.worse, mechanism=c.mechanism, source=c.source)
-                     for c in context.experiment.controls],
-    }
-    if failure is not None:
-        result["failure"] = failure
-    return result
+    return CellIdentity(
+        experiment=context.experiment.name, key=node.key, lineage=graph.lineage(node.key),
+        versions=code_versions(graph, node.key), config_hash=config_hash(cell.config),
+        shared_config_hash=cell.shared_hash, family=cell.family, student=cell.student, method=cell.method,
+        kind="teacher" if cell.kind == "teacher" else "student", train_seed=cell.seed,
+        primary_metric=context.experiment.evaluation.primary, protocol=context.experiment.protocol,
+        protocol_card=protocol_card(context.experiment, sorted({n.spec.seed for n in graph.cells()
+                                                                if n.spec.kind == "student"})),
+        # In no key, so a changed control re-runs nothing.
+        controls=[ControlRecord(task=c.task, better=c.better, worse=c.worse, mechanism=c.mechanism, source=c.source)
+                  for c in context.experiment.controls],
+        processes=distributed.world_size())
 
 
 def failure_of(node: Node, error: BaseException) -> tuple[Status, Failure]:
@@ -454,7 +407,7 @@ def failure_of(node: Node, error: BaseException) -> tuple[Status, Failure]:
 def write_unscored_cell(context: RunContext, node: Node, status: Status, failure: Failure) -> CellResult:
     """A cell that could not be scored: its result says why, and its report row shows it."""
     cell: Cell = node.spec
-    result = cell_result(context, node, status, failure)
+    result = record.new_result(cell_identity(context, node), status, failure)
     folder = store.cell_dir(context.out_dir, cell.family, cell.student, cell.method, cell.seed)
     if distributed.is_main():
         store.atomic_write_json(folder / "config.json", cell.config)
