@@ -132,6 +132,9 @@ def run(
     unreported_seconds: Annotated[Optional[float], typer.Option(help=(
         "With --executor slurm: how long the waiting command goes on while Slurm's accounting reports no state for a "
         "job (sacct fails, or does not list it) before it stops with an error (default 600)."))] = None,
+    allow_long_budget: Annotated[bool, typer.Option("--allow-long-budget", help=(
+        "Run a grid whose estimated wall time is beyond runtime.max_estimated_days (30 by default): the budget is "
+        "intended."))] = False,
 ) -> None:
     """Train and evaluate every (family, student, method, seed) cell, then print the leaderboard.
 
@@ -145,7 +148,7 @@ def run(
     from kdbench.config import load_experiment
     from kdbench.grid.cache import default_cache_dir
     from kdbench.grid.selection import resolve_selection
-    from kdbench.grid.session import GridRequest, prepare, run_prepared
+    from kdbench.grid.session import GridRequest, check_time_bound, plan_prepared, prepare, run_prepared
     from kdbench.registry import load_registries
     from kdbench.report.render import render
     from kdbench.results.store import atomic_write_json, atomic_write_text
@@ -183,18 +186,22 @@ def run(
 
     # Unwritable folders, missing checkpoints, empty data: found now, before any stage (a dry run creates nothing).
     check_before_run(config, registries, graph, out_dir, cache, dry_run)
+    job_gpus = cluster.gpus_per_node if cluster is not None else None
+    plan = plan_prepared(prepared, gpus or job_gpus or distributed.launched_world_size(), bool(gpus or job_gpus))
     if dry_run:
-        from kdbench.grid.plan import build_plan, print_plan
-        from kdbench.grid.security import remote_code_scope
+        from kdbench.grid.plan import print_plan
 
-        job_gpus = cluster.gpus_per_node if cluster is not None else None
-        with remote_code_scope(config, graph, cache):  # the checkpoints named in the experiment
-            plan = build_plan(graph, config, registries, selection, gpus or job_gpus or distributed.launched_world_size())
         if format == "json":
             sys.stdout.write(json.dumps(plan.to_json(), indent=2, default=str) + "\n")
         else:
             print_plan(plan, stdout)
+        try:
+            check_time_bound(plan, config)
+        except KdbenchError as refused:
+            stderr.print(f"[bold yellow]note:[/] a run would refuse: {escape(str(refused))}", highlight=False)
         return
+    if not allow_long_budget:
+        check_time_bound(plan, config)
     if distributed.is_main():  # before any cell: a report taken meanwhile counts those without a result
         from kdbench.results.store import record_grid
 
@@ -291,10 +298,18 @@ def plugins(plugins_dir: PluginsDir = None) -> None:
 def validate(
     files: Annotated[list[Path], typer.Argument(help="Experiment YAML files.")],
     plugins_dir: PluginsDir = None,
+    gpus: Annotated[Optional[int], typer.Option(min=1, help=(
+        "GPUs the budget's time estimate assumes (default: the launcher's WORLD_SIZE, else 1; this machine's GPU "
+        "kind, else H100s when GPUs are asked for or the experiment is at paper scale, else this CPU)."))] = None,
 ) -> None:
-    """Check experiment files and report every error at once, one line per field."""
+    """Check experiment files and report every error at once, one line per field; then estimate each grid's wall
+    time as `kdbench run --dry-run` does, and refuse one beyond its runtime.max_estimated_days."""
+    from kdbench import distributed
     from kdbench.config import SchemaErrors, parse_experiment, read_experiment_yaml
-    from kdbench.grid.selection import method_errors, semantic_errors
+    from kdbench.grid.cache import default_cache_dir
+    from kdbench.grid.selection import method_errors, resolve_selection, semantic_errors
+    from kdbench.grid.session import GridRequest, check_time_bound, plan_prepared, prepare
+    from kdbench.grid.timing import duration
     from kdbench.preflight import model_errors
     from kdbench.registry import load_registries
 
@@ -310,7 +325,16 @@ def validate(
                 errors = [line.strip() for line in schema.lines] + method_errors(raw.get("methods"), registries)
             if errors:
                 raise KdbenchError(f"{source} has {len(errors)} error(s):\n" + "\n".join(f"  {e}" for e in errors))
-            stdout.print(f"[green]ok[/] {escape(str(path))}")
+            # The budget, estimated as `kdbench run` would estimate it (every method and seed, this machine).
+            request = GridRequest(parsed, resolve_selection(parsed, registries, None, None, None), plugins_dir,
+                                  Path("results") / parsed.name, default_cache_dir())
+            plan = plan_prepared(prepare(request, registries), gpus or distributed.launched_world_size(), bool(gpus))
+            try:
+                check_time_bound(plan, parsed)
+            except KdbenchError as refused:
+                raise KdbenchError(f"{source}: {refused}") from None
+            stdout.print(f"[green]ok[/] {escape(str(path))}: estimated {duration(plan.seconds)} on {plan.gpus} "
+                          f"process(es) of {escape(plan.device.kind)}", highlight=False)
         except KdbenchError as error:
             failures.append(str(error))
     if failures:

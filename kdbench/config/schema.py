@@ -267,6 +267,9 @@ class RuntimeConfig(Strict):
     wait_timeout_seconds: float = Field(3 * 3600.0, gt=0, description=(
         "how long the other processes of a launch wait while the main one alone works (a cache entry, lm-eval, "
         "another worker's stage) before they give up"))
+    max_estimated_days: float = Field(30.0, gt=0, description=(
+        "run and validate refuse a grid whose estimated wall time (the dry run's, kdbench.grid.timing) is longer; "
+        "raise it when such a budget is intended (or pass --allow-long-budget)"))
 
 
 class ControlConfig(Strict):

@@ -7,6 +7,7 @@ estimates from settings alone (``kdbench.grid.estimate``): nothing is loaded, tr
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from kdbench.grid.estimate import (
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.selection import Selection
 from kdbench.grid.specs import CheckpointSpec, InitSpec, TrainSpec
+from kdbench.grid.timing import CPU, DeviceSpeed, StageWork, duration, stage_seconds
 from kdbench.registry import Registries
 from kdbench.report.card import protocol_card, render_card
 from kdbench.train.engine import total_optimizer_steps
@@ -76,6 +78,8 @@ class PlannedStage:
     number: int  # position in run order, from 1
     work: str
     training: TrainingPlan | None = None
+    seconds: float | None = None  # estimated wall time (kdbench.grid.timing); None: its size is unknown
+    cached: bool = False  # its entry is in the cache: a run reuses it
 
     @property
     def name(self) -> str:
@@ -115,7 +119,18 @@ class Plan:
     models: list[PlannedModel]
     stages: list[PlannedStage]
     card: dict[str, str]  # the protocol card the leaderboard will print
+    device: DeviceSpeed  # what the time estimates are for
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float | None:
+        """Estimated wall time of the stages a run would build, one after another (None: some size unknown)."""
+        times = [stage.seconds for stage in self.stages if not stage.cached]
+        return None if None in times else sum(s or 0.0 for s in times)
+
+    def longest_stage(self) -> PlannedStage | None:
+        timed = [stage for stage in self.stages if stage.seconds is not None and not stage.cached]
+        return max(timed, key=lambda stage: stage.seconds or 0.0, default=None)
 
     @property
     def training_stages(self) -> list[PlannedStage]:
@@ -141,7 +156,8 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         """What ``kdbench run --dry-run --format json`` prints."""
         stages = [{**s.node.describe(), "number": s.number, "name": s.name, "work": s.work,
-                   "training": None if s.training is None else s.training.describe()} for s in self.stages]
+                   "training": None if s.training is None else s.training.describe(),
+                   "estimated_seconds": s.seconds, "cached": s.cached} for s in self.stages]
         models = [{"family": m.family, "role": m.role, "label": m.label, "checkpoint": m.checkpoint, "key": m.key,
                    "params": None if m.size is None else m.size.params, "size_from": None if m.size is None else m.size.source}
                   for m in self.models]
@@ -152,16 +168,17 @@ class Plan:
                 "dataset": self.dataset,
                 "train_examples": self.train_examples, "eval_examples": self.eval_examples,
                 "data_estimated": self.data.estimated, "eval_seeds": self.eval_seeds, "models": models,
-                "stages": stages, "cells": cells, "notes": self.notes}
+                "stages": stages, "cells": cells, "notes": self.notes,
+                "estimate": {"seconds": self.seconds, "device": self.device.kind, "source": self.device.source}}
 
 
 class _Planner:
     """Annotates the nodes of one graph; one instance per ``build_plan`` call."""
 
     def __init__(self, experiment: Experiment, registries: Registries, selection: Selection, graph: StageGraph,
-                 gpus: int) -> None:
-        self.experiment, self.registries, self.selection, self.graph, self.gpus = (
-            experiment, registries, selection, graph, gpus)
+                 gpus: int, device: DeviceSpeed) -> None:
+        self.experiment, self.registries, self.selection, self.graph, self.gpus, self.device = (
+            experiment, registries, selection, graph, gpus, device)
         self.notes: list[str] = []
         self.data = dataset_sizes(registries.datasets.get(experiment.data.dataset), experiment.data.options)
         self.train_examples = self.data.get("train")
@@ -329,22 +346,35 @@ class _Planner:
             count += f", in {mark}{-(-share // settings.batch_size):,} batches of {settings.batch_size}"
         return f"one teacher sample per training prompt: {count}, ≤ {settings.max_new_tokens} new tokens each"
 
-    def stages(self) -> list[PlannedStage]:
+    def seconds(self, node: Node, training: TrainingPlan | None) -> float | None:
+        if training is not None:
+            work = StageWork(training.params, training.teacher_params, training.steps, self.train_examples)
+        else:
+            model = node.deps.get("model", node.deps.get("teacher"))
+            size = None if model is None else self.size_of(model)
+            prompts = self.eval_examples if node.kind is StageKind.EVAL else self.train_examples
+            work = StageWork(None if size is None else size.params, 0, None, prompts)
+        validation = self._capped(self.data.get("validation"), self.experiment.selection.max_examples)
+        return stage_seconds(node, work, self.experiment, self.device, self.gpus, validation,
+                             len(self.selection.eval_seeds))
+
+    def stages(self, built: Collection[str]) -> list[PlannedStage]:
         planned = []
         for number, (node, frozen) in enumerate(zip(self.graph, self.resident()), start=1):
             training = self.training(node, frozen) if node.kind is StageKind.TRAIN else None
-            planned.append(PlannedStage(node, number, self.work(node, training), training))
+            planned.append(PlannedStage(node, number, self.work(node, training), training,
+                                        self.seconds(node, training), node.key in built))
         return planned
 
 
 def build_plan(graph: StageGraph, experiment: Experiment, registries: Registries, selection: Selection,
-               gpus: int = 1) -> Plan:
-    """``graph`` annotated for ``gpus`` GPUs (processes): model sizes, optimizer steps and memory per GPU.
-    Loads no weights and trains nothing."""
+               gpus: int = 1, device: DeviceSpeed = CPU, built: Collection[str] = ()) -> Plan:
+    """``graph`` annotated for ``gpus`` GPUs (processes) of ``device``: model sizes, optimizer steps, memory per GPU
+    and wall time; the stages in ``built`` (cached) count no time. Loads no weights and trains nothing."""
     if gpus < 1:
         raise KdbenchError(f"the number of GPUs must be at least 1, got {gpus}.")
-    planner = _Planner(experiment, registries, selection, graph, gpus)
-    stages = planner.stages()
+    planner = _Planner(experiment, registries, selection, graph, gpus, device)
+    stages = planner.stages(built)
     data = planner.data
     notes = [f"training examples: {data.how}"]
     if data.sizes is not None:
@@ -361,7 +391,7 @@ def build_plan(graph: StageGraph, experiment: Experiment, registries: Registries
                  f"{experiment.data.max_length} tokens per sequence")
     return Plan(experiment.name, experiment.models.scale, gpus, experiment.data.dataset, planner.train_examples,
                 planner.eval_examples, data, list(selection.eval_seeds), graph, planner.models, stages,
-                protocol_card(experiment, selection.seeds), notes)
+                protocol_card(experiment, selection.seeds), device, notes)
 
 
 # -- printing -------------------------------------------------------------------------------------
@@ -407,12 +437,17 @@ def print_plan(plan: Plan, console: Console) -> None:
 
     numbers = {stage.node.key: stage.number for stage in plan.stages}
     stages = Table(title="stages in run order (key: the cache key; after: the stages it reads)")
-    for column in ("#", "stage", "for", "after", "key", "work"):
-        stages.add_column(column, justify="right" if column == "#" else "left")
+    for column in ("#", "stage", "for", "after", "key", "time*", "work"):
+        stages.add_column(column, justify="right" if column in ("#", "time*") else "left")
     for stage in plan.stages:
         after = ", ".join(str(numbers[parent]) for parent in stage.node.deps.values())
-        stages.add_row(str(stage.number), stage.name, stage.node.label, after or "–", stage.node.key[:8], stage.work)
+        time = "cached" if stage.cached else duration(stage.seconds)
+        stages.add_row(str(stage.number), stage.name, stage.node.label, after or "–", stage.node.key[:8], time,
+                       stage.work)
     console.print(stages)
+    console.print(f"[bold]Estimated time[/bold]: {duration(plan.seconds)} for the stages not in the cache, one after "
+                  f"another, on {plan.gpus} process(es) of {escape(plan.device.kind)} ({escape(plan.device.source)}).",
+                  highlight=False)
 
     if plan.training_stages:
         training = Table(title="training stages")
@@ -449,4 +484,6 @@ def print_plan(plan: Plan, console: Console) -> None:
     console.print("• seqs: sequences per prompt the student runs with gradients in a micro-batch (gold, teacher text, "
                   "own sample, rollout); ≈: from documented data sizes; *: activations after Korthikanti et al. 2022, "
                   "per layer s·b·h·(34 + 5·a·s/h) bytes in 16-bit (2·s·b·h with gradient checkpointing) plus the output "
-                  "layer, an estimate", markup=False)
+                  "layer, an estimate; time*: FLOPs at a sustained rate plus a fixed cost per micro-batch and per "
+                  "decoding step (kdbench.grid.timing), sequences counted at data.max_length: right within a small "
+                  "factor, meant to catch a budget off by orders of magnitude", markup=False)

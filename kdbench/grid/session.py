@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from kdbench.config import Experiment
     from kdbench.grid.execute import RunSummary
     from kdbench.grid.graph import StageGraph
+    from kdbench.grid.plan import Plan
     from kdbench.grid.selection import Selection
     from kdbench.registry import Registries
 
@@ -63,3 +64,41 @@ def run_prepared(prepared: PreparedGrid, targets: Collection[str] | None = None)
     with remote_code_scope(request.experiment, prepared.graph, request.cache_dir):  # the checkpoints it names
         return run_graph(prepared.graph, request.experiment, prepared.registries, request.out_dir, request.cache_dir,
                          targets=None if targets is None else set(targets))
+
+
+def plan_prepared(prepared: PreparedGrid, gpus: int, gpus_asked: bool) -> Plan:
+    """What a run of the prepared grid would do (``kdbench run --dry-run``), its time estimated for this machine's
+    GPU, else for the GPUs asked for, else for its CPU (``timing.device_speed``); the stages a run would not build
+    (cached, or needed only by finished cells) count no time. Reads the cache and results folder, writes nothing."""
+    import torch
+
+    from kdbench.grid.cache import StageCache
+    from kdbench.grid.execute import cell_folder, needed_stages
+    from kdbench.grid.graph import StageKind
+    from kdbench.grid.plan import build_plan
+    from kdbench.grid.security import remote_code_scope
+    from kdbench.grid.timing import device_speed
+    from kdbench.results.store import finished_result
+
+    request, graph = prepared.request, prepared.graph
+    finished = {cell.key for cell in graph.cells()
+                if finished_result(cell_folder(request.out_dir, cell), cell.key, None) is not None}
+    needed, cache = needed_stages(graph, graph.cells(), finished), StageCache(request.cache_dir)
+    built = {node.key for node in graph if node.key not in needed
+             or (node.kind is not StageKind.EVAL and cache.has(node.kind.value, node.key))}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    device = device_speed(gpu, gpus_asked, request.experiment.models.scale == "paper")
+    with remote_code_scope(request.experiment, graph, request.cache_dir):  # the checkpoints named in the experiment
+        return build_plan(graph, request.experiment, prepared.registries, request.selection, gpus, device, built)
+
+
+def check_time_bound(plan: Plan, experiment: Experiment) -> None:
+    """Refuse (``KdbenchError``) a grid whose estimated time is beyond ``runtime.max_estimated_days``."""
+    from kdbench.errors import KdbenchError
+    from kdbench.grid.timing import duration, over_bound
+
+    longest = plan.longest_stage()
+    described = "?" if longest is None else f"{longest.name} ({longest.node.label}, {duration(longest.seconds)})"
+    problem = over_bound(plan.seconds, experiment.runtime.max_estimated_days, plan.device, described)
+    if problem is not None:
+        raise KdbenchError(problem)
