@@ -189,7 +189,7 @@ def run(
     job_gpus = cluster.gpus_per_node if cluster is not None else None
     plan = plan_prepared(prepared, gpus or job_gpus or distributed.launched_world_size(), bool(gpus or job_gpus))
     if dry_run:
-        from kdbench.grid.plan import print_plan
+        from kdbench.grid.plan_table import print_plan
 
         if format == "json":
             sys.stdout.write(json.dumps(plan.to_json(), indent=2, default=str) + "\n")
@@ -202,6 +202,10 @@ def run(
         return
     if not allow_long_budget:
         check_time_bound(plan, config)
+    from kdbench.preflight import space_warnings
+
+    for warning in space_warnings(out_dir, plan.disk_bytes(cells=True), cache, plan.disk_bytes(cells=False)):
+        stderr.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
     if distributed.is_main():  # before any cell: a report taken meanwhile counts those without a result
         from kdbench.results.store import record_grid
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -193,3 +194,26 @@ def check_before_run(experiment: Experiment, registries: Registries, graph: Stag
         errors += data_errors(experiment, registries)
     if errors:
         raise KdbenchError(f"{len(errors)} problem(s) found before anything ran:\n" + "\n".join(f"  {e}" for e in errors))
+
+
+def space_warnings(out_dir: Path, out_bytes: int | None, cache_dir: Path, cache_bytes: int | None) -> list[str]:
+    """A line for each filesystem whose free space is below what the run is estimated to write there (the dry run's
+    estimate; the results folder and the cache counted together when they share one)."""
+    need: dict[int, tuple[list[str], int, int]] = {}  # device → (folders, bytes needed, bytes free)
+    for folder, nbytes in ((out_dir, out_bytes), (cache_dir, cache_bytes)):
+        if not nbytes:
+            continue
+        existing = next((p for p in (folder, *folder.absolute().parents) if p.exists()), None)
+        if existing is None:
+            continue
+        device = os.stat(existing).st_dev
+        folders, needed, _ = need.get(device, ([], 0, 0))
+        need[device] = ([*folders, str(folder)], needed + nbytes, shutil.disk_usage(existing).free)
+    return [f"{' and '.join(folders)}: the run may write up to {_size(needed)} there (the dry run's bound, "
+            f"sequences counted at data.max_length), and its filesystem has {_size(free)} free. Cells that find "
+            "it full are marked failed and the run goes on; free some space, or pass another --out or --cache-dir, before running"
+            for folders, needed, free in need.values() if needed > free]
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"

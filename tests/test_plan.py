@@ -20,7 +20,8 @@ from kdbench.config import Experiment, load_experiment, parse_experiment
 from kdbench.data import TEMPLATE_PIECES
 from kdbench.grid.collect import collect
 from kdbench.grid.estimate import GIB, estimate_activations, estimate_memory, paper_model_size, tiny_model_size
-from kdbench.grid.plan import Plan, PlannedStage, build_plan, print_plan
+from kdbench.grid.plan import Plan, PlannedStage, build_plan
+from kdbench.grid.plan_table import print_plan
 from kdbench.grid.selection import resolve_selection
 from kdbench.registry import Registries, load_registries
 from kdbench.train.engine import total_optimizer_steps

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kdbench.preflight import space_warnings
 from kdbench.results.store import StorageFull, atomic_write_text
 
 
@@ -61,6 +62,18 @@ def test_a_write_to_a_full_disk_names_the_folder_its_free_space_and_the_write(
     assert (disk / "small.txt").read_text() == "fits"
 
 
+def test_the_preflight_warns_of_a_filesystem_with_less_free_space_than_the_run_may_write(
+        tmp_path: Path, small_disk: Callable[[str], Path]) -> None:
+    disk = small_disk("64k")
+    out, cache = disk / "results", disk / "cache"  # not made yet: the filesystem is that of the nearest folder
+    assert space_warnings(out, 8 * 1024, cache, 8 * 1024) == []
+    (warning,) = space_warnings(out, 40 * 1024, cache, 40 * 1024)  # each fits, together they do not
+    assert warning.startswith(f"{out} and {cache}: the run may write up to 0.08 MiB")
+    assert "MiB free" in warning and "--out or --cache-dir" in warning
+    (warning,) = space_warnings(out, 2**20, tmp_path / "elsewhere", 2**20)  # only the small filesystem is short
+    assert warning.startswith(f"{out}: ")
+
+
 @pytest.mark.slow
 def test_a_run_whose_results_folder_is_full_goes_on_says_why_and_finishes_once_there_is_space(
         tmp_path: Path, small_disk: Callable[[str], Path], subprocess_env: Callable[..., dict[str, str]],
@@ -77,6 +90,7 @@ def test_a_run_whose_results_folder_is_full_goes_on_says_why_and_finishes_once_t
         assert f"{cell}: its result could not be written" in said, said[-3000:]
     assert "no space left for a write of" in said and "bytes free on the filesystem of" in said
     assert "unfinished: 3 cell(s) whose results could not be written" in said
+    assert f"{out}: the run may write up to" in said  # the pre-flight warning, before any cell
 
     subprocess.run(["mount", "-o", "remount,size=10m", str(out)], check=True)
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)

@@ -122,3 +122,16 @@ def test_run_refuses_an_absurd_budget_before_any_stage(tmp_path: Path) -> None:
     code, output = invoke("run", "--experiment", str(experiment_file(tmp_path, ABSURD)), "--dry-run", "--out",
                           str(out), "--cache-dir", str(cache))
     assert code == 0 and "a run would refuse" in output
+
+
+def test_the_plan_bounds_what_each_stage_writes(tmp_path: Path) -> None:
+    plan = plan_of(BASE, tmp_path)
+    for stage in plan.training_stages:
+        assert stage.training is not None and stage.training.params and stage.disk is not None
+        # fp32 weights kept; a resume checkpoint of weights and both Adam moments while it runs
+        assert (stage.disk.kept, stage.disk.transient) == (4 * stage.training.params, 12 * stage.training.params)
+    cache_stages = [s for s in plan.stages if s.node.kind is not StageKind.EVAL]
+    largest = max(s.disk.transient for s in cache_stages if s.disk is not None)
+    assert plan.disk_bytes(cells=False) == sum(s.disk.kept for s in cache_stages if s.disk is not None) + largest
+    evals = [s for s in plan.stages if s.node.kind is StageKind.EVAL]
+    assert plan.disk_bytes(cells=True) == sum(s.disk.kept for s in evals if s.disk is not None) > 0

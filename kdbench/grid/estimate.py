@@ -186,3 +186,36 @@ def dataset_sizes(spec: DatasetSpec, options: dict[str, Any]) -> SplitSizes:
         raise KdbenchError(f"dataset {spec.name!r} failed to load with options {options}: {type(error).__name__}: "
                            f"{error}. Check the options (expected some of {list(spec.option_names)}).") from None
     return SplitSizes({name: len(records) for name, records in splits.items()}, False, f"counted from {spec.name}")
+
+
+# -- disk -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DiskEstimate:
+    """Bytes a stage leaves written (``kept``), and those it needs only while it runs (``transient``: a training
+    stage's resume checkpoint, removed once it finishes)."""
+
+    kept: int
+    transient: int = 0
+
+
+def trained_model_disk(params: int, precision: str) -> DiskEstimate:
+    """A trained model: its weights in the training precision; meanwhile a resume checkpoint of its weights and
+    optimizer state (the gradients are not saved)."""
+    weights, _, optimizer = STATE_BYTES[precision]
+    return DiskEstimate(PRECISION_BYTES[precision] * params, (weights + optimizer) * params)
+
+
+def teacher_outputs_disk(tokens: int, vocab: int, top_k: int | None) -> DiskEstimate:
+    """Stored teacher distributions: fp32 over the vocabulary for every response token, or the top k as
+    (id, log-probability) pairs of 4 bytes each (``kdbench.train.teacher_outputs``)."""
+    return DiskEstimate(tokens * (vocab * 4 if top_k is None else top_k * 8))
+
+
+def tokens_disk(sequences: int, length: int) -> DiskEstimate:
+    """Token ids (int64) of ``sequences`` sequences of at most ``length`` tokens: tokenised data, generations."""
+    return DiskEstimate(sequences * length * 8)
+
+
+# A scored prompt in a cell's folder: its per-seed scores (examples.json) and, for some, the sampled text.
+EVAL_BYTES_PER_GENERATION = 400

@@ -11,28 +11,28 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from kdbench.config import Experiment
 from kdbench.errors import KdbenchError
 from kdbench.grid.context import FROZEN_ROLES
 from kdbench.grid.estimate import (
-    GIB,
+    EVAL_BYTES_PER_GENERATION,
+    DiskEstimate,
     MemoryEstimate,
     ModelSize,
     SplitSizes,
     dataset_sizes,
     estimate_activations,
     estimate_memory,
+    teacher_outputs_disk,
+    tokens_disk,
+    trained_model_disk,
 )
 from kdbench.grid.graph import Node, StageGraph, StageKind
 from kdbench.grid.selection import Selection
 from kdbench.grid.specs import CheckpointSpec, InitSpec, TrainSpec
-from kdbench.grid.timing import CPU, DeviceSpeed, StageWork, duration, stage_seconds
+from kdbench.grid.timing import CPU, DeviceSpeed, StageWork, stage_seconds
 from kdbench.registry import Registries
-from kdbench.report.card import protocol_card, render_card
+from kdbench.report.card import protocol_card
 from kdbench.train.engine import total_optimizer_steps
 
 
@@ -80,6 +80,7 @@ class PlannedStage:
     training: TrainingPlan | None = None
     seconds: float | None = None  # estimated wall time (kdbench.grid.timing); None: its size is unknown
     cached: bool = False  # its entry is in the cache: a run reuses it
+    disk: DiskEstimate | None = None  # what it writes (the cache's entry, or the cell's folder); None: unknown
 
     @property
     def name(self) -> str:
@@ -128,6 +129,15 @@ class Plan:
         times = [stage.seconds for stage in self.stages if not stage.cached]
         return None if None in times else sum(s or 0.0 for s in times)
 
+    def disk_bytes(self, cells: bool) -> int | None:
+        """Bytes the stages a run would build write into the results folder (``cells``) or the cache: what they keep,
+        plus the largest transient need of one of them (None: some size unknown)."""
+        stages = [s for s in self.stages if not s.cached and (s.node.kind is StageKind.EVAL) == cells]
+        if any(s.disk is None for s in stages):
+            return None
+        disks = [s.disk for s in stages if s.disk is not None]
+        return sum(d.kept for d in disks) + max((d.transient for d in disks), default=0)
+
     def longest_stage(self) -> PlannedStage | None:
         timed = [stage for stage in self.stages if stage.seconds is not None and not stage.cached]
         return max(timed, key=lambda stage: stage.seconds or 0.0, default=None)
@@ -157,7 +167,9 @@ class Plan:
         """What ``kdbench run --dry-run --format json`` prints."""
         stages = [{**s.node.describe(), "number": s.number, "name": s.name, "work": s.work,
                    "training": None if s.training is None else s.training.describe(),
-                   "estimated_seconds": s.seconds, "cached": s.cached} for s in self.stages]
+                   "estimated_seconds": s.seconds, "cached": s.cached,
+                   "disk_bytes": None if s.disk is None else {"kept": s.disk.kept, "transient": s.disk.transient}}
+                  for s in self.stages]
         models = [{"family": m.family, "role": m.role, "label": m.label, "checkpoint": m.checkpoint, "key": m.key,
                    "params": None if m.size is None else m.size.params, "size_from": None if m.size is None else m.size.source}
                   for m in self.models]
@@ -169,7 +181,8 @@ class Plan:
                 "train_examples": self.train_examples, "eval_examples": self.eval_examples,
                 "data_estimated": self.data.estimated, "eval_seeds": self.eval_seeds, "models": models,
                 "stages": stages, "cells": cells, "notes": self.notes,
-                "estimate": {"seconds": self.seconds, "device": self.device.kind, "source": self.device.source}}
+                "estimate": {"seconds": self.seconds, "device": self.device.kind, "source": self.device.source,
+                             "disk_bytes": {"out": self.disk_bytes(cells=True), "cache": self.disk_bytes(cells=False)}}}
 
 
 class _Planner:
@@ -329,7 +342,7 @@ class _Planner:
                   else "final checkpoint")
         lm_term = (f"; + {settings.lm_coef:g} × LM term ({1 - settings.lm_kd_ratio:g}·CE + {settings.lm_kd_ratio:g}·word-KD "
                    f"on lm_data)" if settings.lm_coef > 0 else "")
-        return (f"{recipe} from {self.graph[node.deps['init']].label}: {_steps(training)} optimizer steps, lr "
+        return (f"{recipe} from {self.graph[node.deps['init']].label}: {steps_text(training)} optimizer steps, lr "
                 f"{settings.lr:g}, betas {tuple(settings.betas)}{lm_term}; {chosen}")
 
     def _count(self, n: int | None) -> str:
@@ -358,12 +371,29 @@ class _Planner:
         return stage_seconds(node, work, self.experiment, self.device, self.gpus, validation,
                              len(self.selection.eval_seeds))
 
+    def disk(self, node: Node, training: TrainingPlan | None) -> DiskEstimate | None:
+        length, examples = self.experiment.data.max_length, self.train_examples
+        if training is not None:
+            return None if training.params is None else trained_model_disk(training.params, training.precision)
+        if node.kind is StageKind.EVAL:
+            if self.eval_examples is None:
+                return None
+            return DiskEstimate(self.eval_examples * len(self.selection.eval_seeds) * EVAL_BYTES_PER_GENERATION)
+        if node.kind is StageKind.TEACHER_OUTPUTS:
+            size = self.size_of(node.deps["teacher"])
+            if size is None or examples is None:
+                return None
+            return teacher_outputs_disk(examples * length, size.vocab, self.experiment.teacher_outputs.top_k)
+        if node.kind in (StageKind.TOKENIZE, StageKind.GENERATE):
+            return None if examples is None else tokens_disk(examples, length)
+        return DiskEstimate(0)  # a tokenizer, a tiny init, a checkpoint that is only read: nothing to speak of
+
     def stages(self, built: Collection[str]) -> list[PlannedStage]:
         planned = []
         for number, (node, frozen) in enumerate(zip(self.graph, self.resident()), start=1):
             training = self.training(node, frozen) if node.kind is StageKind.TRAIN else None
             planned.append(PlannedStage(node, number, self.work(node, training), training,
-                                        self.seconds(node, training), node.key in built))
+                                        self.seconds(node, training), node.key in built, self.disk(node, training)))
         return planned
 
 
@@ -394,96 +424,5 @@ def build_plan(graph: StageGraph, experiment: Experiment, registries: Registries
                 protocol_card(experiment, selection.seeds), device, notes)
 
 
-# -- printing -------------------------------------------------------------------------------------
-
-def _gib(nbytes: int) -> str:
-    if 0 < nbytes < GIB / 200:  # would print as 0.00, which reads as "nothing"
-        return "<0.01"
-    return f"{nbytes / GIB:.2f}"
-
-
-def _steps(plan: TrainingPlan) -> str:
+def steps_text(plan: TrainingPlan) -> str:
     return "?" if plan.steps is None else f"{'≈' if plan.steps_estimated else ''}{plan.steps:,}"
-
-
-def _params(count: int | None) -> str:
-    if count is None:
-        return "?"
-    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.1f}M" if count >= 1e6 else f"{count / 1e3:.1f}k"
-
-
-def print_plan(plan: Plan, console: Console) -> None:
-    """The plan as rich tables: models, stages in run order, training settings and memory per GPU."""
-    mark = "≈" if plan.data.estimated else ""
-    train = "?" if plan.train_examples is None else f"{mark}{plan.train_examples:,}"
-    evaluation = "?" if plan.eval_examples is None else f"{mark}{plan.eval_examples:,}"
-    console.print(f"[bold]Dry run of {escape(plan.experiment)}[/bold] — scale {plan.scale}, {plan.gpus} GPU(s), dataset "
-                  f"{escape(plan.dataset)}: {train} training examples, {evaluation} evaluation examples × "
-                  f"{len(plan.eval_seeds)} seeds; {len(plan.stages)} stages, {len(plan.graph.cells())} cells. "
-                  "Nothing is loaded or trained.")
-    console.print(f"[bold]Protocol card[/bold]\n{escape(render_card(plan.card))}", highlight=False)
-    for family in dict.fromkeys(model.family for model in plan.models):
-        models = Table(title=f"{family}: models")
-        for column in ("role", "label", "checkpoint", "parameters", "layers × width, heads", "vocab", "size from"):
-            models.add_column(column, justify="right" if column in ("parameters", "vocab") else "left")
-        for model in (m for m in plan.models if m.family == family):
-            size = model.size
-            if size is None:
-                models.add_row(model.role, model.label, model.checkpoint, "?", "?", "?", model.problem)
-            else:
-                models.add_row(model.role, model.label, model.checkpoint, f"{size.params:,}",
-                               f"{size.layers} × {size.hidden}, {size.heads}", f"{size.vocab:,}", size.source)
-        console.print(models)
-
-    numbers = {stage.node.key: stage.number for stage in plan.stages}
-    stages = Table(title="stages in run order (key: the cache key; after: the stages it reads)")
-    for column in ("#", "stage", "for", "after", "key", "time*", "work"):
-        stages.add_column(column, justify="right" if column in ("#", "time*") else "left")
-    for stage in plan.stages:
-        after = ", ".join(str(numbers[parent]) for parent in stage.node.deps.values())
-        time = "cached" if stage.cached else duration(stage.seconds)
-        stages.add_row(str(stage.number), stage.name, stage.node.label, after or "–", stage.node.key[:8], time,
-                       stage.work)
-    console.print(stages)
-    console.print(f"[bold]Estimated time[/bold]: {duration(plan.seconds)} for the stages not in the cache, one after "
-                  f"another, on {plan.gpus} process(es) of {escape(plan.device.kind)} ({escape(plan.device.source)}).",
-                  highlight=False)
-
-    if plan.training_stages:
-        training = Table(title="training stages")
-        for column in ("#", "stage", "model", "params", "precision", "ZeRO", "GPUs",
-                       "micro × accum × GPUs = global", "seqs", "optimizer steps"):
-            training.add_column(column, justify="left" if column in ("stage", "model", "precision") else "right")
-        memory = Table(title="memory per GPU, GiB (activations: estimate)")
-        for column in ("#", "stage", "weights", "gradients", "optimizer", "teacher", "activations*", "total"):
-            memory.add_column(column, justify="left" if column == "stage" else "right")
-        for stage in plan.training_stages:
-            t = stage.training
-            assert t is not None
-            zero = "DDP" if t.zero_stage is None else str(t.zero_stage)
-            training.add_row(str(stage.number), stage.name, t.model, _params(t.params), t.precision, zero, str(t.gpus),
-                             f"{t.batch_size} × {t.grad_accum} × {t.gpus} = {t.global_batch}", str(t.sequences), _steps(t))
-            m = t.memory
-            if m is None:
-                memory.add_row(str(stage.number), t.model, "?", "?", "?", "?", "?", "?")
-            else:
-                memory.add_row(str(stage.number), t.model, _gib(m.weights), _gib(m.gradients), _gib(m.optimizer),
-                               _gib(m.teacher) if m.teacher else "–", _gib(m.activations), _gib(m.total))
-        console.print(training)
-        console.print(memory)
-        costs = Table(title="cells: optimizer steps of their own stage, and with every training stage before it")
-        for column in ("cell", "own", "total"):
-            costs.add_column(column, justify="left" if column == "cell" else "right")
-        for cell in plan.graph.cells():
-            own, total = plan.cell_steps(cell)
-            costs.add_row(cell.label, "?" if own is None else f"{own:,}", "?" if total is None else f"{total:,}")
-        console.print(costs)
-    console.print("[bold]Notes[/bold]")
-    for note in plan.notes:
-        console.print(f"• {note}", markup=False)
-    console.print("• seqs: sequences per prompt the student runs with gradients in a micro-batch (gold, teacher text, "
-                  "own sample, rollout); ≈: from documented data sizes; *: activations after Korthikanti et al. 2022, "
-                  "per layer s·b·h·(34 + 5·a·s/h) bytes in 16-bit (2·s·b·h with gradient checkpointing) plus the output "
-                  "layer, an estimate; time*: FLOPs at a sustained rate plus a fixed cost per micro-batch and per "
-                  "decoding step (kdbench.grid.timing), sequences counted at data.max_length: right within a small "
-                  "factor, meant to catch a budget off by orders of magnitude", markup=False)
