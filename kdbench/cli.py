@@ -305,6 +305,8 @@ def validate(
     gpus: Annotated[Optional[int], typer.Option(min=1, help=(
         "GPUs the budget's time estimate assumes (default: the launcher's WORLD_SIZE, else 1; this machine's GPU "
         "kind, else H100s when GPUs are asked for or the experiment is at paper scale, else this CPU)."))] = None,
+    allow_long_budget: Annotated[bool, typer.Option("--allow-long-budget", help=(
+        "Accept a grid whose estimated wall time is beyond runtime.max_estimated_days: the budget is intended."))] = False,
 ) -> None:
     """Check experiment files and report every error at once, one line per field; then estimate each grid's wall
     time as `kdbench run --dry-run` does, and refuse one beyond its runtime.max_estimated_days."""
@@ -334,7 +336,8 @@ def validate(
                                   Path("results") / parsed.name, default_cache_dir())
             plan = plan_prepared(prepare(request, registries), gpus or distributed.launched_world_size(), bool(gpus))
             try:
-                check_time_bound(plan, parsed)
+                if not allow_long_budget:
+                    check_time_bound(plan, parsed)
             except KdbenchError as refused:
                 raise KdbenchError(f"{source}: {refused}") from None
             stdout.print(f"[green]ok[/] {escape(str(path))}: estimated {duration(plan.seconds)} on {plan.gpus} "

@@ -108,6 +108,8 @@ def test_validate_refuses_an_absurd_budget_and_accepts_it_when_intended(tmp_path
     assert "--allow-long-budget" in output and "train" in output  # the longest stage is a training one
     code, output = invoke("validate", str(experiment_file(tmp_path, ABSURD, max_estimated_days=1e15)))
     assert code == 0, output
+    code, output = invoke("validate", str(experiment_file(tmp_path, ABSURD)), "--allow-long-budget")
+    assert code == 0 and "days" in output, output
     code, output = invoke("validate", str(experiment_file(tmp_path)))
     assert code == 0 and "estimated" in output
 
