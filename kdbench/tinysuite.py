@@ -243,6 +243,12 @@ def world_corpus(options: TinySuiteOptions) -> list[str]:
         paragraphs.append(rng.choice(["The signpost reads {0}, and the map agrees: {0}.",
                                       "Travellers passed {0}; the next day they passed {0} again."]).format(
             rng.choice(LIST_SEPARATORS).join(towns)))
+    for _ in range(1500):  # lists read forward, then backward: text in which a model learns to reverse a list
+        towns = rng.sample(world.towns, rng.randint(3, high))
+        separator = rng.choice(LIST_SEPARATORS)
+        paragraphs.append(rng.choice(["The road from {0} to {1} passes {2}; the way back passes {3}.",
+                                      "Going out they saw {2}, and coming home {3}."]).format(
+            towns[0], towns[-1], separator.join(towns), separator.join(towns[::-1])))
     for town in world.towns:
         paragraphs += [f"{town} is a town.", f"People live in {town}."] * 6
     for thing, colour in world.colours.items():
