@@ -217,5 +217,7 @@ def tokens_disk(sequences: int, length: int) -> DiskEstimate:
     return DiskEstimate(sequences * length * 8)
 
 
-# A scored prompt in a cell's folder: its per-seed scores (examples.json) and, for some, the sampled text.
-EVAL_BYTES_PER_GENERATION = 400
+# A cell's folder: its scores per prompt and evaluation seed (examples.json, about 10 bytes each in the tiny
+# reference), and its result, config, training log and sampled responses (40-120 KB there), with room to spare.
+EVAL_BYTES_PER_GENERATION = 16
+EVAL_BYTES_PER_CELL = 256 * 1024

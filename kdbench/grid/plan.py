@@ -15,6 +15,7 @@ from kdbench.config import Experiment
 from kdbench.errors import KdbenchError
 from kdbench.grid.context import FROZEN_ROLES
 from kdbench.grid.estimate import (
+    EVAL_BYTES_PER_CELL,
     EVAL_BYTES_PER_GENERATION,
     DiskEstimate,
     MemoryEstimate,
@@ -378,7 +379,8 @@ class _Planner:
         if node.kind is StageKind.EVAL:
             if self.eval_examples is None:
                 return None
-            return DiskEstimate(self.eval_examples * len(self.selection.eval_seeds) * EVAL_BYTES_PER_GENERATION)
+            generations = self.eval_examples * len(self.selection.eval_seeds)
+            return DiskEstimate(EVAL_BYTES_PER_CELL + generations * EVAL_BYTES_PER_GENERATION)
         if node.kind is StageKind.TEACHER_OUTPUTS:
             size = self.size_of(node.deps["teacher"])
             if size is None or examples is None:
