@@ -1,6 +1,7 @@
 """Wall time of the tiny suite's grids, run from an empty cache, against the time issue 26 allows each.
 
-Three grids: the README's quick start (``sft`` and ``kd``, GPT-2 and OPT, one training seed; at most 3 min), the
+Three grids: the README's quick start (``sft`` and ``kd``, GPT-2 and OPT, one training seed, as two one-thread
+workers by ``kdbench run --workers 2``; at most 3 min), the
 all-objectives reference (every registered objective, both families, three seeds; ``results/reference/
 tiny-all-methods``; at most 45 min) and the sizes reference (the six seed methods over both students; ``results/
 reference/tiny-sizes``; at most 45 min). Each runs as the README writes its command, in fresh processes with a
@@ -33,7 +34,7 @@ from record import write_result
 REPOSITORY = Path(__file__).resolve().parents[1]
 SEED_METHODS = "sft,kd,seqkd,minillm,dpkd,dpkd-token"
 GRIDS = {  # the run's arguments, the reference its cells must equal, the time allowed from an empty cache (s)
-    "quick-start": (["--methods", "sft,kd", "--models", "gpt2,opt", "--seeds", "1"],
+    "quick-start": (["--methods", "sft,kd", "--models", "gpt2,opt", "--seeds", "1", "--workers", "2"],
                     "results/reference/tiny-all-methods", 3 * 60),
     "all-methods": (["--models", "gpt2,opt"], "results/reference/tiny-all-methods", 45 * 60),
     "sizes": (["--methods", SEED_METHODS, "--models", "gpt2,opt", "--students", "s1,s2"],

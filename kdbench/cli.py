@@ -135,6 +135,10 @@ def run(
     allow_long_budget: Annotated[bool, typer.Option("--allow-long-budget", help=(
         "Run a grid whose estimated wall time is beyond runtime.max_estimated_days (30 by default): the budget is "
         "intended."))] = False,
+    workers: Annotated[int, typer.Option(min=1, help=(
+        "Run the grid as this many processes on this machine, one thread each, sharing the cache and results folder "
+        "(on a CPU, one per core is fastest); a cell's numbers are then the same on any machine, as the committed "
+        "references are made."))] = 1,
 ) -> None:
     """Train and evaluate every (family, student, method, seed) cell, then print the leaderboard.
 
@@ -211,6 +215,18 @@ def run(
 
         record_grid(out_dir, [cell.spec.label for cell in graph.cells()])  # family/student/method/seed<k>
     lost: list[str] = []  # cluster cells whose job ended without a result (it printed why)
+    if workers > 1:
+        from kdbench.grid.workers import run_workers
+
+        if cluster is not None or distributed.launched_world_size() > 1:
+            raise KdbenchError(f"--workers {workers} runs local processes; it does not combine with --executor "
+                               f"{executor} or a launcher's processes. Drop --workers, or run without them.")
+        code = run_workers(sys.argv[1:], workers)
+        if any(out_dir.glob("cells/*/*/*/*/result.json")):
+            _print_report(_report(out_dir, f"kdbench leaderboard: {config.name}"))
+        if code:
+            raise typer.Exit(code)
+        return
     if cluster is not None:
         from kdbench.grid.cluster import run_on_cluster
 
