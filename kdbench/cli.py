@@ -137,8 +137,8 @@ def run(
         "intended."))] = False,
     workers: Annotated[int, typer.Option(min=1, help=(
         "Run the grid as this many processes on this machine, one thread each, sharing the cache and results folder "
-        "(on a CPU, one per core is fastest); a cell's numbers are then the same on any machine, as the committed "
-        "references are made."))] = 1,
+        "(on a CPU, one per core is fastest); a cell's numbers then do not depend on the machine's core count, and "
+        "the committed references are made so."))] = 1,
 ) -> None:
     """Train and evaluate every (family, student, method, seed) cell, then print the leaderboard.
 
