@@ -48,3 +48,32 @@ def test_two_workers_give_one_one_thread_process_numbers_and_the_leaderboard(
     got, want = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert sorted(got) == sorted(want) and len(got) == 3
     assert got == want
+
+
+@pytest.mark.slow
+def test_a_stop_signal_reaches_every_worker_and_the_same_command_finishes(
+        tmp_path: Path, subprocess_env: Callable[..., dict[str, str]],
+        small_experiment: Callable[..., dict[str, Any]]) -> None:
+    import signal
+    import time
+
+    experiment = tmp_path / "stopped.yaml"
+    experiment.write_text(yaml.safe_dump(small_experiment("stopped", {"sft": {}, "kd": {}}), sort_keys=False))
+    command = [sys.executable, "-m", "kdbench", "run", "-e", str(experiment), "--out", str(tmp_path / "out"),
+               "--workers", "2"]
+    env = subprocess_env(KDBENCH_CACHE_DIR=str(tmp_path / "cache"))
+    log = tmp_path / "stderr.log"  # a file, not a pipe: the workers share it, and a pipe stays open while they run
+    with log.open("w") as stderr:
+        parent = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 300
+        while not any((tmp_path / "cache").glob("*/*")) and time.monotonic() < deadline:  # the workers are building
+            time.sleep(0.2)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=300) == 143, log.read_text()[-3000:]
+    # The command ended only once its workers had: none is left running.
+    workers = subprocess.run(["pgrep", "-f", str(experiment)], capture_output=True, text=True).stdout.split()
+    assert workers == []
+    assert "Traceback" not in log.read_text()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(metrics(tmp_path / "out")) == 3
