@@ -4,8 +4,10 @@ one-thread process, bit for bit, and the command that starts them prints the lea
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,13 @@ def test_a_worker_runs_the_same_command_without_workers(arguments: list[str]) ->
     assert worker_arguments(arguments) == ["run", "--seeds", "1"]
 
 
+def run_command(tmp_path: Path, name: str, small_experiment: Callable[..., dict[str, Any]]) -> list[str]:
+    """``kdbench run`` of a small sft + kd grid, written to ``tmp_path``, without its ``--out``."""
+    experiment = tmp_path / f"{name}.yaml"
+    experiment.write_text(yaml.safe_dump(small_experiment(name, {"sft": {}, "kd": {}}), sort_keys=False))
+    return [sys.executable, "-m", "kdbench", "run", "-e", str(experiment)]
+
+
 def metrics(out: Path) -> dict[str, Any]:
     return {str(path.parent.relative_to(out)): json.loads(path.read_text())["metrics"]
             for path in sorted(out.glob("cells/**/result.json"))}
@@ -34,9 +43,7 @@ def metrics(out: Path) -> dict[str, Any]:
 def test_two_workers_give_one_one_thread_process_numbers_and_the_leaderboard(
         tmp_path: Path, subprocess_env: Callable[..., dict[str, str]],
         small_experiment: Callable[..., dict[str, Any]]) -> None:
-    experiment = tmp_path / "workers.yaml"
-    experiment.write_text(yaml.safe_dump(small_experiment("workers", {"sft": {}, "kd": {}}), sort_keys=False))
-    base = [sys.executable, "-m", "kdbench", "run", "-e", str(experiment)]
+    base = run_command(tmp_path, "workers", small_experiment)
     single = subprocess.run([*base, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=900,
                             env=subprocess_env(KDBENCH_CACHE_DIR=str(tmp_path / "cache-one"), OMP_NUM_THREADS="1"))
     assert single.returncode == 0, single.stderr[-3000:]
@@ -54,13 +61,7 @@ def test_two_workers_give_one_one_thread_process_numbers_and_the_leaderboard(
 def test_a_stop_signal_reaches_every_worker_and_the_same_command_finishes(
         tmp_path: Path, subprocess_env: Callable[..., dict[str, str]],
         small_experiment: Callable[..., dict[str, Any]]) -> None:
-    import signal
-    import time
-
-    experiment = tmp_path / "stopped.yaml"
-    experiment.write_text(yaml.safe_dump(small_experiment("stopped", {"sft": {}, "kd": {}}), sort_keys=False))
-    command = [sys.executable, "-m", "kdbench", "run", "-e", str(experiment), "--out", str(tmp_path / "out"),
-               "--workers", "2"]
+    command = [*run_command(tmp_path, "stopped", small_experiment), "--out", str(tmp_path / "out"), "--workers", "2"]
     env = subprocess_env(KDBENCH_CACHE_DIR=str(tmp_path / "cache"))
     log = tmp_path / "stderr.log"  # a file, not a pipe: the workers share it, and a pipe stays open while they run
     with log.open("w") as stderr:
@@ -71,7 +72,7 @@ def test_a_stop_signal_reaches_every_worker_and_the_same_command_finishes(
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(timeout=300) == 143, log.read_text()[-3000:]
     # The command ended only once its workers had: none is left running.
-    workers = subprocess.run(["pgrep", "-f", str(experiment)], capture_output=True, text=True).stdout.split()
+    workers = subprocess.run(["pgrep", "-f", str(tmp_path / "stopped.yaml")], capture_output=True, text=True).stdout.split()
     assert workers == []
     assert "Traceback" not in log.read_text()
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)

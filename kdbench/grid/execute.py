@@ -55,12 +55,12 @@ def cell_folder(out_dir: Path, node: Node) -> Path:
     return store.cell_dir(out_dir, cell.family, cell.student, cell.method, cell.seed)
 
 
-def finished_cells(graph: StageGraph, out_dir: Path) -> dict[str, CellResult]:
-    """Cells an earlier run scored with exactly this key, by key; says why of each cell whose files are there but
-    cannot be read as a report reads them (it is run again)."""
+def finished_cells(graph: StageGraph, out_dir: Path, tell: bool = True) -> dict[str, CellResult]:
+    """Cells an earlier run scored with exactly this key, by key; says why (with ``tell``) of each cell whose files
+    are there but cannot be read as a report reads them (it is run again)."""
     found = {}
     for node in graph.cells():
-        note = partial(_running_again, node.label) if distributed.is_main() else None
+        note = partial(_running_again, node.label) if tell and distributed.is_main() else None
         result = store.finished_result(cell_folder(out_dir, node), node.key, note)
         if result is not None:
             found[node.key] = result

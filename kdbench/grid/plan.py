@@ -197,6 +197,7 @@ class _Planner:
         self.data = dataset_sizes(registries.datasets.get(experiment.data.dataset), experiment.data.options)
         self.train_examples = self.data.get("train")
         self.eval_examples = self._capped(self.data.get(experiment.evaluation.split), experiment.evaluation.max_examples)
+        self.validation_examples = self._capped(self.data.get("validation"), experiment.selection.max_examples)
         self.eval_work = self._eval_work()
         self.sizes: dict[str, ModelSize | None] = {}  # starting-model key → size
         self.models = self._models()
@@ -368,8 +369,7 @@ class _Planner:
             size = None if model is None else self.size_of(model)
             prompts = self.eval_examples if node.kind is StageKind.EVAL else self.train_examples
             work = StageWork(None if size is None else size.params, 0, None, prompts)
-        validation = self._capped(self.data.get("validation"), self.experiment.selection.max_examples)
-        return stage_seconds(node, work, self.experiment, self.device, self.gpus, validation,
+        return stage_seconds(node, work, self.experiment, self.device, self.gpus, self.validation_examples,
                              len(self.selection.eval_seeds))
 
     def disk(self, node: Node, training: TrainingPlan | None) -> DiskEstimate | None:

@@ -73,16 +73,14 @@ def plan_prepared(prepared: PreparedGrid, gpus: int, gpus_asked: bool) -> Plan:
     import torch
 
     from kdbench.grid.cache import StageCache
-    from kdbench.grid.execute import cell_folder, needed_stages
+    from kdbench.grid.execute import finished_cells, needed_stages
     from kdbench.grid.graph import StageKind
     from kdbench.grid.plan import build_plan
     from kdbench.grid.security import remote_code_scope
     from kdbench.grid.timing import device_speed
-    from kdbench.results.store import finished_result
 
     request, graph = prepared.request, prepared.graph
-    finished = {cell.key for cell in graph.cells()
-                if finished_result(cell_folder(request.out_dir, cell), cell.key, None) is not None}
+    finished = finished_cells(graph, request.out_dir, tell=False)  # the run itself says why a cell runs again
     needed, cache = needed_stages(graph, graph.cells(), finished), StageCache(request.cache_dir)
     built = {node.key for node in graph if node.key not in needed
              or (node.kind is not StageKind.EVAL and cache.has(node.kind.value, node.key))}
